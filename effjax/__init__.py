@@ -1,0 +1,1 @@
+"""effjax: training-time efficiency research for language models in JAX."""

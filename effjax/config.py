@@ -1,0 +1,435 @@
+"""Typed config schema, config files, dotted overrides and validation.
+
+A config file is a Python file with `get_config()` returning a (possibly partial)
+`ml_collections.ConfigDict` or nested dict; it is applied on top of the defaults
+below, then `--config.section.key=value` overrides are applied, and the result is
+validated. Every error is a `ConfigError` that names the key (and the valid
+choices, or the closest valid key for a typo).
+
+Sections are frozen dataclasses, so a resolved `Config` is hashable and can be
+closed over by jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import types
+import typing
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+  """A bad config key or value. The message names the key(s) involved."""
+
+
+def _field(default, choices=None, doc=""):
+  meta = {"doc": doc}
+  if choices is not None:
+    meta["choices"] = tuple(choices)
+  if isinstance(default, (list, dict)):
+    raise TypeError("use tuples for sequence defaults")
+  return dataclasses.field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  score: str = _field("softmax", ("softmax", "lssa", "lssar"),
+                      "attention score function (TECHNIQUES.md 3.2)")
+  impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "interpret"),
+                     "attention kernel implementation")
+  qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
+  log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
+  lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
+  lssar_offset_rows: int = _field(3, doc="rows i <= this use offset O_i = 0")
+  doc_mask: bool = _field(True, doc="restrict attention to the token's own packed document")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = _field(0, doc="0: from the tokenizer, padded to a multiple of 128")
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = _field(0, doc="0: same as n_heads (no GQA)")
+  head_dim: int = _field(0, doc="0: d_model // n_heads")
+  mlp_dim: int = _field(0, doc="0: SwiGLU 8/3 * d_model rounded up to a multiple of 64")
+  tie_embeddings: bool = False
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = _field(0.02, doc="std of embedding and hidden-matrix init")
+  compute_dtype: str = _field("auto", ("auto", "float32", "bfloat16"),
+                              "auto: bfloat16 on TPU/GPU, float32 on CPU")
+  remat: bool = _field(False, doc="rematerialise each block in the backward pass")
+  attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = _field(16, doc="global batch size in sequences")
+  seq_len: int = 256
+  grad_accum: int = _field(1, doc="micro-batches per step; batch_size must divide evenly")
+  lr: float = 3e-3
+  schedule: str = _field("cosine", ("cosine", "wsd", "constant"))
+  warmup_steps: int = 100
+  min_lr_ratio: float = _field(0.1, doc="final lr / peak lr for cosine and wsd")
+  decay_fraction: float = _field(0.2, doc="wsd: fraction of steps in the final decay")
+  eval_every: int = 200
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  sample_tokens: int = _field(200, doc="tokens sampled at the end of a run (0: none)")
+  sample_prompt: str = "def "
+  sample_temperature: float = 0.8
+  tensorboard: bool = _field(False, doc="also write TensorBoard event files (needs tensorboardX)")
+  profile_steps: tuple = _field((), doc="e.g. 20,25: capture a jax.profiler trace of steps [20, 25)")
+  plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  name: str = _field("adamw", ("adamw",))
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = _field(1.0, doc="global-norm clip; 0 disables")
+  no_decay_roles: tuple = _field(("vector",), doc="parameter roles that get no weight decay")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: str = _field("builtin", ("builtin", "text", "tokens"))
+  paths: str = _field("", doc="files or globs (comma separated) for corpus=text|tokens")
+  tokenizer: str = _field("byte", doc="'byte' or a path to a Hugging Face tokenizer.json")
+  eos_token: str = _field("", doc="EOS token string for HF tokenizers ('' = auto-detect)")
+  val_percent: int = 5
+  token_dtype: str = _field("uint16", ("uint16", "uint32"), "dtype of pre-tokenised shards")
+  cache_dir: str = _field("", doc="'' = ~/.cache/effjax/corpora")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = _field(-1, doc="-1: all devices not used by the other axes")
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def _is_section(tp) -> bool:
+  return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls) -> dict[str, Any]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls=Config, prefix="") -> list[str]:
+  """All dotted leaf keys of the schema, e.g. 'model.attention.score'."""
+  keys = []
+  for name, tp in _field_types(cls).items():
+    if _is_section(tp):
+      keys += valid_keys(tp, f"{prefix}{name}.")
+    else:
+      keys.append(prefix + name)
+  return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+  keys = valid_keys()
+  close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+  if not close:  # a typo in the last component only
+    last = key.rsplit(".", 1)[-1]
+    close = [k for k in keys if difflib.get_close_matches(last, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
+  hint = f" Did you mean '{close[0]}'?" if close else ""
+  section = key.rsplit(".", 1)[0] if "." in key else ""
+  in_section = [k for k in keys if section and k.startswith(section + ".")]
+  listing = f" Valid keys in '{section}': {', '.join(in_section)}." if in_section else ""
+  return ConfigError(f"Unknown config key '{key}'.{hint}{listing}")
+
+
+def _lookup_type(key: str):
+  cls, parts = Config, key.split(".")
+  for i, part in enumerate(parts):
+    types_ = _field_types(cls)
+    if part not in types_:
+      raise _unknown_key_error(key)
+    tp = types_[part]
+    if i == len(parts) - 1:
+      if _is_section(tp):
+        raise ConfigError(f"'{key}' is a config section; set one of its keys, e.g. "
+                          f"'{key}.{next(iter(_field_types(tp)))}'.")
+      return cls, part, tp
+    if not _is_section(tp):
+      raise _unknown_key_error(key)
+    cls = tp
+  raise _unknown_key_error(key)
+
+
+def _coerce(key: str, tp, value):
+  """Converts `value` (a Python value or a command-line string) to type `tp`."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+      return None
+    return _coerce(key, args[0], value)
+  try:
+    if tp is bool:
+      if isinstance(value, bool):
+        return value
+      if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+        return True
+      if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if tp is int:
+      if isinstance(value, bool):
+        raise ValueError
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+      if isinstance(value, int):
+        return value
+      if isinstance(value, str):
+        f = float(value)
+        if f.is_integer():
+          return int(f)
+      raise ValueError
+    if tp is float:
+      if isinstance(value, bool):
+        raise ValueError
+      return float(value)
+    if tp is str:
+      if not isinstance(value, str):
+        raise ValueError
+      return value
+    if tp is tuple or origin is tuple:
+      if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        return tuple(int(v) if v.lstrip("-").isdigit() else v for v in items)
+      return tuple(value)
+  except (TypeError, ValueError):
+    pass
+  name = getattr(tp, "__name__", str(tp))
+  raise ConfigError(f"Config key '{key}' expects {name}, got {value!r}.")
+
+
+def _set(config: Config, key: str, value) -> Config:
+  cls, name, tp = _lookup_type(key)
+  value = _coerce(key, tp, value)
+  choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cls)}[name]
+  if choices is not None and value not in choices:
+    raise ConfigError(f"Config key '{key}' must be one of {', '.join(map(str, choices))}; "
+                      f"got {value!r}.")
+  parts = key.split(".")
+
+  def rebuild(node, i):
+    if i == len(parts) - 1:
+      return dataclasses.replace(node, **{parts[i]: value})
+    return dataclasses.replace(node, **{parts[i]: rebuild(getattr(node, parts[i]), i + 1)})
+
+  return rebuild(config, 0)
+
+
+def _flatten(d, prefix=""):
+  if hasattr(d, "to_dict"):  # ml_collections.ConfigDict
+    d = d.to_dict()
+  if dataclasses.is_dataclass(d):
+    d = dataclasses.asdict(d)
+  for k, v in d.items():
+    if isinstance(v, dict) or hasattr(v, "to_dict"):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k, v
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any] | Any) -> Config:
+  """Sets dotted keys (from a dict, a ConfigDict or a nested dict), with validation."""
+  for key, value in _flatten(overrides):
+    config = _set(config, key, value)
+  return config
+
+
+def to_dict(config: Config) -> dict:
+  return dataclasses.asdict(config)
+
+
+def from_dict(d: dict) -> Config:
+  return validate(apply_overrides(Config(), d))
+
+
+def to_json(config: Config) -> str:
+  return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config_file(path: str) -> Config:
+  """Loads `path` (a Python file with get_config()) on top of the defaults."""
+  if not os.path.isfile(path):
+    here = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+    avail = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+    raise ConfigError(f"Config file '{path}' not found. Available in configs/: {', '.join(avail)}.")
+  spec = importlib.util.spec_from_file_location("_effjax_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"Config file '{path}' defines no get_config().")
+  try:
+    return apply_overrides(Config(), module.get_config())
+  except ConfigError as e:
+    raise ConfigError(f"In config file '{path}': {e}") from None
+
+
+def parse_override_args(argv: list[str]) -> tuple[Optional[str], dict[str, str], list[str]]:
+  """Splits argv into (--config path, {dotted key: string value}, remaining args)."""
+  config_path, overrides, rest = None, {}, []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config.") or arg.startswith("--config="):
+      body = arg[2:]
+      if "=" in body:
+        key, value = body.split("=", 1)
+      elif i + 1 < len(argv):
+        key, value = body, argv[i + 1]
+        i += 1
+      else:
+        raise ConfigError(f"Missing value for '{arg}'.")
+      if key == "config":
+        config_path = value
+      else:
+        overrides[key[len("config."):]] = value
+    else:
+      rest.append(arg)
+    i += 1
+  return config_path, overrides, rest
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with a single -1 filled in; the product must equal num_devices."""
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ConfigError(f"Only one mesh axis may be -1; got {', '.join('mesh.' + k for k in free)}.")
+  for k, v in sizes.items():
+    if v == 0 or v < -1:
+      raise ConfigError(f"mesh.{k} must be a positive size or -1; got {v}.")
+  fixed = 1
+  for k, v in sizes.items():
+    if v != -1:
+      fixed *= v
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"mesh.fsdp x mesh.tensor x mesh.expert x mesh.data (fixed part = {fixed}) does not "
+          f"divide the device count {num_devices}.")
+    sizes[free[0]] = num_devices // fixed
+  product = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["expert"]
+  if product != num_devices:
+    raise ConfigError(
+        f"mesh.data x mesh.fsdp x mesh.tensor x mesh.expert = {sizes['data']} x {sizes['fsdp']} x "
+        f"{sizes['tensor']} x {sizes['expert']} = {product}, but there are {num_devices} devices.")
+  return sizes
+
+
+def validate(config: Config, num_devices: Optional[int] = None) -> Config:
+  """Cross-key checks. Raises ConfigError naming the keys involved."""
+  m, t = config.model, config.train
+  positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+              "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
+              "train.grad_accum": t.grad_accum, "train.eval_every": t.eval_every,
+              "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
+              "train.keep_checkpoints": t.keep_checkpoints}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f"{key} must be positive; got {value}.")
+  nonneg = {"model.vocab_size": m.vocab_size, "model.n_kv_heads": m.n_kv_heads,
+            "model.head_dim": m.head_dim, "model.mlp_dim": m.mlp_dim,
+            "train.warmup_steps": t.warmup_steps, "train.eval_batches": t.eval_batches,
+            "train.sample_tokens": t.sample_tokens}
+  for key, value in nonneg.items():
+    if value < 0:
+      raise ConfigError(f"{key} must be >= 0; got {value}.")
+  if m.head_dim == 0 and m.d_model % m.n_heads:
+    raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads "
+                      f"({m.n_heads}), or set model.head_dim explicitly.")
+  n_kv = m.n_kv_heads or m.n_heads
+  if m.n_heads % n_kv:
+    raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({n_kv}).")
+  head_dim = m.head_dim or m.d_model // m.n_heads
+  if head_dim % 2:
+    raise ConfigError(f"head dimension ({head_dim}, from model.d_model / model.n_heads or "
+                      f"model.head_dim) must be even for RoPE.")
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
+                      f"({t.grad_accum}).")
+  if t.lr <= 0:
+    raise ConfigError(f"train.lr must be positive; got {t.lr}.")
+  if not 0 <= t.min_lr_ratio <= 1:
+    raise ConfigError(f"train.min_lr_ratio must be in [0, 1]; got {t.min_lr_ratio}.")
+  if not 0 < t.decay_fraction <= 1:
+    raise ConfigError(f"train.decay_fraction must be in (0, 1]; got {t.decay_fraction}.")
+  if t.warmup_steps > t.steps:
+    raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps}).")
+  if t.profile_steps and (len(t.profile_steps) != 2 or not all(isinstance(s, int) for s in t.profile_steps)
+                          or t.profile_steps[0] >= t.profile_steps[1]):
+    raise ConfigError(f"train.profile_steps must be 'START,STOP' with START < STOP; got "
+                      f"{t.profile_steps!r}.")
+  if config.data.corpus in ("text", "tokens") and not config.data.paths:
+    raise ConfigError(f"data.corpus={config.data.corpus} needs data.paths (files or globs).")
+  if not 0 <= config.data.val_percent < 100:
+    raise ConfigError(f"data.val_percent must be in [0, 100); got {config.data.val_percent}.")
+  unknown_roles = set(config.optim.no_decay_roles) - set(ROLES)
+  if unknown_roles:
+    raise ConfigError(f"optim.no_decay_roles has unknown roles {sorted(unknown_roles)}; valid "
+                      f"roles: {', '.join(ROLES)}.")
+  if num_devices is not None:
+    sizes = resolve_mesh_shape(config.mesh, num_devices)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    micro = t.batch_size // t.grad_accum
+    if micro % batch_shards:
+      raise ConfigError(
+          f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
+          f"mesh.data x mesh.fsdp = {batch_shards}.")
+  return config
+
+
+# Parameter roles (the one role map; see effjax/models/layers.py and effjax/optim).
+ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "atom", "coeff")
+
+
+def load(argv: list[str], default_path: Optional[str] = None,
+         num_devices: Optional[int] = None) -> tuple[Config, list[str]]:
+  """Config from command-line args: --config=FILE and --config.key=value overrides."""
+  path, overrides, rest = parse_override_args(argv)
+  path = path or default_path
+  config = load_config_file(path) if path else Config()
+  config = apply_overrides(config, overrides)
+  return validate(config, num_devices), rest

@@ -1,0 +1,107 @@
+"""Multi-head attention with GQA, RoPE, optional QK-norm, and one `attend` function.
+
+`attend` is the single place where the score function (softmax, LSSA, LSSAR;
+TECHNIQUES.md 3.2) and the kernel implementation (XLA reference or Pallas) are
+chosen; the layer itself only projects, rotates and reshapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.config import AttentionConfig
+from effjax.models.layers import Linear, RMSNorm
+
+
+def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2)."""
+  d = x_BxLxHxD.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
+  angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * freqs
+  sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+  cos = jnp.cos(angles_BxLxF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
+  """[B or 1, 1, L, L] boolean mask: causal, and within the same segment if given."""
+  causal_LxL = jnp.tril(jnp.ones((length, length), bool))
+  if segment_ids_BxL is None:
+    return causal_LxL[None, None]
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return (causal_LxL[None] & same_BxLxL)[:, None]
+
+
+def xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, segment_ids_BxL=None,
+                          scale: float, log_n_positions_BxL=None) -> jax.Array:
+  """Reference causal softmax attention with GQA (K kv heads shared by H/K query heads)."""
+  b, l, h, d = q_BxLxHxD.shape
+  kv = k_BxLxKxD.shape[2]
+  q_BxLxKxGxD = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxKxGxD, k_BxLxKxD,
+                      preferred_element_type=jnp.float32) * scale
+  if log_n_positions_BxL is not None:  # softmax + log-n scaling baseline (TECHNIQUES 3.2)
+    log_n = jnp.log(jnp.maximum(log_n_positions_BxL.astype(jnp.float32), 1.0))
+    logits = logits * jnp.maximum(log_n, 1.0)[:, None, None, :, None]
+  mask = attention_mask(segment_ids_BxL, l)[:, :, None]  # [B,1,1,L,L]
+  logits = jnp.where(mask, logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxKxD.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxLxKxD)
+  return out.reshape(b, l, h, d)
+
+
+def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_ids_BxL=None,
+           positions_BxL=None) -> jax.Array:
+  """Causal attention: chooses the score function and the kernel implementation."""
+  d = q_BxLxHxD.shape[-1]
+  if config.score == "softmax" and config.impl in ("auto", "xla"):
+    log_n = positions_BxL + 1 if config.log_n_scale else None
+    return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
+                                 scale=1.0 / math.sqrt(d), log_n_positions_BxL=log_n)
+  from pallas_kernels.attention import attention as kernel_attention  # pylint: disable=g-import-not-at-top
+  options = {}
+  if config.score == "lssar":
+    options = dict(p=config.lssar_p, reweight_offset_rows=config.lssar_offset_rows)
+  return kernel_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, causal=True, score=config.score,
+                          segment_ids=segment_ids_BxL, implementation=config.impl, **options)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention: q/k/v/o projections (hooked Linears), RoPE, optional QK-norm."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+               config: AttentionConfig, rope_theta: float, init_std: float, n_layers: int,
+               norm_eps: float, rngs: nnx.Rngs, linear=Linear):
+    self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+    self.config, self.rope_theta = config, rope_theta
+    self.q = linear(d_model, n_heads * head_dim, rngs=rngs, axes=("embed", "heads"), std=init_std)
+    self.k = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
+                    std=init_std)
+    self.v = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
+                    std=init_std)
+    # Output projection init scaled by 1/sqrt(2 * n_layers) (GPT-2 residual scaling).
+    self.o = linear(n_heads * head_dim, d_model, rngs=rngs, axes=("heads", "embed"),
+                    std=init_std / math.sqrt(2 * n_layers))
+    if config.qk_norm:
+      self.q_norm = RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim")
+      self.k_norm = RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim")
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None):
+    b, l, _ = x_BxLxD.shape
+    q = self.q(x_BxLxD).reshape(b, l, self.n_heads, self.head_dim)
+    k = self.k(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
+    v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope(q, positions_BxL, self.rope_theta), rope(k, positions_BxL, self.rope_theta)
+    out = attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
+                 positions_BxL=positions_BxL)
+    return self.o(out.reshape(b, l, self.n_heads * self.head_dim))

@@ -1,0 +1,116 @@
+"""Basic layers. Every parameter is created with a role and logical axis names.
+
+The role map is the single source of truth for per-parameter treatment: the
+optimizer derives lr / weight-decay multipliers from roles (effjax/optim), the
+sharding rules derive placements from logical axes (effjax/parallel), and weight
+constraints pick matrices by role. Roles are listed in `effjax.config.ROLES`:
+
+  embedding  token embedding table            hidden  matrices inside blocks
+  readout    LM head (untied)                 vector  gains, biases
+  router     MoE / MoR routers                expert  MoE expert weights
+  atom       MASA dictionary atoms            coeff   MASA coefficient MLPs
+
+`Linear` is the meeting point of weight hooks (quantizers, reparameterisations)
+and input hooks (activation quantizers): see `LinearHook`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.config import ROLES
+
+
+class Buffer(nnx.Variable):
+  """Non-trainable model state (MoE biases, freeze masks, EMAs, ...).
+
+  Lives in the train state next to the params, is updated inside the train step
+  and is checkpointed with everything else.
+  """
+
+
+def make_param(value: jax.Array, role: str, axes: Sequence[str | None]) -> nnx.Param:
+  """An nnx.Param tagged with its role and one logical axis name per dim."""
+  if role not in ROLES:
+    raise ValueError(f"unknown parameter role {role!r}; valid: {ROLES}")
+  axes = tuple(axes)
+  if len(axes) != value.ndim:
+    raise ValueError(f"axes {axes} do not match the parameter's shape {value.shape}")
+  return nnx.Param(value, role=role, axes=axes)
+
+
+def normal_init(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+  return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class LinearHook(nnx.Module):
+  """Hook interface for `Linear`: transform the weight and/or the input.
+
+  Quantizers (QuEST, StatsQ, LSQ) and reparameterisations (weight conditioning,
+  weight normalisation) subclass this; both methods default to the identity.
+  """
+
+  def weight(self, w_IxO: jax.Array) -> jax.Array:
+    return w_IxO
+
+  def input(self, x: jax.Array) -> jax.Array:
+    return x
+
+
+class Linear(nnx.Module):
+  """y = hooks.input(x) @ hooks.weight(W) (+ b). W is stored (in, out), fp32."""
+
+  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, role: str = "hidden",
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), std: float | None = None,
+               use_bias: bool = False, zero_init: bool = False,
+               hooks: Sequence[LinearHook] = ()):
+    std = d_in ** -0.5 if std is None else std
+    w = jnp.zeros((d_in, d_out), jnp.float32) if zero_init else normal_init(rngs, (d_in, d_out), std)
+    self.kernel = make_param(w, role, axes)
+    self.bias = make_param(jnp.zeros((d_out,), jnp.float32), "vector", axes[1:]) if use_bias else None
+    self.hooks = nnx.List(hooks) if hasattr(nnx, "List") else list(hooks)
+
+  def effective_weight(self) -> jax.Array:
+    w = self.kernel[...]
+    for hook in self.hooks:
+      w = hook.weight(w)
+    return w
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for hook in self.hooks:
+      x = hook.input(x)
+    w = self.effective_weight().astype(x.dtype)
+    y = jnp.einsum("...i,io->...o", x, w)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table [vocab, d]; `attend` gives tied-readout logits."""
+
+  def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs, std: float):
+    self.table = make_param(normal_init(rngs, (vocab, d), std), "embedding", ("vocab", "embed"))
+
+  def __call__(self, ids_BxL: jax.Array, dtype) -> jax.Array:
+    return jnp.take(self.table[...], ids_BxL, axis=0).astype(dtype)
+
+  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    return jnp.einsum("bld,vd->blv", x_BxLxD, self.table[...].astype(x_BxLxD.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * g, computed in fp32."""
+
+  def __init__(self, d: int, *, eps: float = 1e-6, axis_name: str = "embed"):
+    self.scale = make_param(jnp.ones((d,), jnp.float32), "vector", (axis_name,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)

@@ -1,0 +1,86 @@
+"""Mesh and logical-axis rules (MaxText style): parameter placements come from the
+logical axis names in each parameter's spec, never from parameter names.
+
+A dimension whose size is not divisible by the mesh axes it maps to stays
+replicated along that dimension (logged once), so odd sizes never fail.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from effjax.config import MeshConfig, resolve_mesh_shape
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+DEFAULT_RULES: dict[str, object] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "experts": "expert",
+    "head_dim": None,
+    "length": None,
+    "layers": None,
+}
+
+
+def make_mesh(config: MeshConfig, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = resolve_mesh_shape(config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _axis_size(mesh: Mesh, mesh_axes) -> int:
+  if mesh_axes is None:
+    return 1
+  if isinstance(mesh_axes, str):
+    mesh_axes = (mesh_axes,)
+  return int(np.prod([mesh.shape[a] for a in mesh_axes]))
+
+
+_warned: set = set()
+
+
+def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh, rules=None) -> P:
+  rules = DEFAULT_RULES if rules is None else rules
+  spec, used = [], set()
+  for name, dim in zip(axes, shape):
+    target = rules.get(name) if name is not None else None
+    flat = (target,) if isinstance(target, str) else tuple(target or ())
+    if target is None or any(a in used for a in flat) or dim % _axis_size(mesh, target):
+      if target is not None and dim % _axis_size(mesh, target) and (name, dim) not in _warned:
+        _warned.add((name, dim))
+        logging.info("logical axis %r (size %d) not divisible by mesh %r: replicated", name, dim,
+                     target)
+      spec.append(None)
+    else:
+      used.update(flat)
+      spec.append(target)
+  return P(*spec)
+
+
+def param_shardings(specs: dict, shapes: dict, mesh: Mesh, rules=None) -> dict:
+  """NamedSharding per parameter from its ParamSpec's logical axes."""
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, logical_to_spec(spec.axes, x.shape, mesh, rules)),
+      specs, shapes, is_leaf=lambda s: hasattr(s, "axes"))
+
+
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  """Leading (batch) dimension over the rule for 'batch' (data x fsdp by default)."""
+  rules = DEFAULT_RULES if rules is None else rules
+  return NamedSharding(mesh, P(rules["batch"]))

@@ -1,0 +1,1 @@
+"""Trainer: `python -m effjax.train --config=configs/NAME.py --workdir=DIR [--config.k=v ...]`."""

@@ -1,0 +1,62 @@
+"""Command line: python -m effjax.train --config=configs/NAME.py --workdir=DIR [--config.k=v].
+
+With no --config, the quick-start config. With no --workdir, runs/<config name>.
+Exit codes: 0 done, 2 bad config or data (nothing written), 3 non-finite loss,
+75 interrupted (checkpoint saved; rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if any(a in ("-h", "--help") for a in argv):
+    print(USAGE)
+    return 0
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  import jax  # pylint: disable=g-import-not-at-top
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from effjax.data import DataError  # pylint: disable=g-import-not-at-top
+  from effjax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  default = os.path.join(repo, "configs", "quickstart.py")
+  try:
+    config, rest = config_lib.load(argv, default_path=default, num_devices=jax.device_count())
+  except config_lib.ConfigError as e:
+    print(f"effjax: config error: {e}", file=sys.stderr)
+    return 2
+  workdir = None
+  for i, arg in enumerate(rest):
+    if arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg == "--workdir" and i + 1 < len(rest):
+      workdir = rest[i + 1]
+  unknown = [a for a in rest if a.startswith("--") and not a.startswith("--workdir")]
+  if unknown:
+    print(f"effjax: unknown argument(s) {unknown}. Use --config=FILE, --workdir=DIR and "
+          "--config.section.key=value.", file=sys.stderr)
+    return 2
+  if workdir is None:
+    name = "quickstart"
+    for a in argv:
+      if a.startswith("--config="):
+        name = os.path.splitext(os.path.basename(a.split("=", 1)[1]))[0]
+    workdir = os.path.join("runs", name)
+  try:
+    result = trainer.train(config, workdir)
+  except (DataError, config_lib.ConfigError) as e:
+    print(f"effjax: {'data' if isinstance(e, DataError) else 'config'} error: {e}",
+          file=sys.stderr)
+    return 2
+  return result.exit_code
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,77 @@
+"""FLOP accounting (hand-written per architecture, MaxText style) and MFU.
+
+Model FLOPs per token: 2 x (matmul parameters touched per token) for every
+linear layer including the LM head (the embedding lookup is free), plus
+attention scores and values: 2 x 2 x T x (heads x head_dim) per layer, halved for
+causal attention. Training = 3 x forward (backward is twice the forward).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.models.transformer import Dims
+
+# Peak dense bf16 matmul FLOP/s per chip (vendor datasheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,  # SXM; dense
+    "NVIDIA H200": 989e12,
+}
+
+
+def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training: bool = True,
+                    ffn_active_params_per_layer: int | None = None) -> float:
+  """Model FLOPs per token (causal attention counted at half)."""
+  d, h, kv, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
+  attn_proj = d * h * hd * 2 + d * kv * hd * 2
+  ffn = 3 * d * dims.mlp_dim if ffn_active_params_per_layer is None else ffn_active_params_per_layer
+  head = d * dims.vocab
+  del tie_embeddings  # tied or not, the readout matmul is done
+  matmul_params = dims.n_layers * (attn_proj + ffn) + head
+  attention = dims.n_layers * 2 * 2 * seq_len * h * hd / 2
+  forward = 2 * matmul_params + attention
+  return 3 * forward if training else forward
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """(peak FLOP/s, source). Accelerators: datasheet table; CPU: a measured matmul peak."""
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", "")
+  for name, peak in PEAK_FLOPS.items():
+    if kind.startswith(name) or name in kind:
+      return peak, f"table:{name}"
+  if dev.platform == "cpu":
+    return measured_cpu_matmul_flops(), "measured:cpu-matmul-f32"
+  return float("nan"), f"unknown device kind {kind!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted n x n float32 matmul on the host (median of a few runs).
+
+  On CPU, jax runs one device over all cores; this is the whole host's rate and is
+  used as the 'peak' for perf/mfu, so CPU MFU means 'fraction of a big matmul'.
+  """
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))

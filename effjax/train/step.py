@@ -1,0 +1,96 @@
+"""Pure train and eval steps: (state, batch) -> (state, metrics)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effjax.optim.factory import global_norm
+from effjax.train.state import TrainState
+
+# A post-update hook maps (new_state, old_state, aux) -> new_state. Technique modules use it
+# for non-trainable state updates (ALF-LB bias), projections (weight constraints) and
+# restores (CGA), all inside the jitted step.
+PostUpdateHook = Callable[[TrainState, TrainState, dict], TrainState]
+
+
+def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood in nats, computed in fp32."""
+  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def _split_aux(aux: dict) -> tuple[jax.Array, dict]:
+  """Aux keys starting with 'loss/' are summed into the training loss."""
+  extra = sum((jnp.asarray(v, jnp.float32) for k, v in aux.items() if k.startswith("loss/")),
+              jnp.float32(0))
+  metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
+  return extra, metrics
+
+
+def make_loss_fn(model):
+  def loss_fn(params, buffers, batch):
+    logits, aux = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
+                              segment_ids_BxL=batch["segment_ids"])
+    nll = jnp.mean(token_nll(logits, batch["targets"]))
+    extra, aux_metrics = _split_aux(aux)
+    return nll + extra, (nll, aux_metrics)
+  return loss_fn
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_accum: int = 1,
+                    hooks: Sequence[PostUpdateHook] = ()):
+  """Returns train_step(state, batch) -> (state, metrics). Micro-batches are scanned."""
+  grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    if grad_accum == 1:
+      (loss, (nll, aux)), grads = grad_fn(state.params, state.buffers, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        (l, (n, a)), g = grad_fn(state.params, state.buffers, mb)
+        return jax.tree.map(jnp.add, carry, (l, n, a, g)), None
+
+      (l0, (n0, a0)), g0 = jax.eval_shape(grad_fn, state.params, state.buffers,
+                                          jax.tree.map(lambda x: x[0], micro))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, n0, a0, g0))
+      (loss, nll, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+      loss, nll, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, nll, aux, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    for hook in hooks:
+      new_state = hook(new_state, state, aux)
+    metrics = {"train/loss": nll, "train/total_loss": loss, "train/grad_norm": global_norm(grads),
+               "train/lr": schedule(state.step), "train/param_norm": global_norm(params),
+               **{f"train/{k}": v for k, v in aux.items()}}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, token_bytes_V: jax.Array | None):
+  """eval_step(params, buffers, batch) -> sums of nll (nats), tokens and UTF-8 bytes."""
+  def eval_step(params, buffers, batch):
+    logits, _ = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
+                            segment_ids_BxL=batch["segment_ids"])
+    nll = token_nll(logits, batch["targets"])
+    nbytes = (jnp.sum(token_bytes_V[batch["targets"]]) if token_bytes_V is not None
+              else jnp.float32(jnp.nan))
+    return {"nll_sum": jnp.sum(nll), "tokens": jnp.float32(nll.size), "bytes": nbytes}
+
+  return eval_step
+
+
+def summarize_eval(sums: dict) -> dict:
+  loss = sums["nll_sum"] / sums["tokens"]
+  out = {"eval/loss": loss}
+  if sums["bytes"] == sums["bytes"] and sums["bytes"] > 0:  # not NaN
+    out["eval/bpb"] = sums["nll_sum"] / math.log(2) / sums["bytes"]
+  return out

@@ -1,0 +1,346 @@
+"""The training loop: data, model, sharded state, jitted steps, eval, checkpoints, metrics.
+
+`train(config, workdir)` runs (or resumes) a run; the CLI in __main__.py is a thin
+wrapper. Behaviour the rest of effjax relies on:
+  * the same command on the same workdir resumes from the latest checkpoint and
+    continues bit-for-bit (params, optimizer, buffers, rng, data position);
+  * SIGTERM / Ctrl-C save a checkpoint and exit with EXIT_INTERRUPTED;
+  * a non-finite loss stops the run with EXIT_NONFINITE, keeping the last good
+    checkpoint (no checkpoint is written after the bad step);
+  * only process 0 writes metrics, plots and the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from effjax import config as config_lib
+from effjax import data as data_lib
+from effjax import models
+from effjax.optim import make_optimizer
+from effjax.parallel import batch_sharding, make_mesh, param_shardings, replicated
+from effjax.train import flops as flops_lib
+from effjax.train.checkpoint import Checkpointer, abstract_like
+from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
+from effjax.train.sample import sample_text
+from effjax.train.state import TrainState
+from effjax.train.step import make_eval_step, make_train_step, summarize_eval
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class RunResult:
+  exit_code: int
+  step: int
+  final_metrics: dict
+  workdir: str
+
+
+@dataclasses.dataclass
+class DataBundle:
+  tokenizer: object
+  corpus: object
+
+
+def load_data(config: config_lib.Config) -> DataBundle:
+  d = config.data
+  tokenizer = data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None)
+  corpus = data_lib.load_corpus(d.corpus, d.paths or None, tokenizer, val_percent=d.val_percent,
+                                token_dtype=d.token_dtype, cache_dir=d.cache_dir or None)
+  return DataBundle(tokenizer, corpus)
+
+
+def _git_commit() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                         text=True, timeout=5)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+class _StopFlag:
+  """SIGTERM / SIGINT handler: the first signal asks the loop to checkpoint and stop."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def install(self):
+    if sys.platform == "win32" or not _in_main_thread():
+      return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None:  # second signal: give up immediately
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()
+
+
+def _global_batch(batch: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v, np.int32))
+          for k, v in batch.items()}
+
+
+def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = None,
+          quiet: bool = False) -> RunResult:
+  """Runs or resumes the training run described by `config` in `workdir`."""
+  config = config_lib.validate(config, jax.device_count())
+  t = config.train
+  is_main = jax.process_index() == 0
+  say = (lambda *a: None) if quiet or not is_main else (
+      lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True))
+
+  # ---- data, model, mesh (everything that can fail on bad input happens before
+  # anything is written to the workdir)
+  data = data or load_data(config)
+  tokenizer, corpus = data.tokenizer, data.corpus
+  model = models.build(config, tokenizer.vocab_size)
+  dims = model.dims
+  mesh = make_mesh(config.mesh)
+  p_shard = param_shardings(model.specs, model.initial_params, mesh)
+  b_shard = batch_sharding(mesh)
+  repl = replicated(mesh)
+  tx, schedule = make_optimizer(config, model.specs)
+  eval_batches = data_lib.eval_batches(
+      corpus.val_tokens, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
+      num_batches=t.eval_batches, process_index=jax.process_index(),
+      process_count=jax.process_count()) if t.eval_batches else []
+
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    _write_config(workdir, config, say)
+
+  # ---- state: initialise sharded, then restore the latest checkpoint if there is one
+  params = jax.device_put(model.initial_params, p_shard)
+  buffers = jax.device_put(model.initial_buffers, jax.tree.map(lambda _: repl,
+                                                                model.initial_buffers))
+  opt_shapes = jax.eval_shape(tx.init, params)
+  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
+                                    transform_non_params=lambda _: repl)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, buffers=buffers,
+                     rng=jax.random.PRNGKey(config.seed))
+  state_shard = TrainState(step=repl, params=p_shard, opt_state=opt_shard,
+                           buffers=jax.tree.map(lambda _: repl, buffers), rng=repl)
+
+  data_iter = data_lib.make_train_iterator(
+      corpus.train_tokens, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, abstract_like(state, state_shard), data_iter)
+    say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
+  if start >= t.steps:
+    say(f"run already complete at step {start} (train.steps = {t.steps}); nothing to do")
+    ckpt.close()
+    return RunResult(EXIT_OK, start, _last_metrics(workdir), workdir)
+
+  # ---- compile (AOT, so the compile time is measured on its own)
+  step_fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum)
+  jit_step = jax.jit(step_fn, in_shardings=(state_shard, b_shard), out_shardings=(state_shard, repl),
+                     donate_argnums=(0,))
+  batch = _global_batch(next(data_iter), b_shard)
+  t0 = time.perf_counter()
+  compiled_step = jit_step.lower(state, batch).compile()
+  compile_time = time.perf_counter() - t0
+  token_bytes = jnp.asarray(tokenizer.token_byte_lengths, jnp.float32)
+  token_bytes = jnp.pad(token_bytes, (0, dims.vocab - token_bytes.shape[0]))
+  eval_fn = jax.jit(make_eval_step(model, token_bytes), out_shardings=repl)
+  eval_data = [_global_batch(b, b_shard) for b in eval_batches]
+
+  # ---- accounting
+  n_params = models.count_params(dims, config.model.tie_embeddings)
+  fpt = flops_lib.flops_per_token(dims, t.seq_len, tie_embeddings=config.model.tie_embeddings)
+  peak, peak_source = flops_lib.peak_flops_per_device()
+  peak_total = peak * (1 if jax.devices()[0].platform == "cpu" else jax.device_count())
+  tokens_per_step = t.batch_size * t.seq_len
+  info = {
+      "params_total": n_params["total"], "params_non_embedding": n_params["blocks"],
+      "flops_per_token": fpt, "peak_flops": peak_total, "peak_source": peak_source,
+      "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
+      "train_tokens": int(corpus.train_tokens.size), "val_tokens": int(corpus.val_tokens.size),
+      "tokenizer": config.data.tokenizer, "vocab_size": dims.vocab,
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "mesh": dict(mesh.shape), "jax_version": jax.__version__, "commit": _git_commit(),
+      "command": " ".join(sys.argv),
+  }
+  if is_main:
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+      json.dump(info, f, indent=2)
+  say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M non-embedding)"
+      f", {fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
+      f"({corpus.train_tokens.size / 1e6:.1f}M train / {corpus.val_tokens.size / 1e6:.2f}M val "
+      f"tokens, fingerprint {corpus.fingerprint[:12]}); devices {info['devices']}, mesh "
+      f"{dict(mesh.shape)}; compiled in {compile_time:.1f}s")
+
+  # ---- loop
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start, tensorboard=t.tensorboard)
+  writer.write(start, {"perf/compile_time_s": compile_time})
+  bar = ProgressBar(t.steps, start, enabled=is_main and not quiet)
+  stop = _StopFlag()
+  stop.install()
+  exit_code, last = EXIT_OK, {}
+  window_t0, window_steps = time.perf_counter(), 0
+  pending = None  # (step, device metrics) of the previous step, checked one step late
+  step = start
+  profiling = False
+
+  def check(pending_item):
+    s, m = pending_item
+    host = jax.device_get(m)
+    if not math.isfinite(float(host["train/loss"])):
+      raise NonFiniteLoss(f"non-finite training loss ({host['train/loss']}) at step {s}")
+    return s, host
+
+  try:
+    while step < t.steps:
+      if t.profile_steps and step == t.profile_steps[0] and is_main:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
+      if step > start:  # the first batch was taken above for compilation
+        batch = _global_batch(next(data_iter), b_shard)
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      window_steps += 1
+      if pending is not None:
+        check(pending)
+      pending = (step, metrics)
+      if profiling and step >= t.profile_steps[1]:
+        jax.profiler.stop_trace()
+        profiling = False
+
+      log_now = step % t.log_every == 0 or step == t.steps
+      eval_now = (step % t.eval_every == 0 or step == t.steps) and eval_data
+      ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stop.signal_name
+      if log_now or eval_now or ckpt_now:
+        _, host = check(pending)
+        pending = None
+        row = dict(host)
+        if log_now:
+          dt = (time.perf_counter() - window_t0) / max(window_steps, 1)
+          tps = tokens_per_step / dt
+          row.update({"perf/step_time_s": dt, "perf/tokens_per_sec": tps,
+                      "perf/mfu": fpt * tps / peak_total,
+                      "perf/tokens_seen": step * tokens_per_step})
+          bar.update(step, float(host["train/loss"]), tps)
+        if eval_now:
+          row.update(_evaluate(eval_fn, state, eval_data))
+          bar.message(f"step {step}: eval/loss {row['eval/loss']:.4f}"
+                      + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))
+        writer.write(step, row)
+        last.update(row)
+        if ckpt_now:
+          ckpt.save(step, state, data_iter)
+        window_t0, window_steps = time.perf_counter(), 0
+      if stop.signal_name:
+        bar.message(f"{stop.signal_name} received: saved checkpoint at step {step}; rerun the "
+                    "same command to resume")
+        exit_code = EXIT_INTERRUPTED
+        break
+    if pending is not None:
+      check(pending)
+  except NonFiniteLoss as e:
+    bar.close()
+    good = ckpt.latest_step()
+    say(f"ERROR: {e}. Stopping; the last good checkpoint is "
+        f"{'step ' + str(good) if good else 'none'} in {ckpt.directory}.")
+    exit_code = EXIT_NONFINITE
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    stop.uninstall()
+    bar.close()
+    ckpt.close()
+    writer.close()
+
+  if is_main and t.plot:
+    path = plot_metrics(read_metrics(writer.path), os.path.join(workdir, "loss.png"),
+                        title=f"{os.path.basename(os.path.abspath(workdir))}")
+    if path:
+      say(f"loss plot: {path}")
+  if exit_code == EXIT_OK and t.sample_tokens and is_main:
+    text = sample_text(model, state.params, state.buffers, tokenizer, prompt=t.sample_prompt,
+                       num_tokens=t.sample_tokens, seq_len=t.seq_len,
+                       temperature=t.sample_temperature,
+                       rng=jax.random.fold_in(state.rng, step))
+    with open(os.path.join(workdir, "sample.txt"), "w") as f:
+      f.write(t.sample_prompt + text)
+    say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}{text}\n"
+        f"{'-' * 60}")
+  if exit_code == EXIT_OK:
+    summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/bpb")
+                        if isinstance(last.get(k), float))
+    say(f"done: step {step}; {summary}; workdir {workdir}")
+  return RunResult(exit_code, step, last, workdir)
+
+
+def _evaluate(eval_fn, state: TrainState, eval_data: list) -> dict:
+  sums = None
+  for batch in eval_data:
+    out = eval_fn(state.params, state.buffers, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return {k: float(v) for k, v in summarize_eval(jax.device_get(sums)).items()}
+
+
+def _write_config(workdir: str, config: config_lib.Config, say) -> None:
+  path = os.path.join(workdir, "config.json")
+  new = config_lib.to_dict(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changed = [k for k in config_lib.valid_keys() if _get(old, k) != _get(new, k)]
+    if changed:
+      say(f"note: config differs from the one in {path} for: {', '.join(changed)}")
+  with open(path, "w") as f:
+    f.write(config_lib.to_json(config))
+
+
+def _get(d: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(d, dict) or part not in d:
+      return None
+    d = d[part]
+  return list(d) if isinstance(d, tuple) else d
+
+
+def _last_metrics(workdir: str) -> dict:
+  last = {}
+  for row in read_metrics(os.path.join(workdir, "metrics.jsonl")):
+    last.update(row)
+  return last

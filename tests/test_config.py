@@ -1,0 +1,92 @@
+"""Config loading, overrides and validation errors (issue 2, Config)."""
+
+import json
+import os
+
+import pytest
+
+from effjax import config as C
+from tests.conftest import TINY, run_module
+
+
+def test_overrides_set_typed_values():
+  cfg, _ = C.load(["--config=" + TINY, "--config.train.steps=7", "--config.train.lr", "1e-3",
+                   "--config.model.tie_embeddings=true", "--config.train.profile_steps=2,4"])
+  assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+  assert cfg.train.lr == 1e-3
+  assert cfg.model.tie_embeddings is True
+  assert cfg.train.profile_steps == (2, 4)
+  assert cfg.model.d_model == 32  # from the file
+
+
+def test_unknown_key_suggests_closest():
+  with pytest.raises(C.ConfigError) as e:
+    C.load(["--config.train.setps=5"])
+  assert "train.setps" in str(e.value) and "train.steps" in str(e.value)
+  with pytest.raises(C.ConfigError) as e:
+    C.load(["--config.modle.d_model=5"])
+  assert "model.d_model" in str(e.value)
+
+
+def test_wrong_type_names_key():
+  with pytest.raises(C.ConfigError, match="train.batch_size"):
+    C.load(["--config.train.batch_size=abc"])
+  with pytest.raises(C.ConfigError, match="model.tie_embeddings"):
+    C.load(["--config.model.tie_embeddings=maybe"])
+
+
+def test_bad_choice_lists_valid_choices():
+  with pytest.raises(C.ConfigError) as e:
+    C.load(["--config.model.attention.score=sparsemax"])
+  assert "softmax" in str(e.value) and "lssa" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["--config.model.d_model=30", "--config.model.n_heads=4"], ["model.d_model", "model.n_heads"]),
+    (["--config.model.n_heads=4", "--config.model.n_kv_heads=3"], ["model.n_kv_heads"]),
+    (["--config.train.batch_size=10", "--config.train.grad_accum=4"], ["train.grad_accum"]),
+    (["--config.data.corpus=text"], ["data.paths"]),
+])
+def test_inconsistent_combinations_name_keys(overrides, keys):
+  with pytest.raises(C.ConfigError) as e:
+    C.load(overrides)
+  for k in keys:
+    assert k in str(e.value)
+
+
+def test_mesh_product_must_match_devices():
+  cfg, _ = C.load(["--config.mesh.fsdp=2", "--config.mesh.data=-1"], num_devices=8)
+  assert C.resolve_mesh_shape(cfg.mesh, 8) == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
+  with pytest.raises(C.ConfigError, match="mesh.data x mesh.fsdp"):
+    C.load(["--config.mesh.data=1", "--config.mesh.fsdp=4"], num_devices=8)
+  with pytest.raises(C.ConfigError, match="mesh"):
+    C.load(["--config.mesh.fsdp=3"], num_devices=8)
+
+
+def test_config_file_errors(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  return {'train': {'stepz': 3}}\n")
+  with pytest.raises(C.ConfigError) as e:
+    C.load(["--config=" + str(bad)])
+  assert "bad.py" in str(e.value) and "train.steps" in str(e.value)
+  with pytest.raises(C.ConfigError, match="not found"):
+    C.load(["--config=" + str(tmp_path / "missing.py")])
+
+
+def test_json_round_trip():
+  cfg, _ = C.load(["--config=" + TINY])
+  again = C.from_dict(json.loads(C.to_json(cfg)))
+  assert again == cfg
+
+
+def test_cli_config_error_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_module(["-m", "effjax.train", "--config=" + TINY, f"--workdir={workdir}",
+                     "--config.train.lr=-1"])
+  assert proc.returncode == 2
+  assert "train.lr" in proc.stderr
+  assert not os.path.exists(workdir)
+  proc = run_module(["-m", "effjax.train", "--config=" + TINY, f"--workdir={workdir}",
+                     "--config.model.n_layer=3"])
+  assert proc.returncode == 2 and "model.n_layers" in proc.stderr
+  assert not os.path.exists(workdir)
