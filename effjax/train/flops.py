@@ -33,14 +33,19 @@ PEAK_FLOPS = {
 
 
 def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training: bool = True,
-                    ffn_active_params_per_layer: int | None = None) -> float:
-  """Model FLOPs per token (causal attention counted at half)."""
+                    ffn_active_params: list[int] | None = None) -> float:
+  """Model FLOPs per token (causal attention counted at half).
+
+  ffn_active_params: per-layer FFN parameters a token touches (MoE: top-k experts,
+  shared experts and router); default a dense SwiGLU in every layer.
+  """
   d, h, kv, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
   attn_proj = d * h * hd * 2 + d * kv * hd * 2
-  ffn = 3 * d * dims.mlp_dim if ffn_active_params_per_layer is None else ffn_active_params_per_layer
+  ffn = (3 * d * dims.mlp_dim * dims.n_layers if ffn_active_params is None
+         else sum(ffn_active_params))
   head = d * dims.vocab
   del tie_embeddings  # tied or not, the readout matmul is done
-  matmul_params = dims.n_layers * (attn_proj + ffn) + head
+  matmul_params = dims.n_layers * attn_proj + ffn + head
   attention = dims.n_layers * 2 * 2 * seq_len * h * hd / 2
   forward = 2 * matmul_params + attention
   return 3 * forward if training else forward

@@ -25,27 +25,41 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 
 def _split_aux(aux: dict) -> tuple[jax.Array, dict]:
-  """Aux keys starting with 'loss/' are summed into the training loss."""
+  """Model aux outputs: 'loss/*' scalars are summed into the training loss; 'stat/*'
+  arrays (e.g. MoE token counts) are kept for post-update hooks and eval; other
+  scalars are metrics."""
   extra = sum((jnp.asarray(v, jnp.float32) for k, v in aux.items() if k.startswith("loss/")),
               jnp.float32(0))
-  metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if jnp.ndim(v) == 0}
-  return extra, metrics
+  kept = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()
+          if k.startswith("stat/") or k.startswith("loss/") or jnp.ndim(v) == 0}
+  return extra, kept
 
 
-def make_loss_fn(model):
+def make_loss_fn(model, model_kwargs=None):
+  model_kwargs = model_kwargs or {}
+
   def loss_fn(params, buffers, batch):
     logits, aux = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
-                              segment_ids_BxL=batch["segment_ids"])
+                              segment_ids_BxL=batch["segment_ids"], **model_kwargs)
     nll = jnp.mean(token_nll(logits, batch["targets"]))
-    extra, aux_metrics = _split_aux(aux)
-    return nll + extra, (nll, aux_metrics)
+    extra, kept = _split_aux(aux)
+    return nll + extra, (nll, kept)
   return loss_fn
 
 
+def _metric_name(key: str) -> str:
+  """'loss/moe_aux/layer0' -> 'train/loss/moe_aux/layer0'; technique metrics keep their prefix."""
+  return f"train/{key}" if key.startswith("loss/") or "/" not in key else key
+
+
 def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_accum: int = 1,
-                    hooks: Sequence[PostUpdateHook] = ()):
-  """Returns train_step(state, batch) -> (state, metrics). Micro-batches are scanned."""
-  grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
+                    hooks: Sequence[PostUpdateHook] = (), model_kwargs=None):
+  """Returns train_step(state, batch) -> (state, metrics). Micro-batches are scanned.
+
+  'stat/*' aux arrays are summed over micro-batches (counts over the whole global
+  batch), everything else is averaged; hooks see the stats, metrics do not.
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(model, model_kwargs), has_aux=True)
 
   def train_step(state: TrainState, batch: dict):
     if grad_accum == 1:
@@ -61,7 +75,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_a
                                           jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, n0, a0, g0))
       (loss, nll, aux, grads), _ = jax.lax.scan(body, zeros, micro)
-      loss, nll, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, nll, aux, grads))
+      loss, nll, grads = jax.tree.map(lambda x: x / grad_accum, (loss, nll, grads))
+      aux = {k: v if k.startswith("stat/") else v / grad_accum for k, v in aux.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -69,21 +84,25 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_a
       new_state = hook(new_state, state, aux)
     metrics = {"train/loss": nll, "train/total_loss": loss, "train/grad_norm": global_norm(grads),
                "train/lr": schedule(state.step), "train/param_norm": global_norm(params),
-               **{f"train/{k}": v for k, v in aux.items()}}
+               **{_metric_name(k): v for k, v in aux.items() if not k.startswith("stat/")}}
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model, token_bytes_V: jax.Array | None):
-  """eval_step(params, buffers, batch) -> sums of nll (nats), tokens and UTF-8 bytes."""
+def make_eval_step(model, token_bytes_V: jax.Array | None, model_kwargs=None):
+  """eval_step(params, buffers, batch) -> sums of nll (nats), tokens, UTF-8 bytes and the
+  model's 'stat/*' arrays (summed over eval batches by the caller)."""
+  model_kwargs = model_kwargs or {}
+
   def eval_step(params, buffers, batch):
-    logits, _ = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
-                            segment_ids_BxL=batch["segment_ids"])
+    logits, aux = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
+                              segment_ids_BxL=batch["segment_ids"], **model_kwargs)
     nll = token_nll(logits, batch["targets"])
     nbytes = (jnp.sum(token_bytes_V[batch["targets"]]) if token_bytes_V is not None
               else jnp.float32(jnp.nan))
-    return {"nll_sum": jnp.sum(nll), "tokens": jnp.float32(nll.size), "bytes": nbytes}
+    stats = {k: v for k, v in aux.items() if k.startswith("stat/")}
+    return {"nll_sum": jnp.sum(nll), "tokens": jnp.float32(nll.size), "bytes": nbytes, **stats}
 
   return eval_step
 

@@ -34,6 +34,7 @@ from effjax.optim import make_optimizer
 from effjax.parallel import batch_sharding, make_mesh, param_shardings, replicated
 from effjax.train import flops as flops_lib
 from effjax.train.checkpoint import Checkpointer, abstract_like
+from effjax.train.extensions import build_extensions, merged_phase
 from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
 from effjax.train.sample import sample_text
 from effjax.train.state import TrainState
@@ -117,8 +118,12 @@ def _global_batch(batch: dict, sharding) -> dict:
 
 
 def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = None,
-          quiet: bool = False) -> RunResult:
-  """Runs or resumes the training run described by `config` in `workdir`."""
+          quiet: bool = False, stop_at: int | None = None) -> RunResult:
+  """Runs or resumes the training run described by `config` in `workdir`.
+
+  `stop_at` behaves like a preemption at that step (checkpoint, EXIT_INTERRUPTED):
+  used to test exact resume, and to run a long config in chunks.
+  """
   config = config_lib.validate(config, jax.device_count())
   t = config.train
   is_main = jax.process_index() == 0
@@ -139,7 +144,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   eval_batches = data_lib.eval_batches(
       corpus.val_tokens, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
       num_batches=t.eval_batches, process_index=jax.process_index(),
-      process_count=jax.process_count()) if t.eval_batches else []
+      process_count=jax.process_count(), eos_id=tokenizer.eos_id) if t.eval_batches else []
 
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -160,7 +165,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
 
   data_iter = data_lib.make_train_iterator(
       corpus.train_tokens, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      eos_id=tokenizer.eos_id)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
@@ -171,27 +177,44 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     ckpt.close()
     return RunResult(EXIT_OK, start, _last_metrics(workdir), workdir)
 
-  # ---- compile (AOT, so the compile time is measured on its own)
-  step_fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum)
-  jit_step = jax.jit(step_fn, in_shardings=(state_shard, b_shard), out_shardings=(state_shard, repl),
-                     donate_argnums=(0,))
-  batch = _global_batch(next(data_iter), b_shard)
-  t0 = time.perf_counter()
-  compiled_step = jit_step.lower(state, batch).compile()
-  compile_time = time.perf_counter() - t0
+  # ---- compile (AOT, so the compile time is measured on its own); one step per phase
+  extensions = build_extensions(config, model)
+  hooks = [h for ext in extensions for h in ext.hooks()]
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths, jnp.float32)
   token_bytes = jnp.pad(token_bytes, (0, dims.vocab - token_bytes.shape[0]))
-  eval_fn = jax.jit(make_eval_step(model, token_bytes), out_shardings=repl)
+  compiled, compile_times = {}, []
+
+  def step_for(phase: tuple, state, batch):
+    if phase not in compiled:
+      kwargs = dict(phase)
+      fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
+                           model_kwargs=kwargs)
+      t0 = time.perf_counter()
+      step_c = jax.jit(fn, in_shardings=(state_shard, b_shard), out_shardings=(state_shard, repl),
+                       donate_argnums=(0,)).lower(state, batch).compile()
+      compile_times.append(time.perf_counter() - t0)
+      evl = jax.jit(make_eval_step(model, token_bytes, kwargs), out_shardings=repl)
+      top_k = kwargs.get("moe_top_k")
+      fpt_phase = flops_lib.flops_per_token(
+          dims, t.seq_len, tie_embeddings=config.model.tie_embeddings,
+          ffn_active_params=models.ffn_params(config.model, dims, top_k)[1])
+      compiled[phase] = (step_c, evl, fpt_phase)
+    return compiled[phase]
+
+  batch = _global_batch(next(data_iter), b_shard)
+  phase = merged_phase(extensions, start)
+  compiled_step, eval_fn, fpt = step_for(phase, state, batch)
+  compile_time = compile_times[0]
   eval_data = [_global_batch(b, b_shard) for b in eval_batches]
 
   # ---- accounting
-  n_params = models.count_params(dims, config.model.tie_embeddings)
-  fpt = flops_lib.flops_per_token(dims, t.seq_len, tie_embeddings=config.model.tie_embeddings)
+  n_params = models.count_params(dims, config.model.tie_embeddings, config.model)
   peak, peak_source = flops_lib.peak_flops_per_device()
   peak_total = peak * (1 if jax.devices()[0].platform == "cpu" else jax.device_count())
   tokens_per_step = t.batch_size * t.seq_len
   info = {
       "params_total": n_params["total"], "params_non_embedding": n_params["blocks"],
+      "params_active_non_embedding": n_params["active_non_embedding"],
       "flops_per_token": fpt, "peak_flops": peak_total, "peak_source": peak_source,
       "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
       "train_tokens": int(corpus.train_tokens.size), "val_tokens": int(corpus.val_tokens.size),
@@ -203,7 +226,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   if is_main:
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
       json.dump(info, f, indent=2)
-  say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M non-embedding)"
+  say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M non-embedding, "
+      f"{n_params['active_non_embedding'] / 1e6:.2f}M active)"
       f", {fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
       f"({corpus.train_tokens.size / 1e6:.1f}M train / {corpus.val_tokens.size / 1e6:.2f}M val "
       f"tokens, fingerprint {corpus.fingerprint[:12]}); devices {info['devices']}, mesh "
@@ -215,7 +239,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   bar = ProgressBar(t.steps, start, enabled=is_main and not quiet)
   stop = _StopFlag()
   stop.install()
-  exit_code, last = EXIT_OK, {}
+  exit_code, last, eval_stats = EXIT_OK, {}, {}
   window_t0, window_steps = time.perf_counter(), 0
   pending = None  # (step, device metrics) of the previous step, checked one step late
   step = start
@@ -224,8 +248,9 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   def check(pending_item):
     s, m = pending_item
     host = jax.device_get(m)
-    if not math.isfinite(float(host["train/loss"])):
-      raise NonFiniteLoss(f"non-finite training loss ({host['train/loss']}) at step {s}")
+    for key in ("train/loss", "train/grad_norm", "train/param_norm"):
+      if not math.isfinite(float(host[key])):
+        raise NonFiniteLoss(f"non-finite {key} ({float(host[key])}) at step {s}")
     return s, host
 
   try:
@@ -235,6 +260,13 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
         profiling = True
       if step > start:  # the first batch was taken above for compilation
         batch = _global_batch(next(data_iter), b_shard)
+      new_phase = merged_phase(extensions, step)
+      if new_phase != phase:
+        phase = new_phase
+        compiled_step, eval_fn, fpt = step_for(phase, state, batch)
+        bar.message(f"step {step}: phase change {dict(phase)} (compiled in "
+                    f"{compile_times[-1]:.1f}s)")
+        writer.write(step, {"perf/compile_time_s": compile_times[-1], "train/phase_change": 1.0})
       state, metrics = compiled_step(state, batch)
       step += 1
       window_steps += 1
@@ -247,7 +279,10 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
 
       log_now = step % t.log_every == 0 or step == t.steps
       eval_now = (step % t.eval_every == 0 or step == t.steps) and eval_data
-      ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stop.signal_name
+      if stop_at is not None and step >= stop_at and not stop.signal_name:
+        stop.signal_name = f"stop_at={stop_at}"
+      stopping = stop.signal_name  # read once: a signal arriving later is seen next step
+      ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stopping
       if log_now or eval_now or ckpt_now:
         _, host = check(pending)
         pending = None
@@ -260,17 +295,22 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
                       "perf/tokens_seen": step * tokens_per_step})
           bar.update(step, float(host["train/loss"]), tps)
         if eval_now:
-          row.update(_evaluate(eval_fn, state, eval_data))
+          eval_row, eval_stats = _evaluate(eval_fn, state, eval_data)
+          for ext in extensions:
+            eval_row.update(ext.eval_metrics(eval_stats))
+          row.update(eval_row)
           bar.message(f"step {step}: eval/loss {row['eval/loss']:.4f}"
                       + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))
         writer.write(step, row)
         last.update(row)
         if ckpt_now:
-          ckpt.save(step, state, data_iter)
+          saved = ckpt.save(step, state, data_iter)
+          if not saved:
+            say(f"WARNING: orbax did not save a checkpoint at step {step}")
         window_t0, window_steps = time.perf_counter(), 0
-      if stop.signal_name:
-        bar.message(f"{stop.signal_name} received: saved checkpoint at step {step}; rerun the "
-                    "same command to resume")
+      if stopping:
+        bar.message(f"{stopping}: saved checkpoint at step {step}; rerun the same "
+                    "command to resume")
         exit_code = EXIT_INTERRUPTED
         break
     if pending is not None:
@@ -290,10 +330,12 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     writer.close()
 
   if is_main and t.plot:
-    path = plot_metrics(read_metrics(writer.path), os.path.join(workdir, "loss.png"),
-                        title=f"{os.path.basename(os.path.abspath(workdir))}")
-    if path:
-      say(f"loss plot: {path}")
+    paths = [plot_metrics(read_metrics(writer.path), os.path.join(workdir, "loss.png"),
+                          title=f"{os.path.basename(os.path.abspath(workdir))}")]
+    for ext in extensions:
+      paths += ext.on_end(workdir, eval_stats)
+    if any(paths):
+      say(f"plots: {', '.join(p for p in paths if p)}")
   if exit_code == EXIT_OK and t.sample_tokens and is_main:
     text = sample_text(model, state.params, state.buffers, tokenizer, prompt=t.sample_prompt,
                        num_tokens=t.sample_tokens, seq_len=t.seq_len,
@@ -310,12 +352,15 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   return RunResult(exit_code, step, last, workdir)
 
 
-def _evaluate(eval_fn, state: TrainState, eval_data: list) -> dict:
+def _evaluate(eval_fn, state: TrainState, eval_data: list) -> tuple[dict, dict]:
+  """(eval metrics, summed 'stat/*' arrays over the eval set)."""
   sums = None
   for batch in eval_data:
     out = eval_fn(state.params, state.buffers, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return {k: float(v) for k, v in summarize_eval(jax.device_get(sums)).items()}
+  sums = jax.device_get(sums)
+  stats = {k: np.asarray(v) for k, v in sums.items() if k.startswith("stat/")}
+  return {k: float(v) for k, v in summarize_eval(sums).items()}, stats
 
 
 def _write_config(workdir: str, config: config_lib.Config, say) -> None:
