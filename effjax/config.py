@@ -52,6 +52,40 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-Experts in the FFN slot (TECHNIQUES.md 1). num_experts = 0: dense FFN."""
+  num_experts: int = _field(0, doc="routed experts per MoE layer (0: dense MLP everywhere)")
+  top_k: int = _field(2, doc="experts per token (target sparsity)")
+  num_shared: int = _field(0, doc="always-on shared experts (each of size expert_dim)")
+  expert_dim: int = _field(0, doc="hidden size of one expert (0: mlp_dim // top_k)")
+  router: str = _field("sigmoid", ("sigmoid", "softmax"),
+                       "sigmoid (DeepSeek-V3) or softmax (Switch/Mixtral/Sigma-MoE)")
+  renormalize: str = _field("auto", ("auto", "true", "false"),
+                            "renormalise the top-k gates (auto: sigmoid with k > 1)")
+  route_scale: float = _field(1.0, doc="gate multiplier (DeepSeek-V3 uses 2.5)")
+  balance: str = _field("none", doc="'+'-joined subset of none, aux, seq_aux, global_aux, alf, "
+                        "top1_lbl (e.g. alf+seq_aux)")
+  aux_coef: float = _field(1e-2, doc="alpha of the Switch / global-batch balance loss")
+  seq_aux_coef: float = _field(1e-4, doc="alpha of the sequence-wise balance loss")
+  top1_lbl_coef: float = _field(1e-2, doc="alpha of the top-1 LBL (Sigma-MoE)")
+  top1_lbl_tau: float = _field(0.1, doc="softmax temperature of the top-1 LBL")
+  bias_update_rate: float = _field(1e-3, doc="ALF-LB step u")
+  bias_update: str = _field("sign", ("sign", "proportional"), "ALF-LB update rule")
+  bias_decay: str = _field("none", ("none", "sqrt", "linear"),
+                           "ALF-LB step-size decay: u_t = u, u/sqrt(t), u/t (t in steps, from 1)")
+  bias_freeze: float = _field(1.0, doc="fraction of training after which u = 0 (V3: 0.97)")
+  layers: str = _field("all", doc="MoE layers: 'all', a slice 'START:STOP', or indices '1,3'")
+  topk_schedule: str = _field("", doc="Sigma-MoE progressive sparsification "
+                              "'LOW_FRAC:K_LOW:SWITCH_FRAC', e.g. 0.25:4:0.3 = lowest 25% of "
+                              "layers use k=4 until 30% of training, then top_k everywhere")
+  capacity_factor: float = _field(0.0, doc="0: dropless; > 0: token-dropping baseline")
+  dispatch: str = _field("auto", ("auto", "ragged_dot", "blocks"),
+                         "grouped matmul: lax.ragged_dot, or block-gathered batched matmul "
+                         "(auto: ragged_dot on TPU/GPU, blocks on CPU)")
+  block_size: int = _field(64, doc="token block size of the 'blocks' grouped matmul")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = _field(0, doc="0: from the tokenizer, padded to a multiple of 128")
   d_model: int = 128
@@ -67,7 +101,14 @@ class ModelConfig:
   compute_dtype: str = _field("auto", ("auto", "float32", "bfloat16"),
                               "auto: bfloat16 on TPU/GPU, float32 on CPU")
   remat: bool = _field(False, doc="rematerialise each block in the backward pass")
+  param: str = _field("sp", ("sp", "mup"), "standard parameterisation or muP (TECHNIQUES.md 6.1)")
+  base_width: int = _field(0, doc="muP proxy width d0 (0: d_model, i.e. width multiplier 1)")
+  output_mult: float = _field(1.0, doc="muP alpha_out: logits = alpha_out * (W h) / m")
+  attn_mult: float = _field(1.0, doc="muP alpha_attn: attention logits scaled by alpha/d_head")
+  zero_init_query: bool = _field(False, doc="initialise the query projection at zero")
+  zero_init_readout: bool = _field(False, doc="initialise the untied LM head at zero")
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+  moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +144,11 @@ class OptimConfig:
   weight_decay: float = 0.1
   grad_clip: float = _field(1.0, doc="global-norm clip; 0 disables")
   no_decay_roles: tuple = _field(("vector",), doc="parameter roles that get no weight decay")
+  wd_rule: str = _field("none", ("none", "mup", "layerwise", "power_lines"),
+                        "weight-decay scaling rule across widths (TECHNIQUES.md 6.2)")
+  wd_exponent: float = _field(1.0, doc="layerwise rule: lambda_2 = lambda * (d / d0)^e")
+  wd_tau: float = _field(0.0, doc="power_lines: target AdamW timescale tau = B/(lr*wd*D) "
+                         "(fraction of training); sets wd from lr, batch and steps when > 0")
 
 
 @dataclasses.dataclass(frozen=True)

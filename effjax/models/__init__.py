@@ -14,12 +14,12 @@ from typing import Any
 import jax
 from flax import nnx
 
-from effjax.config import Config
+from effjax.config import Config, resolve_mesh_shape
 from effjax.models.layers import Buffer
-from effjax.models.transformer import Dims, Transformer, count_params, resolve_dims
+from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
 
 __all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "build",
-           "count_params", "resolve_dims"]
+           "count_params", "ffn_params", "resolve_dims"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +59,18 @@ class FunctionalModel:
     return nnx.merge(self.graphdef, p, b)
 
   def apply(self, params: dict, buffers: dict, ids_BxL, *, positions_BxL=None,
-            segment_ids_BxL=None) -> tuple[jax.Array, dict[str, Any]]:
+            segment_ids_BxL=None, **kwargs) -> tuple[jax.Array, dict[str, Any]]:
     model = self.module(params, buffers)
-    return model(ids_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL)
+    return model(ids_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL, **kwargs)
 
 
-def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None) -> FunctionalModel:
+def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
+          batch_groups: int | None = None) -> FunctionalModel:
+  """batch_groups: data-parallel shards (for per-shard balance losses); default from mesh.*."""
   dims = resolve_dims(config.model, tokenizer_vocab)
   seed = config.seed if seed is None else seed
-  return FunctionalModel(Transformer(config.model, dims, rngs=nnx.Rngs(params=seed)))
+  if batch_groups is None:
+    sizes = resolve_mesh_shape(config.mesh, jax.device_count())
+    batch_groups = sizes["data"] * sizes["fsdp"]
+  return FunctionalModel(Transformer(config.model, dims, batch_groups=batch_groups,
+                                     rngs=nnx.Rngs(params=seed)))

@@ -57,15 +57,19 @@ def xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, segment_ids_BxL=No
 
 
 def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_ids_BxL=None,
-           positions_BxL=None) -> jax.Array:
-  """Causal attention: chooses the score function and the kernel implementation."""
+           positions_BxL=None, scale: float | None = None) -> jax.Array:
+  """Causal attention: chooses the score function and the kernel implementation.
+
+  scale: softmax logit scale (default 1/sqrt(d_head); muP passes alpha/d_head).
+  """
   d = q_BxLxHxD.shape[-1]
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
   if config.score == "softmax" and config.impl in ("auto", "xla"):
     log_n = positions_BxL + 1 if config.log_n_scale else None
     return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
-                                 scale=1.0 / math.sqrt(d), log_n_positions_BxL=log_n)
+                                 scale=scale, log_n_positions_BxL=log_n)
   from pallas_kernels.attention import attention as kernel_attention  # pylint: disable=g-import-not-at-top
-  options = {}
+  options = {"scale": scale} if config.score == "softmax" else {}
   if config.score == "lssar":
     options = dict(p=config.lssar_p, reweight_offset_rows=config.lssar_offset_rows)
   return kernel_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, causal=True, score=config.score,
@@ -77,10 +81,13 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                config: AttentionConfig, rope_theta: float, init_std: float, n_layers: int,
-               norm_eps: float, rngs: nnx.Rngs, linear=Linear):
+               norm_eps: float, rngs: nnx.Rngs, scale: float | None = None,
+               zero_init_query: bool = False, linear=Linear):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.config, self.rope_theta = config, rope_theta
-    self.q = linear(d_model, n_heads * head_dim, rngs=rngs, axes=("embed", "heads"), std=init_std)
+    self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    self.q = linear(d_model, n_heads * head_dim, rngs=rngs, axes=("embed", "heads"), std=init_std,
+                    zero_init=zero_init_query)
     self.k = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
                     std=init_std)
     self.v = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
@@ -103,5 +110,5 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, positions_BxL, self.rope_theta), rope(k, positions_BxL, self.rope_theta)
     out = attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
-                 positions_BxL=positions_BxL)
+                 positions_BxL=positions_BxL, scale=self.scale)
     return self.o(out.reshape(b, l, self.n_heads * self.head_dim))

@@ -10,6 +10,7 @@ the training loss, everything else is reported as a metric.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from effjax.config import ModelConfig
 from effjax.models.attention import Attention
 from effjax.models.layers import Embed, Linear, RMSNorm
 from effjax.models.mlp import SwiGLU
+from effjax.models.moe import MoE, moe_layer_indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,38 +57,76 @@ def compute_dtype(config: ModelConfig):
   return jnp.dtype(config.compute_dtype)
 
 
+def make_ffn(config: ModelConfig, dims: Dims, layer: int, *, batch_groups: int, rngs: nnx.Rngs):
+  """The FFN slot: a dense SwiGLU, or an MoE in the layers named by model.moe.layers."""
+  if layer in moe_layer_indices(config.moe, dims.n_layers):
+    expert_dim = config.moe.expert_dim or max(dims.mlp_dim // config.moe.top_k, 1)
+    return MoE(dims.d_model, config.moe, expert_dim=expert_dim, init_std=config.init_std,
+               n_layers=dims.n_layers, batch_groups=batch_groups, rngs=rngs)
+  return SwiGLU(dims.d_model, dims.mlp_dim, init_std=config.init_std, n_layers=dims.n_layers,
+                rngs=rngs)
+
+
+def width_mult(config: ModelConfig) -> float:
+  return config.d_model / (config.base_width or config.d_model)
+
+
+def hidden_init_std(config: ModelConfig) -> float:
+  """SP: init_std at every width. muP: variance proportional to 1/fan_in, i.e. init_std at
+  the base width and init_std / sqrt(m) at m times the base width."""
+  if config.param == "mup":
+    return config.init_std / math.sqrt(width_mult(config))
+  return config.init_std
+
+
+def attention_scale(config: ModelConfig, head_dim: int) -> float:
+  """SP: 1/sqrt(d_head). muP: alpha_attn / d_head (Yang et al. 2022)."""
+  if config.param == "mup":
+    return config.attn_mult / head_dim
+  return config.attn_mult / math.sqrt(head_dim)
+
+
 class Block(nnx.Module):
-  def __init__(self, config: ModelConfig, dims: Dims, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, dims: Dims, layer: int, *, batch_groups: int = 1,
+               rngs: nnx.Rngs):
+    hidden_config = dataclasses.replace(config, init_std=hidden_init_std(config))
     self.attn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.attn = Attention(dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim,
                           config=config.attention, rope_theta=config.rope_theta,
-                          init_std=config.init_std, n_layers=dims.n_layers,
-                          norm_eps=config.norm_eps, rngs=rngs)
+                          init_std=hidden_config.init_std, n_layers=dims.n_layers,
+                          norm_eps=config.norm_eps, scale=attention_scale(config, dims.head_dim),
+                          zero_init_query=config.zero_init_query, rngs=rngs)
+    config = hidden_config
     self.ffn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
-    self.ffn = SwiGLU(dims.d_model, dims.mlp_dim, init_std=config.init_std,
-                      n_layers=dims.n_layers, rngs=rngs)
+    self.ffn = make_ffn(config, dims, layer, batch_groups=batch_groups, rngs=rngs)
 
-  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL):
+  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL, top_k=None):
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL=positions_BxL,
                                   segment_ids_BxL=segment_ids_BxL)
-    y_BxLxD, aux = self.ffn(self.ffn_norm(x_BxLxD))
+    ffn_kwargs = {"top_k": top_k} if isinstance(self.ffn, MoE) else {}
+    y_BxLxD, aux = self.ffn(self.ffn_norm(x_BxLxD), **ffn_kwargs)
     return x_BxLxD + y_BxLxD, aux
 
 
 class Transformer(nnx.Module):
   """Decoder LM: embed -> blocks -> final norm -> LM head (tied or untied)."""
 
-  def __init__(self, config: ModelConfig, dims: Dims, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, dims: Dims, *, batch_groups: int = 1, rngs: nnx.Rngs):
     self.config, self.dims = config, dims
     self.embed = Embed(dims.vocab, dims.d_model, rngs=rngs, std=config.init_std)
-    blocks = [Block(config, dims, rngs=rngs) for _ in range(dims.n_layers)]
+    blocks = [Block(config, dims, i, batch_groups=batch_groups, rngs=rngs)
+              for i in range(dims.n_layers)]
     self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
     self.final_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.head = None if config.tie_embeddings else Linear(
         dims.d_model, dims.vocab, rngs=rngs, role="readout", axes=("embed", "vocab"),
-        std=config.init_std)
+        std=config.init_std, zero_init=config.zero_init_readout)
+    # muP readout: logits = alpha_out * (W h) / m, W width-independent (or zero) at lr x 1;
+    # the tied form applies the same multiplier to h E^T.
+    self.output_mult = config.output_mult / (width_mult(config) if config.param == "mup" else 1.0)
 
-  def __call__(self, ids_BxL, *, positions_BxL=None, segment_ids_BxL=None):
+  def __call__(self, ids_BxL, *, positions_BxL=None, segment_ids_BxL=None, moe_top_k=None):
+    """moe_top_k: optional per-layer top-k (static), for progressive sparsification."""
     b, l = ids_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -98,24 +138,52 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       call = nnx.remat(type(block).__call__) if self.config.remat else type(block).__call__
       x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL=positions_BxL,
-                                segment_ids_BxL=segment_ids_BxL)
+                                segment_ids_BxL=segment_ids_BxL,
+                                top_k=moe_top_k[i] if moe_top_k else None)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.head is None:
       logits_BxLxV = self.embed.attend(x_BxLxD)
     else:
       logits_BxLxV = self.head(x_BxLxD)
+    if self.output_mult != 1.0:
+      logits_BxLxV = logits_BxLxV * self.output_mult
     return logits_BxLxV.astype(jnp.float32), aux
 
 
-def count_params(dims: Dims, tie_embeddings: bool) -> dict[str, int]:
-  """Parameter counts by formula (used by FLOP accounting and tests)."""
-  d, h, kv, hd, f = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.mlp_dim
+def ffn_params(config: ModelConfig, dims: Dims, top_k=None) -> tuple[list[int], list[int]]:
+  """Per-layer FFN parameter counts: (total, active per token). top_k: per-layer override."""
+  d, moe = dims.d_model, config.moe
+  moe_layers = moe_layer_indices(moe, dims.n_layers)
+  total, active = [], []
+  for i in range(dims.n_layers):
+    if i in moe_layers:
+      f = moe.expert_dim or max(dims.mlp_dim // moe.top_k, 1)
+      k = top_k[i] if top_k else moe.top_k
+      shared = 3 * d * f * moe.num_shared
+      total.append(moe.num_experts * 3 * d * f + shared + d * moe.num_experts)
+      active.append(k * 3 * d * f + shared + d * moe.num_experts)
+    else:
+      total.append(3 * d * dims.mlp_dim)
+      active.append(3 * d * dims.mlp_dim)
+  return total, active
+
+
+def count_params(dims: Dims, tie_embeddings: bool, config: ModelConfig | None = None,
+                 top_k=None) -> dict[str, int]:
+  """Parameter counts by formula (used by FLOP accounting and tests); 'active' counts the
+  parameters a token touches (MoE: top-k experts + shared + router)."""
+  d, h, kv, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
   attn = d * h * hd * 2 + d * kv * hd * 2
-  mlp = 3 * d * f
-  per_block = attn + mlp + 2 * d
+  if config is None:
+    ffn_total = ffn_active = [3 * d * dims.mlp_dim] * dims.n_layers
+  else:
+    ffn_total, ffn_active = ffn_params(config, dims, top_k)
+  norms = 2 * d * dims.n_layers + d
   embed = dims.vocab * d
   head = 0 if tie_embeddings else d * dims.vocab
-  return {"embedding": embed, "head": head, "blocks": dims.n_layers * per_block,
-          "attention": dims.n_layers * attn, "mlp": dims.n_layers * mlp,
-          "total": embed + head + dims.n_layers * per_block + d}
+  blocks = dims.n_layers * attn + sum(ffn_total) + 2 * d * dims.n_layers
+  return {"embedding": embed, "head": head, "blocks": blocks,
+          "attention": dims.n_layers * attn, "mlp": sum(ffn_total),
+          "active_non_embedding": dims.n_layers * attn + sum(ffn_active) + norms,
+          "total": embed + head + blocks + d}

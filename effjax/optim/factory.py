@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from effjax.config import Config
+from effjax.optim import scaling
 from effjax.optim.schedules import make_schedule
 
 
@@ -25,10 +26,10 @@ def _is_spec(x) -> bool:
 
 
 def multipliers_from_roles(config: Config, specs: dict) -> tuple[dict, dict]:
-  """(lr multipliers, weight-decay multipliers) per parameter, from its role."""
-  no_decay = set(config.optim.no_decay_roles)
-  lr_mult = jax.tree.map(lambda s: 1.0, specs, is_leaf=_is_spec)
-  wd_mult = jax.tree.map(lambda s: 0.0 if s.role in no_decay else 1.0, specs, is_leaf=_is_spec)
+  """(lr multipliers, weight-decay multipliers) per parameter, from its role
+  (muP and the weight-decay rules: effjax/optim/scaling.py)."""
+  lr_mult = jax.tree.map(lambda s: scaling.lr_multiplier(s.role, config), specs, is_leaf=_is_spec)
+  wd_mult = jax.tree.map(lambda s: scaling.wd_multiplier(s.role, config), specs, is_leaf=_is_spec)
   return lr_mult, wd_mult
 
 
@@ -74,7 +75,7 @@ def make_optimizer(config: Config, specs: dict) -> tuple[optax.GradientTransform
     parts.append(optax.clip_by_global_norm(o.grad_clip))
   parts += [
       optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-      decoupled_weight_decay(o.weight_decay, wd_mult),
+      decoupled_weight_decay(scaling.base_weight_decay(config), wd_mult),
       scale_by_tree(lr_mult),
       optax.scale_by_learning_rate(schedule),
   ]

@@ -1,0 +1,47 @@
+"""Trainer extensions: how a technique plugs into the loop without editing it.
+
+An extension may contribute
+  * post-update hooks run inside the jitted step (non-trainable state updates,
+    projections, restores): `hooks()`;
+  * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
+    returns hashable model kwargs; the trainer compiles one step per distinct phase;
+  * metrics computed from eval-set stats: `eval_metrics(stats)`;
+  * end-of-run artifacts (plots): `on_end(workdir, eval_stats)`.
+"""
+
+from __future__ import annotations
+
+
+class Extension:
+  name = "extension"
+
+  def hooks(self) -> list:
+    return []
+
+  def phase(self, step: int) -> dict:
+    del step
+    return {}
+
+  def eval_metrics(self, stats: dict) -> dict:
+    del stats
+    return {}
+
+  def on_end(self, workdir: str, eval_stats: dict) -> list[str]:
+    del workdir, eval_stats
+    return []
+
+
+def build_extensions(config, model) -> list[Extension]:
+  """The extensions the config switches on."""
+  exts = []
+  if config.model.moe.num_experts:
+    from effjax.train.moe_extension import MoEExtension  # pylint: disable=g-import-not-at-top
+    exts.append(MoEExtension(config, model))
+  return exts
+
+
+def merged_phase(extensions, step: int) -> tuple:
+  kwargs = {}
+  for ext in extensions:
+    kwargs.update(ext.phase(step))
+  return tuple(sorted(kwargs.items()))
