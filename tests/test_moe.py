@@ -132,3 +132,97 @@ def test_topk_schedule_parses_and_switches():
     topk_schedule(dataclasses.replace(cfg, topk_schedule="4@0.3"), 8, 1000)
   with pytest.raises(ValueError, match="model.moe.balance"):
     moe_lib.balance_methods(dataclasses.replace(cfg, balance="alf+magic"))
+
+
+# ----------------------------------------------------------------------------- in the trainer
+
+from effjax.train import trainer  # noqa: E402
+from effjax.train.checkpoint import Checkpointer  # noqa: E402
+from effjax.train.metrics import read_metrics  # noqa: E402
+from tests.conftest import TINY, run_module  # noqa: E402
+
+MOE = ("--config.model.moe.num_experts=8", "--config.model.moe.top_k=2",
+       "--config.model.moe.balance=alf+seq_aux", "--config.model.moe.bias_update_rate=0.01",
+       "--config.model.moe.block_size=16")
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+  return trainer.load_data(C.load(["--config=" + TINY])[0])
+
+
+def _cfg(*overrides):
+  return C.load(["--config=" + TINY, *MOE, *overrides])[0]
+
+
+def test_alf_bias_trains_checkpoints_and_resumes_bit_exactly(tmp_path, tiny_data):
+  ov = ("--config.train.steps=10", "--config.train.log_every=1",
+        "--config.train.checkpoint_every=100", "--config.train.eval_every=5")
+  straight, chunked = str(tmp_path / "a"), str(tmp_path / "b")
+  assert trainer.train(_cfg(*ov), straight, data=tiny_data, quiet=True).exit_code == 0
+  assert trainer.train(_cfg(*ov), chunked, data=tiny_data, quiet=True, stop_at=5).exit_code == 75
+  # the checkpoint holds a bias that moved away from zero
+  from effjax import models
+  model = models.build(_cfg(*ov), tiny_data.tokenizer.vocab_size)
+  ck = Checkpointer(os.path.join(chunked, "checkpoints"))
+  import orbax.checkpoint as ocp
+  raw = ck.manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  ck.close()
+  bias = np.asarray(raw["buffers"]["blocks"]["0"]["ffn"]["bias"])
+  assert bias.shape == (8,) and np.abs(bias).max() > 0
+  # sign rule with u = 0.01 over 5 steps: every entry is a multiple of 0.01, |b| <= 0.05
+  np.testing.assert_allclose(bias / 0.01, np.round(bias / 0.01), atol=1e-4)
+  assert np.abs(bias).max() <= 0.05 + 1e-6
+  del model
+  assert trainer.train(_cfg(*ov), chunked, data=tiny_data, quiet=True).exit_code == 0
+  keys = ("train/loss", "moe/bias_spread/layer0", "moe/maxvio/layer1", "eval/loss",
+          "eval/moe/maxvio_global")
+  pick = lambda d: {(r["step"], k): r[k] for r in read_metrics(d + "/metrics.jsonl")
+                    for k in keys if k in r}
+  assert len(pick(straight)) > 30 and pick(straight) == pick(chunked)
+
+
+def test_topk_schedule_switches_inside_a_run(tmp_path, tiny_data):
+  cfg = _cfg("--config.model.moe.topk_schedule=0.5:4:0.5", "--config.model.moe.top_k=1",
+             "--config.model.moe.balance=none", "--config.train.steps=8",
+             "--config.train.log_every=1", "--config.train.eval_every=100")
+  assert trainer.train(cfg, str(tmp_path), data=tiny_data, quiet=True).exit_code == 0
+  rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["step"] for r in rows if "train/phase_change" in r] == [4]
+  # MFU accounting follows the active parameters: FLOPs/token fall after the switch
+  # (layer 0 goes from k=4 to k=1), so at equal step time MFU drops.
+  from effjax import models
+  from effjax.train import flops
+  model = models.build(cfg, 257)
+  _, before, after = topk_schedule(cfg.model.moe, 2, 8)
+  f = lambda k: flops.flops_per_token(model.dims, 32, tie_embeddings=False,
+                                      ffn_active_params=models.ffn_params(cfg.model, model.dims, k)[1])
+  assert before == (4, 1) and after == (1, 1) and f(before) > f(after)
+
+
+_EP = r"""
+import json, sys
+import jax
+from effjax import config as C
+from effjax.train import trainer
+cfg, _ = C.load(["--config=configs/tiny.py", "--config.train.steps=5", "--config.train.log_every=1",
+                 "--config.train.eval_every=5", "--config.model.moe.num_experts=8",
+                 "--config.model.moe.top_k=2", "--config.model.moe.balance=alf+global_aux",
+                 "--config.model.moe.block_size=16"] + sys.argv[2:], num_devices=jax.device_count())
+print(json.dumps({"exit": trainer.train(cfg, sys.argv[1], quiet=True).exit_code}))
+"""
+
+
+def test_expert_parallel_on_8_devices_matches_1(tmp_path):
+  one = run_module(["-c", _EP, str(tmp_path / "one")])
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = run_module(["-c", _EP, str(tmp_path / "eight"), "--config.mesh.expert=4",
+                      "--config.mesh.data=2"],
+                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  get = lambda d, k: [r[k] for r in read_metrics(str(d) + "/metrics.jsonl") if k in r]
+  # same tolerance and reason as the dense 8-device test (reduction order only)
+  np.testing.assert_allclose(get(tmp_path / "eight", "train/loss"),
+                             get(tmp_path / "one", "train/loss"), rtol=1e-4)
+  np.testing.assert_allclose(get(tmp_path / "eight", "moe/bias_spread/layer0"),
+                             get(tmp_path / "one", "moe/bias_spread/layer0"), atol=1e-6)
