@@ -1,0 +1,1 @@
+"""Studies, sweeps and scaling-law tools."""
