@@ -101,14 +101,26 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None):
+  def _qkv(self, x_BxLxD, positions_BxL):
     b, l, _ = x_BxLxD.shape
     q = self.q(x_BxLxD).reshape(b, l, self.n_heads, self.head_dim)
     k = self.k(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
     v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rope(q, positions_BxL, self.rope_theta), rope(k, positions_BxL, self.rope_theta)
+    return rope(q, positions_BxL, self.rope_theta), rope(k, positions_BxL, self.rope_theta), v
+
+  def logit_scale_probe(self, x_BxLxD, positions_BxL) -> jax.Array:
+    """Mean |scaled q.k| over causal pairs (coordinate checks only; recomputes q and k)."""
+    q, k, _ = self._qkv(x_BxLxD, positions_BxL)
+    k = jnp.repeat(k, self.n_heads // self.n_kv_heads, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+    causal = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+    return jnp.sum(jnp.abs(logits) * causal) / (jnp.sum(causal) * logits.shape[0] * logits.shape[1])
+
+  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None):
+    b, l, _ = x_BxLxD.shape
+    q, k, v = self._qkv(x_BxLxD, positions_BxL)
     out = attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
                  positions_BxL=positions_BxL, scale=self.scale)
     return self.o(out.reshape(b, l, self.n_heads * self.head_dim))

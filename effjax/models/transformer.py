@@ -100,12 +100,18 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.ffn = make_ffn(config, dims, layer, batch_groups=batch_groups, rngs=rngs)
 
-  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL, top_k=None):
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL=positions_BxL,
-                                  segment_ids_BxL=segment_ids_BxL)
+  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL, top_k=None, probe=False):
+    attn_in = self.attn_norm(x_BxLxD)
+    attn_out = self.attn(attn_in, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL)
+    x_BxLxD = x_BxLxD + attn_out
     ffn_kwargs = {"top_k": top_k} if isinstance(self.ffn, MoE) else {}
     y_BxLxD, aux = self.ffn(self.ffn_norm(x_BxLxD), **ffn_kwargs)
-    return x_BxLxD + y_BxLxD, aux
+    x_BxLxD = x_BxLxD + y_BxLxD
+    if probe:  # mean |activation| per module output (muP coordinate check)
+      aux = {**aux, "act/attn_logits": self.attn.logit_scale_probe(attn_in, positions_BxL),
+             "act/attn_out": jnp.mean(jnp.abs(attn_out)), "act/mlp_out": jnp.mean(jnp.abs(y_BxLxD)),
+             "act/residual": jnp.mean(jnp.abs(x_BxLxD))}
+    return x_BxLxD, aux
 
 
 class Transformer(nnx.Module):
@@ -125,8 +131,10 @@ class Transformer(nnx.Module):
     # the tied form applies the same multiplier to h E^T.
     self.output_mult = config.output_mult / (width_mult(config) if config.param == "mup" else 1.0)
 
-  def __call__(self, ids_BxL, *, positions_BxL=None, segment_ids_BxL=None, moe_top_k=None):
-    """moe_top_k: optional per-layer top-k (static), for progressive sparsification."""
+  def __call__(self, ids_BxL, *, positions_BxL=None, segment_ids_BxL=None, moe_top_k=None,
+               probe=False):
+    """moe_top_k: optional per-layer top-k (static), for progressive sparsification.
+    probe: also return mean |activation| of every module output as aux 'act/*'."""
     b, l = ids_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -134,12 +142,12 @@ class Transformer(nnx.Module):
       segment_ids_BxL = None
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x_BxLxD = self.embed(ids_BxL, compute_dtype(self.config))
-    aux = {}
+    aux = {"act/embed": jnp.mean(jnp.abs(x_BxLxD))} if probe else {}
     for i, block in enumerate(self.blocks):
       call = nnx.remat(type(block).__call__) if self.config.remat else type(block).__call__
       x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL=positions_BxL,
                                 segment_ids_BxL=segment_ids_BxL,
-                                top_k=moe_top_k[i] if moe_top_k else None)
+                                top_k=moe_top_k[i] if moe_top_k else None, probe=probe)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.head is None:
@@ -148,6 +156,8 @@ class Transformer(nnx.Module):
       logits_BxLxV = self.head(x_BxLxD)
     if self.output_mult != 1.0:
       logits_BxLxV = logits_BxLxV * self.output_mult
+    if probe:
+      aux["act/logits"] = jnp.mean(jnp.abs(logits_BxLxV))
     return logits_BxLxV.astype(jnp.float32), aux
 
 

@@ -1,0 +1,155 @@
+"""muP coordinate check (Yang et al. 2022, Tensor Programs V, section 7 / Fig. 5).
+
+  python -m effjax.coord_check --config=configs/tiny.py --widths=64,128,256,512 --steps=5 \\
+      --out=DIR [--lr=1e-2] [--head-dim=16] [--config.key=value ...]
+
+For SP and muP: trains each width for a few Adam steps at a fixed, large lr on the same
+seed and data, and records the mean |activation| of every module output (embedding,
+attention logits, attention output, MLP output, residual stream, output logits)
+before each update. Writes DIR/coord_check.json (values per width per step, and the
+fitted log-log slope against width at the last step) and DIR/coord_check.png. Under
+muP the curves are flat (slope ~ 0); growth with width (usually in the logits) marks
+standard parameterisation, or a muP bug. Heads grow with width (head_dim fixed);
+width multiplier m = width / widths[0]; the readout starts at zero in both
+parameterisations so the logits measure the update alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+
+from effjax import config as config_lib
+from effjax import data as data_lib
+from effjax import models
+from effjax.optim import make_optimizer
+from effjax.train.state import TrainState
+from effjax.train.step import make_train_step
+
+MODULES = ("embed", "attn_logits", "attn_out", "mlp_out", "residual", "logits")
+
+
+def activation_trace(config: config_lib.Config, batches: list[dict], tokenizer_vocab: int) -> dict:
+  """{module: [mean |act| per step]} (per-layer values averaged over layers)."""
+  model = models.build(config, tokenizer_vocab, batch_groups=1)
+  tx, schedule = make_optimizer(config, model.specs)
+  step = jax.jit(make_train_step(model, tx, schedule, model_kwargs={"probe": True}))
+  state = TrainState(step=jax.numpy.int32(0), params=model.initial_params,
+                     opt_state=tx.init(model.initial_params), buffers=model.initial_buffers,
+                     rng=jax.random.PRNGKey(config.seed))
+  trace: dict[str, list[float]] = {m: [] for m in MODULES}
+  for batch in batches:
+    state, metrics = step(state, batch)
+    metrics = jax.device_get(metrics)
+    for m in MODULES:
+      vals = [float(v) for k, v in metrics.items()
+              if re.fullmatch(rf"act/{m}(/layer\d+)?", k)]
+      trace[m].append(float(np.mean(vals)))
+  return trace
+
+
+def loglog_slope(widths, values) -> float:
+  return float(np.polyfit(np.log2(widths), np.log2(np.maximum(values, 1e-30)), 1)[0])
+
+
+def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_dim: int,
+        verbose: bool = True) -> dict:
+  tokenizer = data_lib.load_tokenizer(base.data.tokenizer)
+  corpus = data_lib.load_corpus(base.data.corpus, base.data.paths or None, tokenizer,
+                                val_percent=base.data.val_percent,
+                                cache_dir=base.data.cache_dir or None)
+  it = data_lib.make_train_iterator(corpus.train_tokens, seq_len=base.train.seq_len,
+                                    batch_size=base.train.batch_size, seed=base.seed,
+                                    eos_id=tokenizer.eos_id)
+  batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+  out = {"widths": widths, "steps": steps, "lr": lr, "head_dim": head_dim}
+  for param in ("sp", "mup"):
+    per_width = []
+    for w in widths:
+      cfg = config_lib.apply_overrides(base, {
+          "model": {"d_model": w, "n_heads": w // head_dim, "n_kv_heads": 0, "head_dim": 0,
+                    "mlp_dim": 0, "param": param, "base_width": widths[0],
+                    "zero_init_readout": True, "moe": {"num_experts": 0}},
+          "train": {"lr": lr, "warmup_steps": 0, "schedule": "constant", "steps": steps,
+                    "grad_accum": 1},
+          "optim": {"weight_decay": 0.0, "grad_clip": 0.0}})
+      per_width.append(activation_trace(config_lib.validate(cfg), batches, tokenizer.vocab_size))
+      if verbose:
+        print(f"[coord_check] {param} width {w}: logits "
+              f"{per_width[-1]['logits'][-1]:.3g}, attn_logits "
+              f"{per_width[-1]['attn_logits'][-1]:.3g}", file=sys.stderr, flush=True)
+    out[param] = {m: {"values": [pw[m] for pw in per_width],
+                      "slope": loglog_slope(widths, [pw[m][-1] for pw in per_width])}
+                  for m in MODULES}
+  return out
+
+
+def plot(result: dict, path: str) -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  widths = result["widths"]
+  fig, axes = plt.subplots(2, len(MODULES), figsize=(3 * len(MODULES), 5.6), dpi=100,
+                           sharex=True)
+  cmap = plt.get_cmap("viridis")
+  for row, param in enumerate(("sp", "mup")):
+    for col, m in enumerate(MODULES):
+      ax = axes[row, col]
+      values = np.asarray(result[param][m]["values"])  # [width, step]
+      for s in range(values.shape[1]):
+        ax.plot(widths, values[:, s], "o-", ms=3, color=cmap(s / max(values.shape[1] - 1, 1)),
+                label=f"step {s + 1}")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_title(f"{param.upper()} {m}\nslope {result[param][m]['slope']:+.2f}", fontsize=9)
+      if row == 1:
+        ax.set_xlabel("width")
+      if col == 0:
+        ax.set_ylabel("mean |activation|")
+  axes[0, 0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--widths", default="64,128,256,512")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--lr", type=float, default=1e-2)
+  parser.add_argument("--head-dim", type=int, default=16)
+  parser.add_argument("--out", required=True)
+  args, rest = parser.parse_known_args(argv)
+  try:
+    base, unknown = config_lib.load(rest, default_path=None)
+    if unknown:
+      raise config_lib.ConfigError(f"unknown arguments {unknown}")
+    widths = [int(w) for w in args.widths.split(",")]
+    bad = [w for w in widths if w % args.head_dim]
+    if bad:
+      raise config_lib.ConfigError(f"--widths {bad} are not multiples of --head-dim {args.head_dim}")
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f"coord_check: {e}", file=sys.stderr)
+    return 2
+  result = run(base, widths, args.steps, args.lr, args.head_dim)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "coord_check.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  path = plot(result, os.path.join(args.out, "coord_check.png"))
+  print("module        SP slope   muP slope")
+  for m in MODULES:
+    print(f"{m:12s} {result['sp'][m]['slope']:+9.2f} {result['mup'][m]['slope']:+11.2f}")
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
