@@ -345,6 +345,13 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       f.write(t.sample_prompt + text)
     say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}{text}\n"
         f"{'-' * 60}")
+  if exit_code == EXIT_OK and is_main:
+    final = {"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))},
+             **{k: info[k] for k in ("params_total", "params_non_embedding",
+                                     "params_active_non_embedding", "flops_per_token")},
+             "tokens": step * tokens_per_step}
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=1)  # marks the run complete (sweeps skip it)
   if exit_code == EXIT_OK:
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/bpb")
                         if isinstance(last.get(k), float))

@@ -1,0 +1,132 @@
+"""Sweeps: the cartesian product of config values, run locally or emitted for a launcher.
+
+  python -m effjax.sweep --config=configs/NAME.py --grid 'train.lr=1e-3,3e-3,1e-2' \\
+      --grid 'model.d_model=64,128,256' --out=DIR [--parallel N] [--emit] [--config.k=v ...]
+
+Each run trains in DIR/runs/<name> (name from the grid values). Finished runs
+(final_metrics.json present) are skipped; interrupted ones resume from their last
+checkpoint. DIR/results.csv collects every finished run's grid values and final
+metrics (eval/loss, eval/bpb, train/loss, params, tokens, FLOPs/token, ...).
+--emit prints one train command per run (for a cluster launcher) and runs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from effjax import config as config_lib
+
+
+def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
+  grid = []
+  for spec in specs:
+    if "=" not in spec:
+      raise config_lib.ConfigError(f"--grid expects 'key=v1,v2,...'; got {spec!r}")
+    key, values = spec.split("=", 1)
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not values:
+      raise config_lib.ConfigError(f"--grid '{key}' has no values")
+    grid.append((key.strip(), values))
+  return grid
+
+
+def run_name(assignment: dict) -> str:
+  return "_".join(f"{k.split('.')[-1]}={v}" for k, v in assignment.items()).replace("/", "-")
+
+
+def expand(grid) -> list[dict]:
+  keys = [k for k, _ in grid]
+  return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+def train_command(config_path, overrides: dict, assignment: dict, workdir: str) -> list[str]:
+  cmd = [sys.executable, "-m", "effjax.train", f"--workdir={workdir}"]
+  if config_path:
+    cmd.append(f"--config={config_path}")
+  cmd += [f"--config.{k}={v}" for k, v in {**overrides, **assignment}.items()]
+  return cmd
+
+
+def collect(out: str, runs: list[dict]) -> str:
+  """Writes DIR/results.csv from every finished run's final_metrics.json."""
+  rows = []
+  for assignment in runs:
+    path = os.path.join(out, "runs", run_name(assignment), "final_metrics.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows.append({"run": run_name(assignment), **assignment, **json.load(f)})
+  fields = list(dict.fromkeys(k for r in rows for k in r))
+  path = os.path.join(out, "results.csv")
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable)")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--parallel", type=int, default=1)
+  parser.add_argument("--emit", action="store_true")
+  args, rest = parser.parse_known_args(argv)
+  config_path, overrides, unknown = config_lib.parse_override_args(rest)
+  try:
+    if unknown:
+      raise config_lib.ConfigError(f"unknown arguments {unknown}")
+    grid = parse_grid(args.grid)
+    runs = expand(grid)
+    # validate every combination up front (no device check: runs may go elsewhere)
+    base = config_lib.load_config_file(config_path) if config_path else config_lib.Config()
+    base = config_lib.apply_overrides(base, overrides)
+    for assignment in runs:
+      config_lib.validate(config_lib.apply_overrides(base, assignment))
+  except config_lib.ConfigError as e:
+    print(f"sweep: config error: {e}", file=sys.stderr)
+    return 2
+  commands = [(a, train_command(config_path, overrides, a,
+                                os.path.join(args.out, "runs", run_name(a)))) for a in runs]
+  if args.emit:
+    for _, cmd in commands:
+      print(shlex.join(cmd))
+    return 0
+  os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+  todo = [(a, c) for a, c in commands
+          if not os.path.exists(os.path.join(args.out, "runs", run_name(a), "final_metrics.json"))]
+  print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run",
+        file=sys.stderr, flush=True)
+  failed = []
+
+  def launch(item):
+    assignment, cmd = item
+    name = run_name(assignment)
+    log = os.path.join(args.out, "runs", name + ".log")
+    t0 = time.time()
+    with open(log, "a") as f:
+      code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    status = "ok" if code == 0 else f"exit {code} (log: {log})"
+    print(f"sweep: {name}: {status} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    if code != 0:
+      failed.append(name)
+
+  with ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
+    list(pool.map(launch, todo))
+  path = collect(args.out, runs)
+  print(f"sweep: wrote {path}" + (f"; {len(failed)} failed: {failed}" if failed else ""),
+        file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
