@@ -133,6 +133,7 @@ class TrainConfig:
   tensorboard: bool = _field(False, doc="also write TensorBoard event files (needs tensorboardX)")
   profile_steps: tuple = _field((), doc="e.g. 20,25: capture a jax.profiler trace of steps [20, 25)")
   plot: bool = True
+  log_spectral: bool = _field(True, doc="log the top singular value per matrix type at each eval")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,3 +63,18 @@ def test_coordinate_check_slopes():
     assert abs(result["mup"][m]["slope"]) < 0.2, (m, result["mup"][m]["slope"])
   assert result["sp"]["logits"]["slope"] > 0.3
   assert result["sp"]["attn_logits"]["slope"] > 0.5
+
+
+def test_power_iteration_matches_svd_and_spectral_metrics_logged(tmp_path):
+  from effjax.train import spectral, trainer
+  from effjax.train.metrics import read_metrics
+  w = jax.random.normal(jax.random.PRNGKey(0), (48, 96))
+  assert float(spectral.sigma_max(w, iters=50)) == pytest.approx(
+      float(np.linalg.svd(np.asarray(w), compute_uv=False)[0]), rel=1e-3)
+  cfg = _cfg("--config.train.steps=4", "--config.train.eval_every=2", "--config.train.warmup_steps=1")
+  assert trainer.train(cfg, str(tmp_path), quiet=True).exit_code == 0
+  rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+  evals = [r for r in rows if "eval/loss" in r]
+  assert len(evals) == 2
+  assert {"spec/sigma_max/q", "spec/sigma_max/down", "spec/sigma_max/up"} <= set(evals[-1])
+  assert rows[0]["optim/tau"] == pytest.approx(1 / (cfg.train.lr * 0.1 * 4))

@@ -26,6 +26,11 @@ class Extension:
     del stats
     return {}
 
+  def eval_params_metrics(self, params) -> dict:
+    """Metrics computed from the parameters at each eval (e.g. spectral norms)."""
+    del params
+    return {}
+
   def on_end(self, workdir: str, eval_stats: dict) -> list[str]:
     del workdir, eval_stats
     return []
@@ -34,6 +39,9 @@ class Extension:
 def build_extensions(config, model) -> list[Extension]:
   """The extensions the config switches on."""
   exts = []
+  if config.train.log_spectral:
+    from effjax.train.spectral import SpectralExtension  # pylint: disable=g-import-not-at-top
+    exts.append(SpectralExtension(model))
   if config.model.moe.num_experts:
     from effjax.train.moe_extension import MoEExtension  # pylint: disable=g-import-not-at-top
     exts.append(MoEExtension(config, model))

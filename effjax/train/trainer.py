@@ -30,7 +30,7 @@ import optax
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
-from effjax.optim import make_optimizer
+from effjax.optim import make_optimizer, scaling
 from effjax.parallel import batch_sharding, make_mesh, param_shardings, replicated
 from effjax.train import flops as flops_lib
 from effjax.train.checkpoint import Checkpointer, abstract_like
@@ -219,6 +219,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
       "train_tokens": int(corpus.train_tokens.size), "val_tokens": int(corpus.val_tokens.size),
       "tokenizer": config.data.tokenizer, "vocab_size": dims.vocab,
+      "adamw_timescale_tau": scaling.adamw_timescale(config),
+      "weight_decay": scaling.base_weight_decay(config),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "mesh": dict(mesh.shape), "jax_version": jax.__version__, "commit": _git_commit(),
       "command": " ".join(sys.argv),
@@ -235,7 +237,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
 
   # ---- loop
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start, tensorboard=t.tensorboard)
-  writer.write(start, {"perf/compile_time_s": compile_time})
+  writer.write(start, {"perf/compile_time_s": compile_time,
+                       "optim/tau": info["adamw_timescale_tau"]})
   bar = ProgressBar(t.steps, start, enabled=is_main and not quiet)
   stop = _StopFlag()
   stop.install()
@@ -298,6 +301,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
           eval_row, eval_stats = _evaluate(eval_fn, state, eval_data)
           for ext in extensions:
             eval_row.update(ext.eval_metrics(eval_stats))
+            eval_row.update(ext.eval_params_metrics(state.params))
           row.update(eval_row)
           bar.message(f"step {step}: eval/loss {row['eval/loss']:.4f}"
                       + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))

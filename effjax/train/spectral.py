@@ -1,0 +1,65 @@
+"""Top singular value per matrix type, by power iteration, logged at every eval: the
+weight-decay-rule diagnostic of Fan et al. 2025 (TECHNIQUES.md 6.2), where the
+late-training top singular value of each matrix type should match across widths.
+
+Matrix types are the module names of hidden matrices (q, k, v, o, gate, up, down, ...);
+values are averaged over layers: metrics 'spec/sigma_max/<type>'.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+
+from effjax.train.extensions import Extension
+
+
+def sigma_max(w_IxO: jax.Array, iters: int = 20) -> jax.Array:
+  """Largest singular value by power iteration on W^T W (fixed start: deterministic)."""
+  w = w_IxO.astype(jnp.float32)
+  v = jnp.ones((w.shape[-1],), jnp.float32) / jnp.sqrt(w.shape[-1])
+
+  def body(_, v):
+    u = w @ v
+    v = w.T @ u
+    return v / (jnp.linalg.norm(v) + 1e-30)
+
+  v = jax.lax.fori_loop(0, iters, body, v)
+  return jnp.linalg.norm(w @ v)
+
+
+def matrix_types(specs: dict) -> dict[str, list[tuple]]:
+  """{type name: [param paths]} for 2-D hidden matrices."""
+  groups = collections.defaultdict(list)
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda s: hasattr(s, "role"))[0]:
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    if spec.role == "hidden" and len(spec.axes) == 2:
+      groups[str(keys[-2])].append(tuple(keys))
+  return dict(groups)
+
+
+class SpectralExtension(Extension):
+  name = "spectral"
+
+  def __init__(self, model):
+    self.groups = matrix_types(model.specs)
+
+    def compute(params):
+      out = {}
+      for name, paths in self.groups.items():
+        vals = []
+        for path in paths:
+          leaf = params
+          for k in path:
+            leaf = leaf[k]
+          vals.append(sigma_max(leaf))
+        out[f"spec/sigma_max/{name}"] = jnp.mean(jnp.stack(vals))
+      return out
+
+    self._compute = jax.jit(compute)
+
+  def eval_params_metrics(self, params) -> dict:
+    return {k: float(v) for k, v in jax.device_get(self._compute(params)).items()}
