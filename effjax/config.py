@@ -457,9 +457,9 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
   if unknown_roles:
     raise ConfigError(f"optim.no_decay_roles has unknown roles {sorted(unknown_roles)}; valid "
                       f"roles: {', '.join(ROLES)}.")
-  if m.attention.impl in ("pallas_tpu", "pallas_gpu", "interpret"):
-    raise ConfigError(f"model.attention.impl={m.attention.impl}: the Pallas attention kernels are "
-                      "not written yet (issue 3); valid now: auto, xla.")
+  if m.attention.impl == "pallas_gpu":
+    raise ConfigError("model.attention.impl=pallas_gpu: the Mosaic GPU attention kernel is not "
+                      "written yet (issue 3); valid now: auto, xla, interpret, pallas_tpu (TPU).")
   if num_devices is not None:
     sizes = resolve_mesh_shape(config.mesh, num_devices)
     batch_shards = sizes["data"] * sizes["fsdp"]

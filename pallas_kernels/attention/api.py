@@ -1,9 +1,13 @@
 """attention(): one entry point, `implementation=` picks the backend (DESIGN.md, Kernels).
 
-State (issue 3): the reference (XLA) implementation exists for all scores; the Pallas
-kernels (TPU Mosaic, Mosaic GPU, interpret mode) are NOT written yet. `auto` therefore
-runs the reference everywhere (logging that once); naming a Pallas implementation
-raises NotImplementedError rather than silently running something else.
+State (issue 3):
+  xla         the jnp reference, all scores (the spec).
+  interpret   the Pallas forward kernel (kernel.py) run by the Pallas interpreter; its
+              backward recomputes through the reference. Verified against the reference.
+  pallas_tpu  the same kernel compiled by Mosaic; needs a TPU backend. Not yet lowered on
+              real hardware, so `auto` does not pick it.
+  pallas_gpu  not written (no Mosaic GPU kernel yet): raises NotImplementedError.
+  auto        the reference on every backend, logging once on accelerators.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 
 import jax
 
-from pallas_kernels.attention import reference
+from pallas_kernels.attention import kernel, reference
 
 SCORES = ("softmax", "lssa", "lssar")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "interpret")
@@ -48,12 +52,21 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
   q: [B, Tq, H, D]; k, v: [B, Tk, K, D] (GQA when K divides H). Returns [B, Tq, H, D].
   block_q / block_k: block sizes for the Pallas kernels (unused by the reference).
   """
-  del block_q, block_k
   _check_args(q, k, v, score, implementation, segment_ids)
-  if implementation in ("pallas_tpu", "pallas_gpu", "interpret"):
+  if implementation == "pallas_gpu":
     raise NotImplementedError(
-        f"implementation={implementation!r}: the Pallas attention kernels are not written yet "
-        "(issue 3); use implementation='xla' or 'auto' (both run the reference).")
+        "implementation='pallas_gpu': the Mosaic GPU attention kernel is not written yet "
+        "(issue 3); valid now: auto, xla, interpret, pallas_tpu (on TPU).")
+  if implementation in ("pallas_tpu", "interpret"):
+    if not causal:
+      raise NotImplementedError(f"implementation={implementation!r} supports causal=True only")
+    if implementation == "pallas_tpu" and jax.default_backend() != "tpu":
+      raise ValueError(f"implementation='pallas_tpu' needs a TPU backend; this is "
+                       f"{jax.default_backend()!r}. Use 'interpret' to run the kernel on CPU.")
+    return kernel.flash_attention(q, k, v, segment_ids, score=score, q_offset=q_offset,
+                                  scale=scale, p=p, reweight_offset_rows=reweight_offset_rows,
+                                  block_q=block_q or 128, block_k=block_k or 128,
+                                  interpret=implementation == "interpret")
   if implementation == "auto" and jax.default_backend() != "cpu" and score not in _logged:
     _logged.add(score)
     logging.warning("attention(score=%r, implementation='auto'): no Pallas kernel for backend %r "

@@ -89,6 +89,8 @@ def test_dispatch_errors_name_the_argument():
     attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
   with pytest.raises(NotImplementedError, match="not written yet"):
     attention(q, k, v, implementation="pallas_gpu")
+  with pytest.raises(ValueError, match="needs a TPU"):
+    attention(q, k, v, implementation="pallas_tpu")
   with pytest.raises(ValueError, match="implementation"):
     attention(q, k, v, implementation="cuda")
 
