@@ -457,6 +457,8 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
   if unknown_roles:
     raise ConfigError(f"optim.no_decay_roles has unknown roles {sorted(unknown_roles)}; valid "
                       f"roles: {', '.join(ROLES)}.")
+  if m.moe.num_experts:
+    _validate_moe(config)
   if m.attention.impl == "pallas_gpu":
     raise ConfigError("model.attention.impl=pallas_gpu: the Mosaic GPU attention kernel is not "
                       "written yet (issue 3); valid now: auto, xla, interpret, pallas_tpu (TPU).")
@@ -469,6 +471,28 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
           f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
           f"mesh.data x mesh.fsdp = {batch_shards}.")
   return config
+
+
+def _validate_moe(config: Config) -> None:
+  from effjax.models import moe as moe_lib  # pylint: disable=g-import-not-at-top
+  e = config.model.moe
+  if e.num_experts < 0 or not 1 <= e.top_k <= e.num_experts:
+    raise ConfigError(f"model.moe.top_k ({e.top_k}) must be between 1 and model.moe.num_experts "
+                      f"({e.num_experts}).")
+  for key, value in {"model.moe.num_shared": e.num_shared, "model.moe.expert_dim": e.expert_dim,
+                     "model.moe.block_size": e.block_size - 1}.items():
+    if value < 0:
+      raise ConfigError(f"{key} must be >= 0 (block_size >= 1); got {value}.")
+  try:
+    moe_lib.balance_methods(e)
+    moe_lib.topk_schedule(e, config.model.n_layers, config.train.steps)
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  if e.topk_schedule and int(e.topk_schedule.split(":")[1]) > e.num_experts:
+    raise ConfigError(f"model.moe.topk_schedule asks for k above model.moe.num_experts "
+                      f"({e.num_experts}).")
+  if not 0 <= e.bias_freeze <= 1:
+    raise ConfigError(f"model.moe.bias_freeze must be in [0, 1]; got {e.bias_freeze}.")
 
 
 # Parameter roles (the one role map; see effjax/models/layers.py and effjax/optim).

@@ -46,6 +46,12 @@ def test_bad_choice_lists_valid_choices():
     (["--config.model.n_heads=4", "--config.model.n_kv_heads=3"], ["model.n_kv_heads"]),
     (["--config.train.batch_size=10", "--config.train.grad_accum=4"], ["train.grad_accum"]),
     (["--config.data.corpus=text"], ["data.paths"]),
+    (["--config.model.moe.num_experts=4", "--config.model.moe.balance=alf+magic"],
+     ["model.moe.balance"]),
+    (["--config.model.moe.num_experts=4", "--config.model.moe.top_k=5"], ["model.moe.top_k"]),
+    (["--config.model.moe.num_experts=4", "--config.model.moe.layers=1,9"], ["model.moe.layers"]),
+    (["--config.model.moe.num_experts=4", "--config.model.moe.topk_schedule=4@0.3"],
+     ["model.moe.topk_schedule"]),
 ])
 def test_inconsistent_combinations_name_keys(overrides, keys):
   with pytest.raises(C.ConfigError) as e:
