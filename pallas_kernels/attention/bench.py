@@ -1,17 +1,23 @@
-"""Attention benchmark (issue 3): prints a markdown table and writes it with the device,
-JAX version and command.
+"""Attention benchmark: prints a markdown table and writes it with device, JAX version and
+the command (DESIGN.md, Performance methodology).
 
-  python -m pallas_kernels.attention.bench [--seq-lens=1024,2048,4096,8192,16384]
-      [--batch=B] [--heads=H] [--head-dim=128] [--impls=xla,pallas_tpu,cudnn]
-      [--scores=softmax,lssa] [--out=results/perf/attention.md]
+  python -m pallas_kernels.attention.bench [--seq-lens 1024,2048,4096,8192,16384]
+      [--batch 4] [--heads 16] [--kv-heads 16] [--head-dim 128] [--dtype bfloat16]
+      [--scores softmax,lssa,lssar] [--impls xla,pallas_tpu,cudnn] [--repeats 10]
+      [--out results/perf/attention.md]
+  CPU smoke run: --seq-lens 128 --batch 1 --heads 2 --out /tmp/x.md
 
-FLOPs (causal counted at half): forward 4 B H T^2 D / 2 (QK^T and AV); forward+backward
-2.5x forward (the backward does 2x the forward's matmuls plus a recomputed QK^T is not
-counted). Times: median of --repeats after a warm-up, block_until_ready around each call.
-Peak memory from device.memory_stats() where the backend reports it.
-Implementations: xla (the jnp reference), pallas_tpu (on TPU), cudnn
-(jax.nn.dot_product_attention, softmax only, on GPU); unavailable ones are skipped with
-a note. Smoke test on CPU: --seq-lens=256 --batch=1 --heads=2 --out=/tmp/attn.md
+FLOP convention: forward = 4 B H Tq Tk D (QK^T and PV, 2 FLOPs per multiply-add), causal
+counted at half; forward+backward = 3.5 x forward (the backward's five matmuls are 2.5 x
+the forward's two; the recomputation of QK^T in the backward is not counted, as in the
+FlashAttention papers). Softplus/exp work is not counted. Times: median of --repeats
+calls after a compile and warm-up call, with block_until_ready. Memory: XLA's compiled
+temp allocation for the fwd+bwd function (memory_analysis; all backends), and the
+process-wide peak_bytes_in_use where the device reports it (cumulative over the run).
+Implementations: xla (the jnp reference, which materialises [B, H, T, T] scores), pallas_tpu
+(TPU only), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
+(jax.nn.dot_product_attention(implementation="cudnn"), softmax only, GPU only). Unavailable
+ones are skipped and failures (e.g. out of memory at long T) are noted, in the same run.
 """
 
 from __future__ import annotations
@@ -29,19 +35,22 @@ import jax.numpy as jnp
 from pallas_kernels.attention import attention
 
 
-def _fn(impl, score):
+def _fn(impl: str, score: str):
+  backend = jax.default_backend()
   if impl == "cudnn":
-    if score != "softmax" or jax.default_backend() != "gpu":
-      return None
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                        implementation="cudnn")
-  if impl == "pallas_tpu" and jax.default_backend() != "tpu":
-    return None
-  return lambda q, k, v: attention(q, k, v, score=score, implementation=impl)
+    if score != "softmax" or backend != "gpu":
+      return None, f"cudnn: softmax on GPU only (skipped on {backend} or for LSSA/LSSAR)"
+    return (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation="cudnn")), None
+  if impl == "pallas_tpu" and backend != "tpu":
+    return None, f"pallas_tpu: needs a TPU (skipped on {backend})"
+  if impl == "pallas_gpu":
+    return None, "pallas_gpu: no Mosaic GPU kernel yet (skipped)"
+  return (lambda q, k, v: attention(q, k, v, causal=True, score=score, implementation=impl)), None
 
 
-def _time(f, args, repeats):
-  jax.block_until_ready(f(*args))
+def _time(f, args, repeats: int) -> float:
+  jax.block_until_ready(f(*args))  # compile + warm-up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -50,63 +59,89 @@ def _time(f, args, repeats):
   return statistics.median(times)
 
 
-def _peak_bytes():
-  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-  return (stats or {}).get("peak_bytes_in_use")
+def _temp_mib(jitted, args):
+  try:
+    mem = jitted.lower(*args).compile().memory_analysis()
+    return f"{mem.temp_size_in_bytes / 2**20:.0f}" if mem is not None else "n/a"
+  except Exception:  # pylint: disable=broad-except
+    return "n/a"
+
+
+def _peak_gib():
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return f"{peak / 2**30:.2f}" if peak else "n/a"
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq-lens", default="1024,2048,4096,8192,16384")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
   parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--scores", default="softmax,lssa,lssar")
   parser.add_argument("--impls", default="xla,pallas_tpu,cudnn")
-  parser.add_argument("--scores", default="softmax,lssa")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", default="results/perf/attention.md")
   args = parser.parse_args(argv)
-  dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
-  rows, notes = [], set()
-  for t in map(int, args.seq_lens.split(",")):
+  dtype = jnp.dtype(args.dtype)
+  kvh = args.kv_heads or args.heads
+  rows, notes = [], []
+  for t in (int(x) for x in args.seq_lens.split(",")):
     ks = jax.random.split(jax.random.PRNGKey(t), 3)
-    shape = (args.batch, t, args.heads, args.head_dim)
-    q, k, v = (jax.random.normal(kk, shape, dtype) for kk in ks)
-    fwd_flops = 4 * args.batch * args.heads * t * t * args.head_dim / 2
+    q = jax.random.normal(ks[0], (args.batch, t, args.heads, args.head_dim), dtype)
+    k = jax.random.normal(ks[1], (args.batch, t, kvh, args.head_dim), dtype)
+    v = jax.random.normal(ks[2], (args.batch, t, kvh, args.head_dim), dtype)
+    fwd_flops = 4 * args.batch * args.heads * t * t * args.head_dim * 0.5
     for score in args.scores.split(","):
       for impl in args.impls.split(","):
-        f = _fn(impl, score)
+        f, why = _fn(impl, score)
         if f is None:
-          notes.add(f"{impl} skipped for {score} on {jax.default_backend()}")
+          if why not in notes:
+            notes.append(why)
           continue
         fwd = jax.jit(f)
-        fwd_bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)),
+        fwd_bwd = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32)),
                                    argnums=(0, 1, 2)))
         try:
           t_f = _time(fwd, (q, k, v), args.repeats)
           t_fb = _time(fwd_bwd, (q, k, v), args.repeats)
-        except Exception as e:  # e.g. out of memory at long T: record and go on
-          notes.add(f"{impl}/{score} at T={t}: {type(e).__name__}: {str(e)[:120]}")
+        except Exception as e:  # pylint: disable=broad-except  (e.g. OOM at long T)
+          notes.append(f"{impl}/{score} at T={t} failed: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160]}")
           continue
-        peak = _peak_bytes()
         rows.append((t, score, impl, t_f * 1e3, fwd_flops / t_f / 1e12, t_fb * 1e3,
-                     2.5 * fwd_flops / t_fb / 1e12, f"{peak / 2**30:.2f}" if peak else "n/a"))
-        print(f"T={t} {score} {impl}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms",
+                     3.5 * fwd_flops / t_fb / 1e12, _temp_mib(fwd_bwd, (q, k, v)), _peak_gib()))
+        print(f"T={t} {score} {impl}: fwd {t_f * 1e3:.3f} ms, fwd+bwd {t_fb * 1e3:.3f} ms",
               file=sys.stderr, flush=True)
-  header = (f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-            f"{jnp.dtype(dtype).name}, batch {args.batch}, heads {args.heads}, head_dim "
-            f"{args.head_dim}, causal; {datetime.date.today()}.")
-  table = ["| T | score | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB |",
-           "|---|---|---|---|---|---|---|---|"]
-  table += [f"| {t} | {s} | {i} | {a:.2f} | {b:.2f} | {c:.2f} | {d:.2f} | {m} |"
-            for t, s, i, a, b, c, d, m in rows]
-  text = "\n".join(table) + ("\n\nNotes: " + "; ".join(sorted(notes)) if notes else "")
-  print(header + "\n\n" + text)
+  dev = jax.devices()[0]
+  header = (f"Device: {dev.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
+            f"jax {jax.__version__}; {dtype.name}; batch {args.batch}, heads {args.heads}, "
+            f"kv heads {kvh}, head_dim {args.head_dim}; causal; median of {args.repeats}; "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}.\n\n"
+            "FLOPs: forward 4 B H T^2 D x 0.5 (causal); fwd+bwd 3.5 x forward (recompute not "
+            "counted). Temp MiB: XLA compiled temp allocation of fwd+bwd. Peak GiB: "
+            "process-wide peak_bytes_in_use (cumulative).")
+  table = ["| T | score | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | "
+           "temp MiB | peak GiB |",
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+  table += [f"| {t} | {s} | {i} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} | {m} | {pk} |"
+            for t, s, i, a, b, c, d, m, pk in rows]
+  text = "\n".join(table)
+  if jax.default_backend() == "cpu":
+    notes.append("CPU: only ratios within this run mean anything (shared, noisy machine).")
+  if notes:
+    text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
+  command = "python -m pallas_kernels.attention.bench " + " ".join(argv)
+  print(f"{header}\n\n{text}")
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(f"# Attention benchmark\n\nCommand: `python -m pallas_kernels.attention.bench "
-              f"{' '.join(argv or sys.argv[1:])}`\n\n{header}\n\n{text}\n")
+    with open(args.out, "w") as fh:
+      fh.write(f"# Attention benchmark\n\nCommand: `{command.strip()}`\n\n{header}\n\n{text}\n")
+    print(f"wrote {args.out}", file=sys.stderr)
   return 0
 
 
