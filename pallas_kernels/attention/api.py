@@ -25,6 +25,7 @@ import jax
 from pallas_kernels.attention import kernel, reference
 
 SCORES = ("softmax", "lssa", "lssar")
+AUTO_MAX_LEN = 8192  # see the VMEM note in kernel.py: about T <= 8k at head_dim 128
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "interpret")
 _LOG = logging.getLogger(__name__)
 _logged: set = set()
@@ -92,12 +93,16 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
     raise ValueError(f"implementation='pallas_tpu' needs a TPU backend; this is {backend!r}. "
                      f"Valid here: auto, xla, interpret.")
   if implementation == "auto":
-    implementation = "pallas_tpu" if backend == "tpu" else "xla"
-    if implementation == "xla" and (backend, score) not in _logged:
-      _logged.add((backend, score))
+    # The kernels keep one head's whole K/V (or Q/dO) in VMEM: past AUTO_MAX_LEN they would
+    # exceed the default Mosaic VMEM limit, so auto falls back to the reference there.
+    fits = max(q.shape[1], k.shape[1]) <= AUTO_MAX_LEN
+    implementation = "pallas_tpu" if backend == "tpu" and fits else "xla"
+    if implementation == "xla" and (backend, score, fits) not in _logged:
+      _logged.add((backend, score, fits))
       _LOG.log(logging.INFO if backend == "cpu" else logging.WARNING,
-               "attention(score=%r, implementation='auto'): no Pallas kernel for backend %r; "
-               "using the XLA reference", score, backend)
+               "attention(score=%r, implementation='auto'): %s; using the XLA reference", score,
+               f"no Pallas kernel for backend {backend!r}" if backend != "tpu" else
+               f"length > {AUTO_MAX_LEN} exceeds the kernel's VMEM budget")
   if implementation in ("pallas_tpu", "interpret"):
     return kernel.flash_attention(q, k, v, segment_ids, causal=causal, score=score,
                                   q_offset=operator.index(q_offset), scale=scale, p=p,
