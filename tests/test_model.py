@@ -1,6 +1,5 @@
 """Model properties: causality, document masking, GQA, roles and axes (issue 2, Model)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

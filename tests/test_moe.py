@@ -1,7 +1,6 @@
 """MoE: routing, dropless dispatch, balance losses, ALF-LB bias, top-k schedule (issue 5)."""
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -162,8 +161,6 @@ def test_alf_bias_trains_checkpoints_and_resumes_bit_exactly(tmp_path, tiny_data
   assert trainer.train(_cfg(*ov), straight, data=tiny_data, quiet=True).exit_code == 0
   assert trainer.train(_cfg(*ov), chunked, data=tiny_data, quiet=True, stop_at=5).exit_code == 75
   # the checkpoint holds a bias that moved away from zero
-  from effjax import models
-  model = models.build(_cfg(*ov), tiny_data.tokenizer.vocab_size)
   ck = Checkpointer(os.path.join(chunked, "checkpoints"))
   import orbax.checkpoint as ocp
   raw = ck.manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -173,7 +170,6 @@ def test_alf_bias_trains_checkpoints_and_resumes_bit_exactly(tmp_path, tiny_data
   # sign rule with u = 0.01 over 5 steps: every entry is a multiple of 0.01, |b| <= 0.05
   np.testing.assert_allclose(bias / 0.01, np.round(bias / 0.01), atol=1e-4)
   assert np.abs(bias).max() <= 0.05 + 1e-6
-  del model
   assert trainer.train(_cfg(*ov), chunked, data=tiny_data, quiet=True).exit_code == 0
   keys = ("train/loss", "moe/bias_spread/layer0", "moe/maxvio/layer1", "eval/loss",
           "eval/moe/maxvio_global")

@@ -10,7 +10,6 @@ and decay multiplier k:  p <- p - lr_t * m * (adam(g) + wd * k * p).
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

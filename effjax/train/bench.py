@@ -22,8 +22,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
-import optax
 
 from effjax import config as config_lib
 from effjax import data as data_lib
