@@ -5,8 +5,11 @@
               interpreter on any backend; verified against the reference on CPU.
   pallas_tpu  the same kernels compiled by Mosaic; needs a TPU backend (not yet run on
               real TPU hardware here).
-  pallas_gpu  not written (no Mosaic GPU kernel yet): raises NotImplementedError.
-  auto        pallas_tpu on TPU, else the reference (logged once per backend and score).
+  pallas_gpu  the same kernels through Pallas' Triton lowering on a CUDA GPU (the documented
+              fallback path: no Mosaic GPU / wgmma-specialised kernel yet); head_dim a
+              power of two >= 16.
+  auto        pallas_tpu on TPU, pallas_gpu on GPU where the shape is supported, else the
+              reference (the fallback is logged once per backend, score and reason).
 
 Positions: query row r has 1-based position N = q_offset + r + 1, key j has position
 j + 1; causal means key_pos <= query_pos. With segment_ids [B, T] (q_len == kv_len),
@@ -68,6 +71,22 @@ def _check_args(q, k, v, *, score, implementation, segment_ids, q_offset, block_
       raise ValueError(f"{name} must be a positive multiple of 8; got {blk!r}")
 
 
+_KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "interpret": "interpret"}
+
+
+def _auto(backend: str, q, k, gpu_problem):
+  """(implementation, reason for falling back or None) for implementation='auto'."""
+  if backend == "tpu":
+    # The TPU kernels keep one head's whole K/V (or Q/dO) in VMEM: past AUTO_MAX_LEN they
+    # would exceed the default Mosaic VMEM limit.
+    if max(q.shape[1], k.shape[1]) <= AUTO_MAX_LEN:
+      return "pallas_tpu", None
+    return "xla", f"length > {AUTO_MAX_LEN} exceeds the TPU kernel's VMEM budget"
+  if backend == "gpu":
+    return ("xla", gpu_problem) if gpu_problem else ("pallas_gpu", None)
+  return "xla", f"no Pallas kernel for backend {backend!r}"
+
+
 def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_ids=None,
               implementation: str = "auto", q_offset: int = 0, scale: float | None = None,
               p: float = 15.0, reweight_offset_rows: int = 3, block_q: int | None = None,
@@ -84,30 +103,26 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
               q_offset=q_offset, block_q=block_q, block_k=block_k, p=p,
               reweight_offset_rows=reweight_offset_rows)
   backend = jax.default_backend()
-  if implementation == "pallas_gpu":
-    raise NotImplementedError(
-        "implementation='pallas_gpu': the Mosaic GPU attention kernel is not written yet; "
-        f"valid choices: {', '.join(c for c in IMPLEMENTATIONS if c != 'pallas_gpu')} "
-        "(pallas_tpu on TPU only).")
-  if implementation == "pallas_tpu" and backend != "tpu":
-    raise ValueError(f"implementation='pallas_tpu' needs a TPU backend; this is {backend!r}. "
-                     f"Valid here: auto, xla, interpret.")
+  gpu_problem = kernel.gpu_supports(q, k) if backend == "gpu" else "not a GPU backend"
+  for name, needs in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu")):
+    if implementation == name and backend != needs:
+      raise ValueError(f"implementation={name!r} needs a {needs.upper()} backend; this is "
+                       f"{backend!r}. Valid here: auto, xla, interpret.")
+  if implementation == "pallas_gpu" and gpu_problem:
+    raise ValueError(f"implementation='pallas_gpu' cannot run this call: {gpu_problem}. "
+                     "Use implementation='auto' or 'xla'.")
   if implementation == "auto":
-    # The kernels keep one head's whole K/V (or Q/dO) in VMEM: past AUTO_MAX_LEN they would
-    # exceed the default Mosaic VMEM limit, so auto falls back to the reference there.
-    fits = max(q.shape[1], k.shape[1]) <= AUTO_MAX_LEN
-    implementation = "pallas_tpu" if backend == "tpu" and fits else "xla"
-    if implementation == "xla" and (backend, score, fits) not in _logged:
-      _logged.add((backend, score, fits))
+    implementation, why = _auto(backend, q, k, gpu_problem)
+    if implementation == "xla" and (backend, score, why) not in _logged:
+      _logged.add((backend, score, why))
       _LOG.log(logging.INFO if backend == "cpu" else logging.WARNING,
                "attention(score=%r, implementation='auto'): %s; using the XLA reference", score,
-               f"no Pallas kernel for backend {backend!r}" if backend != "tpu" else
-               f"length > {AUTO_MAX_LEN} exceeds the kernel's VMEM budget")
-  if implementation in ("pallas_tpu", "interpret"):
+               why)
+  if implementation in ("pallas_tpu", "pallas_gpu", "interpret"):
     return kernel.flash_attention(q, k, v, segment_ids, causal=causal, score=score,
                                   q_offset=operator.index(q_offset), scale=scale, p=p,
                                   reweight_offset_rows=reweight_offset_rows, block_q=block_q,
-                                  block_k=block_k, interpret=implementation == "interpret")
+                                  block_k=block_k, backend=_KERNEL_BACKEND[implementation])
   return reference.attention(q, k, v, causal=causal, score=score, segment_ids=segment_ids,
                              q_offset=q_offset, scale=scale, p=p,
                              reweight_offset_rows=reweight_offset_rows)

@@ -15,7 +15,9 @@ calls after a compile and warm-up call, with block_until_ready. Memory: XLA's co
 temp allocation for the fwd+bwd function (memory_analysis; all backends), and the
 process-wide peak_bytes_in_use where the device reports it (cumulative over the run).
 Implementations: xla (the jnp reference, which materialises [B, H, T, T] scores), pallas_tpu
-(TPU only), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
+(TPU only), pallas_gpu (the same kernels via Pallas' Triton lowering;
+pallas_gpu:BQxBKxW+BQxBKxW sets forward and backward blocks and warps), jax_mgpu (JAX's own Mosaic GPU softmax kernel, forward
+only: its causal backward is not implemented; fed float16 copies, conversion included), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
 (jax.nn.dot_product_attention(implementation="cudnn"), softmax only, GPU only). Unavailable
 ones are skipped and failures (e.g. out of memory at long T) are noted, in the same run.
 """
@@ -32,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import attention
+from pallas_kernels.attention import attention, kernel
 
 
 def _fn(impl: str, score: str):
@@ -44,9 +46,44 @@ def _fn(impl: str, score: str):
                                                          implementation="cudnn")), None
   if impl == "pallas_tpu" and backend != "tpu":
     return None, f"pallas_tpu: needs a TPU (skipped on {backend})"
-  if impl == "pallas_gpu":
-    return None, "pallas_gpu: no Mosaic GPU kernel yet (skipped)"
+  if impl.startswith("pallas_gpu"):
+    if backend != "gpu":
+      return None, f"pallas_gpu: needs a GPU (skipped on {backend})"
+    opts = _gpu_options(impl)
+    return (lambda q, k, v: kernel.flash_attention(q, k, v, causal=True, score=score,
+                                                   backend="gpu", **opts)), None
+  if impl == "jax_mgpu":
+    return _jax_mgpu(score, backend)
   return (lambda q, k, v: attention(q, k, v, causal=True, score=score, implementation=impl)), None
+
+
+def _gpu_options(impl: str) -> dict:
+  """'pallas_gpu' (defaults) or 'pallas_gpu:BQxBKxW[+BQxBKxW]': forward blocks and warps,
+  then optionally the backward's, e.g. pallas_gpu:128x128x8+64x64x4."""
+  if ":" not in impl:
+    return {}
+  fwd, _, bwd = impl.split(":", 1)[1].partition("+")
+  bq, bk, warps = (int(x) for x in fwd.split("x"))
+  opts = dict(block_q=bq, block_k=bk, num_warps=warps)
+  if bwd:
+    bq, bk, warps = (int(x) for x in bwd.split("x"))
+    opts.update(bwd_block_q=bq, bwd_block_k=bk, bwd_num_warps=warps)
+  return opts
+
+
+def _jax_mgpu(score: str, backend: str):
+  """JAX's own Mosaic GPU (wgmma) softmax attention, forward only when causal: a yardstick
+  for what a Hopper-specialised kernel reaches (jax.experimental.pallas.ops.gpu)."""
+  if score != "softmax" or backend != "gpu":
+    return None, "jax_mgpu: softmax on GPU only"
+  try:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return None, f"jax_mgpu: not importable ({e})"
+  config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                       causal=True)
+  f16 = lambda x: x.astype(jnp.float16)  # this build's causal path wants float16 operands
+  return (lambda q, k, v: attention_mgpu.attention(f16(q), f16(k), f16(v), config)), None
 
 
 def _time(f, args, repeats: int) -> float:
@@ -83,7 +120,7 @@ def main(argv=None) -> int:
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--scores", default="softmax,lssa,lssar")
-  parser.add_argument("--impls", default="xla,pallas_tpu,cudnn")
+  parser.add_argument("--impls", default="xla,pallas_tpu,pallas_gpu,jax_mgpu,cudnn")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", default="results/perf/attention.md")
   args = parser.parse_args(argv)
@@ -108,13 +145,14 @@ def main(argv=None) -> int:
                                    argnums=(0, 1, 2)))
         try:
           t_f = _time(fwd, (q, k, v), args.repeats)
-          t_fb = _time(fwd_bwd, (q, k, v), args.repeats)
+          t_fb = float("nan") if impl == "jax_mgpu" else _time(fwd_bwd, (q, k, v), args.repeats)
         except Exception as e:  # pylint: disable=broad-except  (e.g. OOM at long T)
           notes.append(f"{impl}/{score} at T={t} failed: {type(e).__name__}: "
                        f"{str(e).splitlines()[0][:160]}")
           continue
+        temp = "n/a" if impl == "jax_mgpu" else _temp_mib(fwd_bwd, (q, k, v))
         rows.append((t, score, impl, t_f * 1e3, fwd_flops / t_f / 1e12, t_fb * 1e3,
-                     3.5 * fwd_flops / t_fb / 1e12, _temp_mib(fwd_bwd, (q, k, v)), _peak_gib()))
+                     3.5 * fwd_flops / t_fb / 1e12, temp, _peak_gib()))
         print(f"T={t} {score} {impl}: fwd {t_f * 1e3:.3f} ms, fwd+bwd {t_fb * 1e3:.3f} ms",
               file=sys.stderr, flush=True)
   dev = jax.devices()[0]

@@ -78,7 +78,33 @@ class Config:
   log_d: float
   block_q: int
   block_k: int
-  interpret: bool
+  backend: str  # "interpret" | "tpu" (Mosaic) | "gpu" (Triton lowering)
+  num_warps: int | None = None  # GPU only
+  num_stages: int | None = None
+  bwd_block_q: int | None = None  # backward kernels' blocks / warps (None: as forward)
+  bwd_block_k: int | None = None
+  bwd_num_warps: int | None = None
+  pad_multiple_q: int | None = None  # set by backward() to keep the forward's padding
+  pad_multiple_k: int | None = None
+
+  def backward(self) -> "Config":
+    """The options the dq and dk/dv kernels run with."""
+    mq = max(self.block_q, self.bwd_block_q or 0)
+    mk = max(self.block_k, self.bwd_block_k or 0)
+    return dataclasses.replace(self, block_q=self.bwd_block_q or self.block_q,
+                               block_k=self.bwd_block_k or self.block_k,
+                               num_warps=self.bwd_num_warps or self.num_warps,
+                               pad_multiple_q=mq, pad_multiple_k=mk)
+
+  def padded_lengths(self) -> tuple[int, int]:
+    """Query / key lengths padded to a multiple of every block size in use (forward and
+    backward blocks are powers of two, or equal), so forward residuals serve the backward.
+    Unchanged by backward(): both directions pad alike."""
+    mq = max(self.block_q, self.bwd_block_q or 0)
+    mk = max(self.block_k, self.bwd_block_k or 0)
+    if self.pad_multiple_q:
+      mq, mk = self.pad_multiple_q, self.pad_multiple_k
+    return pl.cdiv(self.q_len, mq) * mq, pl.cdiv(self.kv_len, mk) * mk
 
 
 def _pow(x, p: float):
@@ -92,6 +118,12 @@ def _pow(x, p: float):
 
 def _softplus(x):
   return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _softplus_and_sigmoid(x):
+  """softplus(x) and its derivative sigmoid(x) from one exp (the backward needs both)."""
+  e = jnp.exp(-jnp.abs(x))
+  return jnp.maximum(x, 0.0) + jnp.log1p(e), jnp.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def _num_stats(score):
@@ -211,25 +243,32 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, *refs, cfg: Config):
     s, mask, v = load(j)
     return jnp.where(mask, _softplus(coef * s), 0.0), mask, v
 
+  zeros = jnp.zeros((bq, 1), jnp.float32)
+  if cfg.score == "lssa":
+    # One pass: softplus weights are bounded (<= log d log N + log 2), so sum_j a_ij v_j
+    # and the row sum accumulate without rescaling and the L1 normalisation is one
+    # division at the end (the two-pass form of TECHNIQUES.md is needed for LSSAR only).
+    def body(j, carry):
+      total, acc = carry
+      a, _, v = weights(j)
+      return (total + jnp.sum(a, axis=-1, keepdims=True),
+              acc + jnp.dot(a.astype(v.dtype), v, preferred_element_type=jnp.float32))
+
+    total, acc = lax.fori_loop(0, num_k, body, (zeros, jnp.zeros((bq, d), jnp.float32)))
+    z = total + reference.EPS
+    o_ref[...] = (acc / z).astype(o_ref.dtype)
+    stat_refs[0][...] = z
+    stat_refs[1][...] = n
+    return
+
   def pass1(j, carry):
     total, amax = carry
     a, _, _ = weights(j)
     return (total + jnp.sum(a, axis=-1, keepdims=True),
             jnp.maximum(amax, jnp.max(a, axis=-1, keepdims=True)))
 
-  zeros = jnp.zeros((bq, 1), jnp.float32)
   total, amax = lax.fori_loop(0, num_k, pass1, (zeros, zeros))
   z = total + reference.EPS
-  if cfg.score == "lssa":
-    def pass2(j, acc):
-      a, _, v = weights(j)
-      return acc + jnp.dot((a / z).astype(v.dtype), v, preferred_element_type=jnp.float32)
-
-    acc = lax.fori_loop(0, num_k, pass2, jnp.zeros((bq, d), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
-    stat_refs[0][...] = z
-    stat_refs[1][...] = n
-    return
 
   offset = _lssar_row_consts(cfg, n)
   r_max = jnp.maximum(n * (amax / z) - offset, 0.0)
@@ -264,9 +303,9 @@ def _block_grads(cfg: Config, s, mask, dp, stats, d_row, c_row):
     return pr, pr * (dp - d_row) * cfg.scale
   z, n = stats[0], stats[1]
   coef = cfg.log_d * jnp.log(jnp.maximum(n, 1.0))
-  x = coef * s
-  a = jnp.where(mask, _softplus(x), 0.0)
-  sig_c = jnp.where(mask, jax.nn.sigmoid(x), 0.0) * coef
+  sp, sig = _softplus_and_sigmoid(coef * s)
+  a = jnp.where(mask, sp, 0.0)
+  sig_c = jnp.where(mask, sig, 0.0) * coef
   if cfg.score == "lssa":
     return a / z, jnp.where(mask, (dp - d_row) / z, 0.0) * sig_c
   b, db = _lssar_db(cfg, a, mask, dp, stats, d_row)
@@ -342,9 +381,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, *refs, cfg: Config):
   def body_r(j, carry):  # da = (db - C) / Z is affine in the row constant C
     acc_db, acc_1, c_row = carry
     k, s, mask, dp, ik = load(j)
-    x = coef * s
-    a = jnp.where(mask, _softplus(x), 0.0)
-    sig = jnp.where(mask, jax.nn.sigmoid(x), 0.0) * ik
+    sp, sig = _softplus_and_sigmoid(coef * s)
+    a = jnp.where(mask, sp, 0.0)
+    sig = jnp.where(mask, sig, 0.0) * ik
     b, db = _lssar_db(cfg, a, mask, dp, stats, d_row)
     acc_db += jnp.dot((db * sig).astype(k.dtype), k, preferred_element_type=jnp.float32)
     acc_1 += jnp.dot(sig.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -403,6 +442,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, *refs, cfg: Config):
 # ---------------------------------------------------------------------------------------
 # Wrappers.
 
+def _call_options(cfg: Config) -> dict:
+  """pallas_call keyword options for the backend: interpreter, Mosaic (TPU), or the
+  Triton lowering on GPU with warps / pipeline stages."""
+  if cfg.backend == "interpret":
+    return {"interpret": True}
+  if cfg.backend == "gpu":
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
+    return {"compiler_params": pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                       num_stages=cfg.num_stages)}
+  return {}
+
+
 def _to_bhtd(x, t_pad):
   return jnp.pad(x, ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
@@ -449,8 +500,7 @@ def _inv_norm(x_BxHxTxD):
 
 def _prepare(cfg: Config, q, k, v, segment_ids):
   """Padded [B, H, T, D] operands, segment ids, and (LSSA/LSSAR) inverse norms."""
-  tq_p = pl.cdiv(cfg.q_len, cfg.block_q) * cfg.block_q
-  tk_p = pl.cdiv(cfg.kv_len, cfg.block_k) * cfg.block_k
+  tq_p, tk_p = cfg.padded_lengths()
   q_t, k_t, v_t = _to_bhtd(q, tq_p), _to_bhtd(k, tk_p), _to_bhtd(v, tk_p)
   qseg, kseg = _segments(cfg, segment_ids, q.shape[0], tq_p, tk_p)
   norms = []
@@ -473,7 +523,7 @@ def _forward(cfg: Config, q, k, v, segment_ids):
       in_specs=[q_spec, kv_spec, kv_spec, qseg_spec, kseg_spec] + [row_spec, knorm_spec][
           :len(norms)],
       out_specs=[q_spec] + [row_spec] * ns,
-      interpret=cfg.interpret,
+      **_call_options(cfg),
       name=f"attention_fwd_{cfg.score}",
   )(*base, *norms)
   return out, stats
@@ -498,7 +548,7 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_t, stats, g):
       in_specs=[q_spec, kv_spec, kv_spec, qseg_spec, kseg_spec]
       + [row_spec, knorm_spec][:len(norms)] + [q_spec, row_spec] + [row_spec] * ns,
       out_specs=[q_spec] + [row_spec] * has_c,
-      interpret=cfg.interpret,
+      **_call_options(cfg),
       name=f"attention_bwd_dq_{cfg.score}",
   )(*base, *norms, do_t, d_row, *stats)
 
@@ -517,7 +567,7 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_t, stats, g):
       in_specs=[q_spec, kv_spec, kv_spec, qseg_spec, kseg_spec]
       + [row_spec, knorm_spec][:len(norms)] + [q_spec, row_spec] + [row_spec] * (ns + has_c),
       out_specs=[dkv_spec, dkv_spec],
-      interpret=cfg.interpret,
+      **_call_options(cfg),
       name=f"attention_bwd_dkv_{cfg.score}",
   )(*base_t, *norms_t, do_t, as_row(d_row), *map(as_row, stats), *map(as_row, c_rows))
 
@@ -547,7 +597,7 @@ def _attention_fwd(cfg, q, k, v, segment_ids):
 
 def _attention_bwd(cfg, res, g):
   q, k, v, segment_ids, out_t, stats = res
-  dq, dk, dv = _backward(cfg, q, k, v, segment_ids, out_t, stats, g)
+  dq, dk, dv = _backward(cfg.backward(), q, k, v, segment_ids, out_t, stats, g)
   return dq, dk, dv, None
 
 
@@ -559,19 +609,58 @@ def default_block(length: int, preferred: int = 128) -> int:
   return preferred if length >= preferred else max(8, -(-length // 8) * 8)
 
 
+# GPU (Triton lowering) defaults (block_q, block_k, warps) by operand itemsize, from the
+# H100 block sweep in results/perf/attention.md (bf16, D = 128, T = 8k): forward 128 x 64
+# with 4 warps for softmax, 128 x 128 with 8 for LSSA / LSSAR (more elementwise work per
+# matmul), backward 64 x 64 with 4. fp32 operands halve the blocks: 128 x 128 fp32 blocks
+# need 257 KiB of shared memory (H100: 227 KiB per block).
+GPU_FWD = {2: (128, 64, 4), 4: (64, 64, 4)}
+GPU_FWD_SOFTPLUS = {2: (128, 128, 8), 4: (64, 64, 4)}
+GPU_BWD = {2: (64, 64, 4), 4: (32, 64, 4)}
+GPU_NUM_STAGES = 2
+
+
+def _gpu_block(length: int, preferred: int) -> int:
+  """Triton tensors need power-of-two sides (>= 16 for tensor-core dots)."""
+  return min(preferred, max(16, 1 << (max(length, 1) - 1).bit_length()))
+
+
+def gpu_supports(q, k) -> str | None:
+  """Why the GPU kernels cannot take these operands, or None when they can."""
+  d = q.shape[-1]
+  if d < 16 or d & (d - 1):
+    return f"head_dim {d} is not a power of two >= 16 (Triton block shapes)"
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} is not float32/bfloat16/float16"
+  return None
+
+
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", q_offset=0,
                     scale=None, p=15.0, reweight_offset_rows=3, block_q=None, block_k=None,
-                    interpret=False):
+                    backend="tpu", num_warps=None, num_stages=None, bwd_block_q=None,
+                    bwd_block_k=None, bwd_num_warps=None):
   """Pallas attention, forward and backward kernels (see the module docstring).
 
   q [B, Tq, H, D], k/v [B, Tk, K, D]; returns [B, Tq, H, D]. Arguments are validated by
-  api.attention.
+  api.attention. backend: "tpu" (Mosaic), "gpu" (Triton lowering) or "interpret".
   """
   d = q.shape[-1]
+  if backend == "gpu":
+    size = 4 if jnp.dtype(q.dtype).itemsize > 2 else 2
+    fwd = (GPU_FWD if score == "softmax" else GPU_FWD_SOFTPLUS)[size]
+    bwd = GPU_BWD[size]
+    block_q = _gpu_block(q.shape[1], block_q or fwd[0])
+    block_k = _gpu_block(k.shape[1], block_k or fwd[1])
+    num_warps, num_stages = num_warps or fwd[2], num_stages or GPU_NUM_STAGES
+    bwd_block_q = _gpu_block(q.shape[1], bwd_block_q or bwd[0])
+    bwd_block_k = _gpu_block(k.shape[1], bwd_block_k or bwd[1])
+    bwd_num_warps = bwd_num_warps or bwd[2]
   cfg = Config(score=score, causal=bool(causal), has_segments=segment_ids is not None,
                q_len=q.shape[1], kv_len=k.shape[1], q_offset=int(q_offset),
                scale=float(1.0 / math.sqrt(d) if scale is None else scale), p=float(p),
                offset_rows=int(reweight_offset_rows), log_d=math.log(d),
                block_q=int(block_q or default_block(q.shape[1])),
-               block_k=int(block_k or default_block(k.shape[1])), interpret=bool(interpret))
+               block_k=int(block_k or default_block(k.shape[1])), backend=backend,
+               num_warps=num_warps, num_stages=num_stages, bwd_block_q=bwd_block_q,
+               bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps)
   return _attention(cfg, q, k, v, segment_ids)
