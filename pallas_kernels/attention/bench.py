@@ -16,8 +16,9 @@ temp allocation for the fwd+bwd function (memory_analysis; all backends), and th
 process-wide peak_bytes_in_use where the device reports it (cumulative over the run).
 Implementations: xla (the jnp reference, which materialises [B, H, T, T] scores), pallas_tpu
 (TPU only), pallas_gpu (the same kernels via Pallas' Triton lowering;
-pallas_gpu:BQxBKxW+BQxBKxW sets forward and backward blocks and warps), jax_mgpu (JAX's own Mosaic GPU softmax kernel, forward
-only: its causal backward is not implemented; fed float16 copies, conversion included), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
+pallas_gpu:BQxBKxW+BQxBKxW sets forward and backward blocks and warps), jax_mgpu (JAX's
+own Mosaic GPU softmax kernel, forward only: its causal backward is not implemented; fed
+float16 copies, conversion included), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
 (jax.nn.dot_product_attention(implementation="cudnn"), softmax only, GPU only). Unavailable
 ones are skipped and failures (e.g. out of memory at long T) are noted, in the same run.
 """

@@ -15,10 +15,11 @@ Scores (TECHNIQUES.md 3.2, "softplus attention with length-scaled re-weighting",
            dtype with fp32 accumulation (exact products for bf16 inputs) and is scaled by
            fp32 inverse norms computed outside ([B, H, Tq, 1] column, [B, K, 1, Tk] row);
            the backward kernels return d/dqhat, d/dkhat and the wrapper applies the
-           normalisation's VJP. Two passes per query block: pass 1 row sums S_i of
-           a_ij = softplus(log d log N_i qhat.khat), pass 2 sum_j a_ij / (S_i + eps) v_j.
+           normalisation's VJP. One pass per query block accumulates the row sums
+           S_i of a_ij = softplus(log d log N_i qhat.khat) and sum_j a_ij v_j (bounded
+           weights: no rescaling), then divides by S_i + eps.
            Stats Z_i = S_i + eps, N_i.
-  lssar    pass 1 also keeps max_j a_ij; ReLU(N a / Z - O) is monotone in a, so the row
+  lssar    two passes: pass 1 the row sums S_i and max_j a_ij; ReLU(N a / Z - O) is monotone in a, so the row
            max m_i of the ReLU is known before pass 2, which accumulates
            (ReLU(N_i a_ij / Z_i - O_i) / m_i)^p v_j and its row sum (overflow-safe at any
            length: every term is <= 1). A row with m_i <= reference.FLOOR (weights at most
@@ -42,8 +43,9 @@ VMEM block that the loop slices (double-buffered: ~8 T D bytes in bf16), so on T
 default scoped VMEM (16-32 MiB) holds T up to ~8k at D = 128; longer T needs a raised
 vmem_limit_bytes or a version that streams blocks through the grid. Verified against the
 reference on CPU in interpret mode; the Pallas->Mosaic lowering is checked by exporting
-for TPU from CPU (tests), but the kernels have not been compiled or run on a TPU. No
-Mosaic GPU version.
+for TPU from CPU (tests), but the kernels have not been compiled or run on a TPU. On GPU
+the same kernels compile through Pallas' Triton lowering (tested and benchmarked on an
+H100: results/perf/attention.md); there is no Mosaic GPU (wgmma / TMA) version.
 """
 
 from __future__ import annotations
