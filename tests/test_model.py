@@ -87,3 +87,16 @@ def test_bf16_compute_dtype_runs_and_is_close():
   a, b = _apply(model32, ids), _apply(model16, ids)
   assert b.dtype == jnp.float32  # logits are returned in fp32
   assert float(jnp.max(jnp.abs(a - b))) < 0.1  # bf16 has ~3 significant digits
+
+
+@pytest.mark.parametrize("score", ["lssa", "lssar"])
+def test_model_trains_with_softplus_scores(tmp_path, score):
+  """model.attention.score=lssa|lssar trains: the loss falls from ln(257) at init."""
+  from effjax.train import trainer
+  from effjax.train.metrics import read_metrics
+  cfg, _ = C.load(["--config=configs/tiny.py", f"--config.model.attention.score={score}",
+                   "--config.model.attention.lssar_p=3", "--config.train.steps=40"])
+  assert trainer.train(cfg, str(tmp_path), quiet=True).exit_code == 0
+  losses = [r["train/loss"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))
+            if "train/loss" in r]
+  assert losses[0] > 4.5 and losses[-1] < 3.8, losses  # ln(257) = 5.55 at init
