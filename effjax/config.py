@@ -459,9 +459,12 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
                       f"roles: {', '.join(ROLES)}.")
   if m.moe.num_experts:
     _validate_moe(config)
-  if m.attention.impl == "pallas_gpu":
-    raise ConfigError("model.attention.impl=pallas_gpu: the Mosaic GPU attention kernel is not "
-                      "written yet (issue 3); valid now: auto, xla, interpret, pallas_tpu (TPU).")
+  if m.attention.impl in ("pallas_gpu", "pallas_tpu"):
+    import jax  # pylint: disable=g-import-not-at-top
+    needs = m.attention.impl.split("_")[1]
+    if jax.default_backend() != needs:
+      raise ConfigError(f"model.attention.impl={m.attention.impl} needs a {needs.upper()} backend; "
+                        f"this is {jax.default_backend()!r}. Valid here: auto, xla, interpret.")
   if num_devices is not None:
     sizes = resolve_mesh_shape(config.mesh, num_devices)
     batch_shards = sizes["data"] * sizes["fsdp"]
