@@ -164,6 +164,21 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization-aware training (TECHNIQUES.md 5; effjax/quant)."""
+  method: str = _field("none", ("none", "quest", "statsq", "lsq"),
+                       "quest: QuEST weights+inputs; statsq: StatsQ weights + LSQ inputs; "
+                       "lsq: LSQ weights + LSQ inputs")
+  weight_bits: int = _field(4, doc="weight bits (QuEST/StatsQ 1-8, LSQ 2-8)")
+  act_bits: int = _field(4, doc="input-activation bits (0: weights only)")
+  hadamard: str = _field("auto", ("auto", "none", "full", "half"),
+                         "QuEST rotation: full (rotate back), half (matmul in the rotated "
+                         "basis), none; auto = full for quest, none otherwise")
+  trust: float = _field(1.0, doc="QuEST trust radius, as a factor on half a grid step")
+  layers: tuple = _field(("qkv", "attn_out", "mlp"), doc="block linears to quantize")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = _field(-1, doc="-1: all devices not used by the other axes")
   fsdp: int = 1
@@ -179,6 +194,7 @@ class Config:
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -406,6 +422,30 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def _validate_quant(config: Config) -> None:
+  q = config.quant
+  valid_layers = ("qkv", "attn_out", "mlp")
+  bad = [x for x in q.layers if x not in valid_layers]
+  if bad or not q.layers:
+    raise ConfigError(f"quant.layers has {bad or 'nothing'}; valid: {', '.join(valid_layers)}.")
+  low = 2 if q.method == "lsq" else 1
+  if not low <= q.weight_bits <= 8:
+    raise ConfigError(f"quant.weight_bits must be in [{low}, 8] for quant.method={q.method}; "
+                      f"got {q.weight_bits}.")
+  act_low = 1 if q.method == "quest" else 2  # LSQ inputs need Q_p = 2^(b-1) - 1 >= 1
+  if q.act_bits and not act_low <= q.act_bits <= 8:
+    raise ConfigError(f"quant.act_bits must be 0 or in [{act_low}, 8] for quant.method="
+                      f"{q.method}; got {q.act_bits}.")
+  if q.method != "quest" and q.hadamard not in ("auto", "none"):
+    raise ConfigError(f"quant.hadamard={q.hadamard} applies to quant.method=quest only; set "
+                      f"--config.quant.hadamard=none for {q.method}.")
+  if q.trust <= 0:
+    raise ConfigError(f"quant.trust must be > 0 (a factor on half a grid step); got {q.trust}.")
+  if config.model.moe.num_experts and "mlp" in q.layers:
+    raise ConfigError("quant.layers includes mlp but model.moe.num_experts > 0: MoE expert "
+                      "weights are not quantized yet; drop mlp from quant.layers.")
+
+
 def validate(config: Config, num_devices: Optional[int] = None) -> Config:
   """Cross-key checks. Raises ConfigError naming the keys involved."""
   m, t = config.model, config.train
@@ -459,6 +499,8 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
                       f"roles: {', '.join(ROLES)}.")
   if m.moe.num_experts:
     _validate_moe(config)
+  if config.quant.method != "none":
+    _validate_quant(config)
   if m.attention.impl in ("pallas_gpu", "pallas_tpu"):
     import jax  # pylint: disable=g-import-not-at-top
     needs = m.attention.impl.split("_")[1]

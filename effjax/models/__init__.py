@@ -73,4 +73,4 @@ def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
     sizes = resolve_mesh_shape(config.mesh, jax.device_count())
     batch_groups = sizes["data"] * sizes["fsdp"]
   return FunctionalModel(Transformer(config.model, dims, batch_groups=batch_groups,
-                                     rngs=nnx.Rngs(params=seed)))
+                                     rngs=nnx.Rngs(params=seed), quant=config.quant))

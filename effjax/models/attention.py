@@ -82,7 +82,7 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                config: AttentionConfig, rope_theta: float, init_std: float, n_layers: int,
                norm_eps: float, rngs: nnx.Rngs, scale: float | None = None,
-               zero_init_query: bool = False, linear=Linear):
+               zero_init_query: bool = False, linear=Linear, out_linear=None):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.config, self.rope_theta = config, rope_theta
     self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -93,8 +93,9 @@ class Attention(nnx.Module):
     self.v = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
                     std=init_std)
     # Output projection init scaled by 1/sqrt(2 * n_layers) (GPT-2 residual scaling).
-    self.o = linear(n_heads * head_dim, d_model, rngs=rngs, axes=("heads", "embed"),
-                    std=init_std / math.sqrt(2 * n_layers))
+    self.o = (out_linear or linear)(n_heads * head_dim, d_model, rngs=rngs,
+                                    axes=("heads", "embed"),
+                                    std=init_std / math.sqrt(2 * n_layers))
     if config.qk_norm:
       self.q_norm = RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim")
       self.k_norm = RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim")

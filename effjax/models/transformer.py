@@ -57,14 +57,15 @@ def compute_dtype(config: ModelConfig):
   return jnp.dtype(config.compute_dtype)
 
 
-def make_ffn(config: ModelConfig, dims: Dims, layer: int, *, batch_groups: int, rngs: nnx.Rngs):
+def make_ffn(config: ModelConfig, dims: Dims, layer: int, *, batch_groups: int, rngs: nnx.Rngs,
+             linear=Linear):
   """The FFN slot: a dense SwiGLU, or an MoE in the layers named by model.moe.layers."""
   if layer in moe_layer_indices(config.moe, dims.n_layers):
     expert_dim = config.moe.expert_dim or max(dims.mlp_dim // config.moe.top_k, 1)
     return MoE(dims.d_model, config.moe, expert_dim=expert_dim, init_std=config.init_std,
                n_layers=dims.n_layers, batch_groups=batch_groups, rngs=rngs)
   return SwiGLU(dims.d_model, dims.mlp_dim, init_std=config.init_std, n_layers=dims.n_layers,
-                rngs=rngs)
+                rngs=rngs, linear=linear)
 
 
 def width_mult(config: ModelConfig) -> float:
@@ -88,17 +89,22 @@ def attention_scale(config: ModelConfig, head_dim: int) -> float:
 
 class Block(nnx.Module):
   def __init__(self, config: ModelConfig, dims: Dims, layer: int, *, batch_groups: int = 1,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, quant=None):
+    """quant: a QuantConfig (effjax/quant) hooking the block linears, or None."""
+    from effjax.quant.hooks import linear_factory  # pylint: disable=g-import-not-at-top (cycle)
     hidden_config = dataclasses.replace(config, init_std=hidden_init_std(config))
     self.attn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.attn = Attention(dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim,
                           config=config.attention, rope_theta=config.rope_theta,
                           init_std=hidden_config.init_std, n_layers=dims.n_layers,
                           norm_eps=config.norm_eps, scale=attention_scale(config, dims.head_dim),
-                          zero_init_query=config.zero_init_query, rngs=rngs)
+                          zero_init_query=config.zero_init_query, rngs=rngs,
+                          linear=linear_factory(quant, "qkv"),
+                          out_linear=linear_factory(quant, "attn_out"))
     config = hidden_config
     self.ffn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
-    self.ffn = make_ffn(config, dims, layer, batch_groups=batch_groups, rngs=rngs)
+    self.ffn = make_ffn(config, dims, layer, batch_groups=batch_groups, rngs=rngs,
+                        linear=linear_factory(quant, "mlp"))
 
   def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL, top_k=None, probe=False):
     attn_in = self.attn_norm(x_BxLxD)
@@ -117,10 +123,11 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """Decoder LM: embed -> blocks -> final norm -> LM head (tied or untied)."""
 
-  def __init__(self, config: ModelConfig, dims: Dims, *, batch_groups: int = 1, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, dims: Dims, *, batch_groups: int = 1, rngs: nnx.Rngs,
+               quant=None):
     self.config, self.dims = config, dims
     self.embed = Embed(dims.vocab, dims.d_model, rngs=rngs, std=config.init_std)
-    blocks = [Block(config, dims, i, batch_groups=batch_groups, rngs=rngs)
+    blocks = [Block(config, dims, i, batch_groups=batch_groups, rngs=rngs, quant=quant)
               for i in range(dims.n_layers)]
     self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
     self.final_norm = RMSNorm(dims.d_model, eps=config.norm_eps)

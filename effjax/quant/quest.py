@@ -1,0 +1,61 @@
+"""QuEST quantizer (Panferov et al., "QuEST: Stable Training of LLMs with 1-Bit Weights and
+Activations", ICML 2025; TECHNIQUES.md 5.1): Hadamard rotation, RMS-scaled Gaussian-optimal
+clip, zero-free mid-rise grid of 2^b levels, trust-masked straight-through gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from effjax.quant.hadamard import block_hadamard, hadamard_block_size
+
+# MSE-optimal clip (in units of sigma) of a b-bit uniform quantizer for a standard Gaussian.
+ALPHA = {1: 0.797885, 2: 1.493535, 3: 2.051068, 4: 2.513931, 5: 2.916094, 6: 3.276597,
+         7: 3.601050, 8: 3.884939}
+ONE_BIT_CLIP = 1.3  # the 1-bit runs used a plain clip mask |x| <= 1.3 s instead of trust
+
+
+def quest_rotated(xh: jax.Array, bits: int, *, axis: int = -1, trust: float | None = None
+                  ) -> tuple[jax.Array, dict]:
+  """QuEST steps 2-6 on already-rotated values xh (fp32), rows along `axis`.
+
+  Returns (y, stats): y has the forward value of the quantized q and the gradient of
+  xh * mask (mask = trust region, TECHNIQUES.md 5.1 step 5); stats hold the quantization
+  MSE and the trusted fraction, without gradient. trust: factor on the default trust
+  radius T = alpha_b / (2^b - 1) sigma (half a grid step); None means 1.
+  """
+  if bits not in ALPHA:
+    raise ValueError(f"QuEST bits must be 1-8; got {bits}")
+  xh = xh.astype(jnp.float32)
+  sigma = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(xh * xh, axis=axis, keepdims=True)))
+  s = ALPHA[bits] * sigma
+  if bits == 1:
+    q = jnp.where(xh >= 0, s, -s)
+    mask = jnp.abs(xh) <= ONE_BIT_CLIP * s
+  else:
+    levels = 2 ** bits
+    step = 2 * s / (levels - 1)
+    # Nearest half-integer multiple of the step: floor(x / step) + 1/2, in [-2^(b-1), 2^(b-1)).
+    k = jnp.clip(jnp.floor(jnp.clip(xh, -s, s) / jnp.where(step > 0, step, 1.0)),
+                 -(levels // 2), levels // 2 - 1)
+    q = (k + 0.5) * step
+    radius = (1.0 if trust is None else trust) * ALPHA[bits] / (levels - 1) * sigma
+    mask = jnp.abs(q - xh) <= radius
+  masked = xh * mask
+  y = masked + jax.lax.stop_gradient(q - masked)
+  stats = {"mse": jnp.mean(jnp.square(q - xh)), "trusted": jnp.mean(mask.astype(jnp.float32))}
+  return y, jax.lax.stop_gradient(stats)
+
+
+def quest_quantize(x: jax.Array, bits: int, *, axis: int = -1, trust: float | None = None,
+                   hadamard_block: int | None = 128) -> jax.Array:
+  """QuEST fake-quantization of x with rows along `axis`, in x's own basis.
+
+  Rotates by the block Hadamard (hadamard_block=None or 0: no rotation), quantizes each
+  row (quest_rotated) and rotates back. Forward = the quantized values, gradient = the
+  trust-masked identity (in the rotated basis). Computed in fp32; returns x.dtype.
+  """
+  block = hadamard_block_size(x.shape[axis], hadamard_block) if hadamard_block else 0
+  xh = block_hadamard(x.astype(jnp.float32), block, axis) if block else x.astype(jnp.float32)
+  y, _ = quest_rotated(xh, bits, axis=axis, trust=trust)
+  return (block_hadamard(y, block, axis) if block else y).astype(x.dtype)
