@@ -22,7 +22,7 @@ def initial_step(mean_abs: float, bits: int) -> float:
 
 def _scale_grad(x, factor: float):
   """Value x, gradient multiplied by factor."""
-  return x * factor + jax.lax.stop_gradient(x - x * factor)
+  return jax.lax.stop_gradient(x) + (x * factor - jax.lax.stop_gradient(x * factor))
 
 
 def lsq_quantize(x: jax.Array, step: jax.Array, bits: int, *, numel: int) -> jax.Array:
@@ -32,5 +32,5 @@ def lsq_quantize(x: jax.Array, step: jax.Array, bits: int, *, numel: int) -> jax
   q_n, q_p = lsq_range(bits)
   s = _scale_grad(jnp.abs(step.astype(jnp.float32)) + 1e-8, 1.0 / math.sqrt(numel * q_p))
   v = jnp.clip(x.astype(jnp.float32) / s, -q_n, q_p)
-  v = v + jax.lax.stop_gradient(jnp.round(v) - v)
+  v = jnp.round(v) + (v - jax.lax.stop_gradient(v))  # straight-through rounding
   return (v * s).astype(x.dtype)

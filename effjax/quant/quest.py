@@ -42,7 +42,7 @@ def quest_rotated(xh: jax.Array, bits: int, *, axis: int = -1, trust: float | No
     radius = (1.0 if trust is None else trust) * ALPHA[bits] / (levels - 1) * sigma
     mask = jnp.abs(q - xh) <= radius
   masked = xh * mask
-  y = masked + jax.lax.stop_gradient(q - masked)
+  y = q + (masked - jax.lax.stop_gradient(masked))  # forward exactly q, gradient the mask
   stats = {"mse": jnp.mean(jnp.square(q - xh)), "trusted": jnp.mean(mask.astype(jnp.float32))}
   return y, jax.lax.stop_gradient(stats)
 

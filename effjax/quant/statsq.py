@@ -22,4 +22,4 @@ def statsq_quantize(w: jax.Array, bits: int, *, axis: int = 0) -> jax.Array:
   w = w.astype(jnp.float32)
   codes, s = statsq_codes(w, bits, axis=axis)
   q = s * (codes + 0.5) / 2 ** (bits - 1)
-  return w + jax.lax.stop_gradient(q - w)
+  return q + (w - jax.lax.stop_gradient(w))  # forward exactly q, identity gradient

@@ -1,0 +1,202 @@
+"""QAT quantizers (TECHNIQUES.md 5): QuEST, StatsQ, LSQ, the Hadamard rotation, the hooks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax import config as C
+from effjax import models
+from effjax.quant import (ALPHA, block_hadamard, hadamard_matrix, lsq_quantize, quest_quantize,
+                          quest_rotated, statsq_quantize)
+from effjax.quant.statsq import statsq_codes
+
+
+def _heavy(shape, seed=0):
+  """Student-t-like rows: enough outliers that the clip is reached and the trust mask bites."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.normal(k1, shape) / jnp.sqrt(jax.random.gamma(k2, 2.0, shape) / 2.0)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_quest_has_2_pow_b_levels_and_no_zero(bits):
+  x = _heavy((2, 65536), seed=bits)
+  q = quest_quantize(x, bits, hadamard_block=None)
+  for row in np.asarray(q):
+    levels = np.unique(row)
+    assert len(levels) == 2 ** bits, (bits, len(levels))
+    assert not np.any(levels == 0)
+    np.testing.assert_allclose(levels, -levels[::-1], rtol=1e-5)  # symmetric grid
+    if bits > 1:  # uniform step 2 s / (2^b - 1)
+      np.testing.assert_allclose(np.diff(levels), np.diff(levels)[0], rtol=1e-3)
+
+
+def _gaussian_mse(alpha: float, bits: int) -> float:
+  """E[(Q(z) - z)^2], z ~ N(0, 1), mid-rise b-bit grid clipped at alpha (quadrature)."""
+  z = np.linspace(-10, 10, 100_001)
+  pdf = np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+  if bits == 1:
+    q = np.where(z >= 0, alpha, -alpha)
+  else:
+    step = 2 * alpha / (2 ** bits - 1)
+    k = np.clip(np.floor(np.clip(z, -alpha, alpha) / step), -(2 ** (bits - 1)),
+                2 ** (bits - 1) - 1)
+    q = (k + 0.5) * step
+  return float(np.sum((q - z) ** 2 * pdf) * (z[1] - z[0]))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_alpha_b_is_the_gaussian_mse_optimal_clip(bits):
+  """alpha_b minimises the Gaussian MSE of the b-bit grid. Found by quadrature: the
+  constants of TECHNIQUES.md match the optimum to 1e-4 up to 6 bits; at 7 and 8 bits the
+  published values sit 0.3% / 1% below it (excess MSE 1e-4 / 1.5e-3 relative: the curve is
+  flat there), hence the 0.2% MSE bound next to the location bound for b <= 6."""
+  a = ALPHA[bits]
+  grid = a + np.linspace(-0.08, 0.08, 81)
+  mses = np.array([_gaussian_mse(x, bits) for x in grid])
+  best = grid[np.argmin(mses)]
+  assert _gaussian_mse(a, bits) <= mses.min() * 1.002, (bits, a, best)
+  if bits <= 6:  # 0.002 grid resolution + the 0.0014 offset of the 6-bit constant
+    assert abs(best - a) <= 0.004, (bits, a, best)
+  if bits == 1:  # closed form: E|z| = sqrt(2 / pi)
+    assert a == pytest.approx(math.sqrt(2 / math.pi), abs=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quest_gradient_is_identity_inside_trust_region_and_zero_outside(bits):
+  x = _heavy((8, 512), seed=3)
+  cot = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  grad = jax.grad(lambda x: jnp.sum(quest_quantize(x, bits, hadamard_block=None) * cot))(x)
+  sigma = jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True))
+  q = quest_quantize(x, bits, hadamard_block=None)
+  inside = jnp.abs(q - x) <= ALPHA[bits] / (2 ** bits - 1) * sigma
+  assert 0.9 < float(inside.mean()) < 1.0  # both cases occur
+  np.testing.assert_array_equal(np.asarray(grad)[~np.asarray(inside)], 0.0)
+  np.testing.assert_array_equal(np.asarray(grad)[np.asarray(inside)], np.asarray(cot)[np.asarray(inside)])
+  # A larger trust factor passes more gradient; sigma carries none.
+  _, stats_wide = quest_rotated(x, bits, trust=4.0)
+  _, stats = quest_rotated(x, bits)
+  assert float(stats_wide["trusted"]) > float(stats["trusted"])
+
+
+def test_quest_one_bit_is_sign_times_alpha_sigma_with_clip_mask():
+  x = _heavy((2, 1024), seed=5)
+  q = quest_quantize(x, 1, hadamard_block=None)
+  sigma = jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True))
+  np.testing.assert_allclose(q, jnp.sign(x) * ALPHA[1] * sigma, rtol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(quest_quantize(x, 1, hadamard_block=None)))(x)
+  np.testing.assert_array_equal(grad, (jnp.abs(x) <= 1.3 * ALPHA[1] * sigma).astype(jnp.float32))
+
+
+def test_hadamard_is_orthogonal_and_half_hadamard_identity_holds():
+  h = hadamard_matrix(128)
+  np.testing.assert_allclose(h @ h.T, np.eye(128), atol=1e-6)
+  np.testing.assert_allclose(h, h.T)
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 256))
+  w = jax.random.normal(jax.random.PRNGKey(1), (256, 48))
+  np.testing.assert_allclose(block_hadamard(block_hadamard(x, 128), 128), x, atol=1e-5)
+  # x W^T in the paper's (out, in) layout is x W for a Flax (in, out) kernel:
+  np.testing.assert_allclose(block_hadamard(x, 128, -1) @ block_hadamard(w, 128, 0), x @ w,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_quest_rotation_spreads_outliers_and_lowers_error():
+  """A row with one huge outlier: quantizing in the Hadamard basis has lower MSE."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (16, 512)).at[:, 7].set(40.0)
+  err_rot = jnp.mean((quest_quantize(x, 4, hadamard_block=128) - x) ** 2)
+  err_plain = jnp.mean((quest_quantize(x, 4, hadamard_block=None) - x) ** 2)
+  assert float(err_rot) < 0.5 * float(err_plain)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_statsq_scale_levels_and_identity_gradient(bits):
+  w = jax.random.normal(jax.random.PRNGKey(bits), (256, 8)) * 0.02
+  codes, s = statsq_codes(w, bits)
+  np.testing.assert_allclose(s[0], 2 * jnp.mean(jnp.abs(w), axis=0), rtol=1e-6)
+  q = statsq_quantize(w, bits)
+  n = 2 ** (bits - 1)
+  for col in range(w.shape[1]):
+    levels = np.unique(np.asarray(q[:, col]))
+    grid = float(s[0, col]) * (np.arange(-n, n) + 0.5) / n  # 2^b levels, none at zero
+    assert len(levels) <= 2 ** bits and not np.any(levels == 0)
+    np.testing.assert_allclose(levels, grid[np.searchsorted(grid, levels - 1e-9)], rtol=1e-6)
+  assert len(np.unique(np.asarray(q[:, 0]))) == 2 ** bits
+  grad = jax.grad(lambda w: jnp.sum(statsq_quantize(w, bits) * 3.0))(w)
+  np.testing.assert_array_equal(grad, 3.0)
+
+
+def test_lsq_grid_and_step_gradient_scale():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
+  step = jnp.asarray(0.3)
+  q = lsq_quantize(x, step, 3, numel=32)
+  codes = np.asarray(q / 0.3)
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-5)
+  assert codes.min() >= -4 and codes.max() <= 3
+  # d/ds is LSQ's (round(v) - v inside, the clip bound outside) times 1 / sqrt(numel Q_p).
+  g = jax.grad(lambda s: jnp.sum(lsq_quantize(x, s, 3, numel=32)))(step)
+  v = np.clip(np.asarray(x) / 0.3, -4, 3)
+  raw = np.where((np.asarray(x) / 0.3 > -4) & (np.asarray(x) / 0.3 < 3), np.round(v) - v, v)
+  np.testing.assert_allclose(float(g), raw.sum() / math.sqrt(32 * 3), rtol=1e-4)
+
+
+def _logits(overrides, ids):
+  cfg, _ = C.load(["--config=configs/tiny.py", "--config.model.d_model=128", *overrides])
+  m = models.build(cfg, 257)
+  return m.apply(m.initial_params, m.initial_buffers, ids)[0]
+
+
+def test_model_quantization_error_shrinks_with_bits_and_half_equals_full():
+  ids = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 0, 257)
+  ref = _logits([], ids)
+  err = {}
+  for bits in (2, 4, 8):
+    out = _logits(["--config.quant.method=quest", f"--config.quant.weight_bits={bits}",
+                   f"--config.quant.act_bits={bits}"], ids)
+    err[bits] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  # Relative logit error at init (d_model 128, 2 blocks, 6 quantized matmuls each): measured
+  # 0.021 / 0.20 / 0.53 for W8A8 / W4A4 / W2A2; the bound checks the ordering and a small W8A8.
+  assert err[8] < 0.05 and 5 * err[8] < err[4] < err[2], err
+  # full (rotate back) and half (multiply in the rotated basis) compute the same product up
+  # to fp32 rounding (test_half_and_full_hadamard_linears_agree), but in a model that
+  # rounding flips grid decisions downstream: 65 of 8192 codes of block 1's attention-output
+  # quantizer flipped from a 3e-7 input difference (many values sit at grid boundaries
+  # there; not understood yet). Measured whole-model gap 0.073 vs the 0.198 W4A4 error, so
+  # the bound only says the two variants are the same model, not bit-equal.
+  full = _logits(["--config.quant.method=quest", "--config.quant.hadamard=full"], ids)
+  half = _logits(["--config.quant.method=quest", "--config.quant.hadamard=half"], ids)
+  assert float(jnp.linalg.norm(full - half) / jnp.linalg.norm(ref)) < 0.5 * err[4]
+
+
+def test_half_and_full_hadamard_linears_agree():
+  from flax import nnx
+  from effjax.models.layers import Linear
+  from effjax.quant.hooks import QuestHook
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 256))
+  out = {}
+  for mode in ("full", "half"):
+    hook = QuestHook(256, weight_bits=3, act_bits=3, trust=None, hadamard=mode)
+    out[mode] = Linear(256, 64, rngs=nnx.Rngs(params=0), hooks=[hook])(x)
+  np.testing.assert_allclose(out["full"], out["half"], rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_named_block_linears_are_hooked():
+  cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=lsq",
+                   "--config.quant.weight_bits=2", "--config.quant.act_bits=4",
+                   "--config.quant.hadamard=none", "--config.quant.layers=mlp"])
+  m = models.build(cfg, 257)
+  steps = [k for k in jax.tree_util.tree_leaves_with_path(m.initial_params)
+           if "step" in jax.tree_util.keystr(k[0])]
+  paths = [jax.tree_util.keystr(p) for p, _ in steps]
+  assert paths and all("ffn" in p for p in paths), paths
+  assert len(paths) == 2 * 3 * cfg.model.n_layers  # weight + input step, gate/up/down
+
+
+def test_quant_config_errors_name_the_key():
+  with pytest.raises(C.ConfigError, match="quant.layers"):
+    C.load(["--config=configs/tiny.py", "--config.quant.method=quest", "--config.quant.layers=lm_head"])
+  with pytest.raises(C.ConfigError, match="quant.weight_bits"):
+    C.load(["--config=configs/tiny.py", "--config.quant.method=lsq", "--config.quant.weight_bits=1"])
+  with pytest.raises(C.ConfigError, match="quant.hadamard"):
+    C.load(["--config=configs/tiny.py", "--config.quant.method=statsq", "--config.quant.hadamard=half"])
