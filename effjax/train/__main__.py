@@ -1,4 +1,5 @@
-"""Command line: python -m effjax.train --config=configs/NAME.py --workdir=DIR [--config.k=v].
+"""Command line: python -m effjax.train --config=configs/NAME.py --workdir=DIR [--config.k=v]
+    [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
 
 With no --config, the quick-start config. With no --workdir, runs/<config name>.
 Exit codes: 0 done, 2 bad config or data (nothing written), 3 non-finite loss,
@@ -20,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE)
     return 0
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  from effjax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    dist_opts, argv = distributed.split_flags(argv)
+  except distributed.DistributedError as e:
+    print(f"effjax: distributed flags: {e}", file=sys.stderr)
+    return 2
+  distributed.initialize(dist_opts)  # before anything touches a device
   import jax  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax.data import DataError  # pylint: disable=g-import-not-at-top
