@@ -105,3 +105,26 @@ def test_checkpoint_restores_under_another_mesh(tmp_path):
     losses, _ = _losses(workdir)
     for step in (15, 20):  # fp32 sums in another order on another mesh: 1e-4 relative
       assert losses[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
+
+
+def test_compile_check_reports_memory_for_a_cpu_mesh_and_names_tpu_topologies():
+  r = _run([sys.executable, "-m", "effjax.compile_check", "--config=configs/tiny.py",
+            "--topology=cpu:8", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+            "--config.mesh.tensor=2"], env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2, 'expert': 1}" in r.stderr
+  temp = [l for l in r.stdout.splitlines() if l.startswith("| temp_size")]
+  assert temp and float(temp[0].split("|")[2]) > 0
+  from effjax.compile_check import tpu_topology_name
+  assert tpu_topology_name("v5p-128") == "v5p:4x4x4"  # 128 TensorCores = 64 chips
+  assert tpu_topology_name("v5e-16") == "v5e:4x4"
+  assert tpu_topology_name("4x4", "v6e") == "v6e:4x4"
+
+
+def test_compile_check_without_libtpu_says_what_is_missing():
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed: the TPU topology would compile")
+  r = _run([sys.executable, "-m", "effjax.compile_check", "--config=configs/tiny.py",
+            "--topology=v5p-8"])
+  assert r.returncode != 0 and "needs libtpu" in r.stdout + r.stderr

@@ -1,0 +1,146 @@
+"""Ahead-of-time check: compile the train step for a device topology without those devices
+and report per-device memory, so out-of-memory and sharding errors show up before a pod is
+booked (issue 4).
+
+  python -m effjax.compile_check --config=configs/NAME.py --topology=v5p-128 [--config.k=v]
+  python -m effjax.compile_check --config=configs/NAME.py --topology=cpu:8
+
+TPU topologies (e.g. v5p-128, v5e-16, or a "4x4x8" shape with --chip=v5p) come from
+jax.experimental.topologies, which needs libtpu installed (pip install 'jax[tpu]'); where
+that is missing the check says so and exits 2. `cpu:N` compiles for N host devices (forced,
+always available): the same sharding plan, with XLA's CPU memory figures.
+The model is built on the host (its init runs once, on CPU) and the step is lowered with
+the mesh and shardings the trainer would use; nothing is executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+# Chips per slice -> the physical shape: 3D tori (v4, v5p; slice names count TensorCores,
+# two per chip) and 2D meshes (v5e, v6e; names count chips).
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+
+
+def tpu_topology_name(topology: str, chip: str | None = None) -> str:
+  """'v5p-128' -> 'v5p:4x4x8' (jax.experimental.topologies' chip:shape form); a bare shape
+  needs --chip; 'chip:shape' passes through."""
+  if ":" in topology:
+    return topology
+  if chip:
+    return f"{chip}:{topology}"
+  kind, _, count = topology.rpartition("-")
+  if not kind or not count.isdigit():
+    raise SystemExit(f"compile_check: --topology={topology!r}: use cpu:N, a slice name like "
+                     "v5p-128 / v5e-16, or a shape like 4x4x8 with --chip=v5p")
+  kind = {"v5litepod": "v5e", "v6": "v6e"}.get(kind, kind)
+  n = int(count)
+  shapes, chips = (_SHAPES_3D, n // 2) if kind in ("v4", "v5p") else (_SHAPES_2D, n)
+  if chips not in shapes:
+    raise SystemExit(f"compile_check: no known shape for {topology} ({chips} chips); pass the "
+                     f"shape, e.g. --topology=4x4x8 --chip={kind}")
+  return f"{kind}:{shapes[chips]}"
+
+
+def _tpu_devices(topology: str, chip: str | None):
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  name = tpu_topology_name(topology, chip)
+  try:
+    return topologies.get_topology_desc(name, "tpu").devices
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(
+        f"compile_check: cannot describe TPU topology {name!r} here ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200]}). A TPU topology needs libtpu (pip install "
+        "'jax[tpu]') and a JAX that supports jax.experimental.topologies for it; "
+        "--topology=cpu:N works everywhere.") from None
+
+
+def _gib(x) -> str:
+  return f"{x / 2**30:.3f}" if x is not None else "n/a"
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--topology", required=True, help="cpu:N, or a TPU topology (v5p-128)")
+  parser.add_argument("--chip", default=None, help="TPU chip when --topology is a shape")
+  args, overrides = parser.parse_known_args(argv)
+  cpu = args.topology.startswith("cpu:")
+  if cpu:  # must happen before jax is imported
+    n = int(args.topology.split(":", 1)[1])
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={n}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from effjax import models  # pylint: disable=g-import-not-at-top
+  from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import (batch_sharding, make_mesh, param_shardings,  # pylint: disable=g-import-not-at-top
+                               replicated)
+  from effjax.train.extensions import build_extensions, merged_phase  # pylint: disable=g-import-not-at-top
+  from effjax.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  from effjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  devices = jax.devices() if cpu else _tpu_devices(args.topology, args.chip)
+  try:
+    config, _ = config_lib.load(["--config=" + args.config, *overrides],
+                                num_devices=len(devices))
+  except config_lib.ConfigError as e:
+    print(f"compile_check: config error: {e}", file=sys.stderr)
+    return 2
+  t = config.train
+  vocab = data_lib.load_tokenizer(config.data.tokenizer,
+                                  eos_token=config.data.eos_token or None).vocab_size
+  sizes = config_lib.resolve_mesh_shape(config.mesh, len(devices))
+  model = models.build(config, vocab, batch_groups=sizes["data"] * sizes["fsdp"])
+  mesh = make_mesh(config.mesh, devices)
+  p_shard = param_shardings(model.specs, model.initial_params, mesh)
+  repl = replicated(mesh)
+  tx, schedule = make_optimizer(config, model.specs)
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(sds, model.initial_params, p_shard)
+  opt_shapes = jax.eval_shape(tx.init, model.initial_params)
+  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
+                                    transform_non_params=lambda _: repl)
+  state = TrainState(step=sds(jnp.zeros((), jnp.int32), repl), params=params,
+                     opt_state=jax.tree.map(sds, opt_shapes, opt_shard),
+                     buffers=jax.tree.map(lambda x: sds(x, repl), model.initial_buffers),
+                     rng=sds(jax.random.PRNGKey(0), repl))
+  b_shard = batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=b_shard)
+           for k in ("inputs", "targets", "segment_ids", "positions")}
+  extensions = build_extensions(config, model)
+  hooks = [h for ext in extensions for h in ext.hooks()]
+  fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
+                       model_kwargs=dict(merged_phase(extensions, 0)))
+  state_shard = jax.tree.map(lambda x: x.sharding, state)
+  print(f"compile_check: {args.topology}: {len(devices)} devices ({devices[0].device_kind}), "
+        f"mesh {dict(mesh.shape)}", file=sys.stderr, flush=True)
+  compiled = jax.jit(fn, in_shardings=(state_shard, b_shard), out_shardings=(state_shard, repl),
+                     donate_argnums=(0,)).lower(state, batch).compile()
+  mem = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")
+  print("| per device (XLA memory_analysis) | GiB |\n|---|---:|")
+  for f in fields:
+    print(f"| {f.replace('_in_bytes', '')} | {_gib(getattr(mem, f, None)) if mem else 'n/a'} |")
+  if mem is not None:
+    total = sum(getattr(mem, f, 0) or 0 for f in fields[:3]) - (
+        getattr(mem, "alias_size_in_bytes", 0) or 0)
+    print(f"| total (arguments + outputs + temp - donated aliases) | {_gib(total)} |")
+  print(f"compile_check: OK, the train step compiles for {args.topology}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
