@@ -85,7 +85,7 @@ def main(argv=None) -> int:
   from effjax import models  # pylint: disable=g-import-not-at-top
   from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from effjax.parallel import (batch_sharding, make_mesh, param_shardings,  # pylint: disable=g-import-not-at-top
-                               replicated)
+                               replicated, sharding)
   from effjax.train.extensions import build_extensions, merged_phase  # pylint: disable=g-import-not-at-top
   from effjax.train.state import TrainState  # pylint: disable=g-import-not-at-top
   from effjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
   sizes = config_lib.resolve_mesh_shape(config.mesh, len(devices))
   model = models.build(config, vocab, batch_groups=sizes["data"] * sizes["fsdp"])
   mesh = make_mesh(config.mesh, devices)
-  p_shard = param_shardings(model.specs, model.initial_params, mesh)
+  rules = sharding.rules_for(config.mesh)
+  p_shard = param_shardings(model.specs, model.initial_params, mesh, rules)
   repl = replicated(mesh)
   tx, schedule = make_optimizer(config, model.specs)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
                      opt_state=jax.tree.map(sds, opt_shapes, opt_shard),
                      buffers=jax.tree.map(lambda x: sds(x, repl), model.initial_buffers),
                      rng=sds(jax.random.PRNGKey(0), repl))
-  b_shard = batch_sharding(mesh)
+  b_shard = batch_sharding(mesh, rules)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=b_shard)
            for k in ("inputs", "targets", "segment_ids", "positions")}
   extensions = build_extensions(config, model)

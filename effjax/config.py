@@ -184,6 +184,8 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   expert: int = 1
+  rules: str = _field("", doc="logical-axis -> mesh-axis overrides, e.g. 'mlp=fsdp,embed=none,"
+                              "batch=data+fsdp' (defaults: effjax/parallel/sharding.py)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,6 +503,9 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
     _validate_moe(config)
   if config.quant.method != "none":
     _validate_quant(config)
+  if config.mesh.rules:
+    from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
+    sharding.rules_from_string(config.mesh.rules)  # raises ConfigError naming the bad part
   if m.attention.impl in ("pallas_gpu", "pallas_tpu"):
     import jax  # pylint: disable=g-import-not-at-top
     needs = m.attention.impl.split("_")[1]

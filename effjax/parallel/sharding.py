@@ -32,6 +32,31 @@ DEFAULT_RULES: dict[str, object] = {
 }
 
 
+def rules_from_string(text: str) -> dict[str, object]:
+  """DEFAULT_RULES with overrides 'logical=mesh_axis[+mesh_axis...]|none,...' (mesh.rules)."""
+  from effjax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  rules = dict(DEFAULT_RULES)
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, eq, target = (x.strip() for x in part.partition("="))
+    if not eq or name not in DEFAULT_RULES:
+      raise ConfigError(f"mesh.rules: {part!r} must be LOGICAL=MESH_AXES with LOGICAL one of "
+                        f"{', '.join(DEFAULT_RULES)}")
+    axes = tuple(a.strip() for a in target.split("+"))
+    if target == "none":
+      rules[name] = None
+      continue
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise ConfigError(f"mesh.rules: {part!r}: mesh axes must be distinct names from "
+                        f"{', '.join(MESH_AXES)} joined by '+', or 'none'")
+    rules[name] = axes[0] if len(axes) == 1 else axes
+  return rules
+
+
+def rules_for(config: MeshConfig) -> dict[str, object]:
+  return rules_from_string(config.rules) if config.rules else DEFAULT_RULES
+
+
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = resolve_mesh_shape(config, len(devices))

@@ -30,7 +30,7 @@ from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
 from effjax.optim import make_optimizer, scaling
-from effjax.parallel import batch_sharding, make_mesh, param_shardings, replicated
+from effjax.parallel import batch_sharding, make_mesh, param_shardings, replicated, sharding
 from effjax.train import flops as flops_lib
 from effjax.train.checkpoint import Checkpointer, abstract_like
 from effjax.train.extensions import build_extensions, merged_phase
@@ -136,8 +136,9 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   model = models.build(config, tokenizer.vocab_size)
   dims = model.dims
   mesh = make_mesh(config.mesh)
-  p_shard = param_shardings(model.specs, model.initial_params, mesh)
-  b_shard = batch_sharding(mesh)
+  rules = sharding.rules_for(config.mesh)
+  p_shard = param_shardings(model.specs, model.initial_params, mesh, rules)
+  b_shard = batch_sharding(mesh, rules)
   repl = replicated(mesh)
   tx, schedule = make_optimizer(config, model.specs)
   eval_batches = data_lib.eval_batches(
