@@ -200,3 +200,35 @@ def test_quant_config_errors_name_the_key():
     C.load(["--config=configs/tiny.py", "--config.quant.method=lsq", "--config.quant.weight_bits=1"])
   with pytest.raises(C.ConfigError, match="quant.hadamard"):
     C.load(["--config=configs/tiny.py", "--config.quant.method=statsq", "--config.quant.hadamard=half"])
+
+
+def test_oscillation_tracking_counts_code_flips_only():
+  """A weight pushed back and forth across a StatsQ boundary accumulates flips in its EMA;
+  weights whose codes never change stay at 0 (TECHNIQUES.md 5.2)."""
+  from effjax.train.quant_extension import OSC_MOMENTUM, QuantExtension
+  from effjax.train.state import TrainState
+  cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
+                   "--config.quant.weight_bits=2", "--config.quant.act_bits=8",
+                   "--config.quant.layers=mlp"])
+  m = models.build(cfg, 257)
+  ext = QuantExtension(cfg, m)
+  (track,) = ext.hooks()
+  params = m.initial_params
+  w = params["blocks"][0]["ffn"]["up"]["kernel"]
+  s = 2 * float(jnp.mean(jnp.abs(w[:, 0])))
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=(), buffers=m.initial_buffers,
+                     rng=jax.random.PRNGKey(0))
+  for t in range(10):  # the 2-bit grid has a boundary at 0: w[0, 0] = +-1e-3 s alternates codes
+    kernel = w.at[0, 0].set((-1) ** t * 1e-3 * s)
+    params = {**params, "blocks": {**params["blocks"], 0: {**params["blocks"][0], "ffn": {
+        **params["blocks"][0]["ffn"], "up": {**params["blocks"][0]["ffn"]["up"],
+                                             "kernel": kernel}}}}}
+    state = track(state.replace(params=params), state, {})
+  ema = state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["osc_ema"]
+  flips = 8  # calls 3..10: the first sets the code, the second sets the direction
+  assert float(ema[0, 0]) == pytest.approx(1 - (1 - OSC_MOMENTUM) ** flips, rel=1e-5)
+  assert float(jnp.sum(ema)) == pytest.approx(float(ema[0, 0]), rel=1e-6)
+  frac = ext.eval_buffer_metrics(state.buffers)["quant/osc/mlp"]
+  assert frac == pytest.approx(1 / sum(b["hooks"][0]["osc_ema"].size for blk in
+                                       state.buffers["blocks"].values()
+                                       for b in blk["ffn"].values()))

@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from effjax.models.layers import Linear, LinearHook, make_param
+from effjax.models.layers import Buffer, Linear, LinearHook, make_param
 from effjax.quant import lsq
 from effjax.quant.hadamard import block_hadamard, hadamard_block_size
 from effjax.quant.quest import quest_rotated
@@ -55,9 +55,21 @@ class QuestHook(LinearHook):
     return self._apply(x, self.act_bits, -1)
 
 
+def _oscillation_buffers(d_in: int, d_out: int) -> dict:
+  """Per-weight state for oscillation tracking (TECHNIQUES.md 5.2): last integer code, the
+  direction of its last change, an EMA of direction flips; `osc_started` marks the first
+  update (so the initial code is not counted as a change)."""
+  zeros = lambda: Buffer(jnp.zeros((d_in, d_out), jnp.float32))
+  return {"osc_code": zeros(), "osc_dir": zeros(), "osc_ema": zeros(),
+          "osc_started": Buffer(jnp.zeros((), jnp.float32))}
+
+
 class StatsQWeightHook(LinearHook):
-  def __init__(self, bits: int):
+  def __init__(self, bits: int, d_in: int = 0, d_out: int = 0, track: bool = False):
     self.bits = bits
+    if track:
+      for k, v in _oscillation_buffers(d_in, d_out).items():
+        setattr(self, k, v)
 
   def weight(self, w_IxO):
     return statsq_quantize(w_IxO, self.bits, axis=0)
@@ -66,10 +78,14 @@ class StatsQWeightHook(LinearHook):
 class LsqWeightHook(LinearHook):
   """Learnable per-output-channel step, initialised from the init std (E|W| = std sqrt(2/pi))."""
 
-  def __init__(self, d_in: int, d_out: int, bits: int, *, std: float, out_axis):
+  def __init__(self, d_in: int, d_out: int, bits: int, *, std: float, out_axis,
+               track: bool = False):
     self.bits, self.numel = bits, d_in * d_out
     init = lsq.initial_step(std * math.sqrt(2 / math.pi), bits)
     self.step = make_param(jnp.full((d_out,), init, jnp.float32), "vector", (out_axis,))
+    if track:
+      for k, v in _oscillation_buffers(d_in, d_out).items():
+        setattr(self, k, v)
 
   def weight(self, w_IxO):
     return lsq.lsq_quantize(w_IxO, self.step[...], self.bits, numel=self.numel)
@@ -94,8 +110,9 @@ def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis) -> list[Li
   if quant.method == "quest":
     return [QuestHook(d_in, weight_bits=quant.weight_bits, act_bits=quant.act_bits,
                       trust=quant.trust, hadamard=quant.hadamard)]
-  weight = (StatsQWeightHook(quant.weight_bits) if quant.method == "statsq" else
-            LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis))
+  weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=True)
+            if quant.method == "statsq" else
+            LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis, track=True))
   return [weight] + ([LsqInputHook(d_in, quant.act_bits)] if quant.act_bits else [])
 
 

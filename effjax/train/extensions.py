@@ -31,6 +31,11 @@ class Extension:
     del params
     return {}
 
+  def eval_buffer_metrics(self, buffers) -> dict:
+    """Metrics computed from the non-trainable state at each eval (e.g. oscillation EMAs)."""
+    del buffers
+    return {}
+
   def on_end(self, workdir: str, eval_stats: dict) -> list[str]:
     del workdir, eval_stats
     return []
@@ -42,6 +47,9 @@ def build_extensions(config, model) -> list[Extension]:
   if config.train.log_spectral:
     from effjax.train.spectral import SpectralExtension  # pylint: disable=g-import-not-at-top
     exts.append(SpectralExtension(model))
+  if config.quant.method != "none":
+    from effjax.train.quant_extension import QuantExtension  # pylint: disable=g-import-not-at-top
+    exts.append(QuantExtension(config, model))
   if config.model.moe.num_experts:
     from effjax.train.moe_extension import MoEExtension  # pylint: disable=g-import-not-at-top
     exts.append(MoEExtension(config, model))

@@ -302,6 +302,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
           for ext in extensions:
             eval_row.update(ext.eval_metrics(eval_stats))
             eval_row.update(ext.eval_params_metrics(state.params))
+            eval_row.update(ext.eval_buffer_metrics(state.buffers))
           row.update(eval_row)
           bar.message(f"step {step}: eval/loss {row['eval/loss']:.4f}"
                       + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))

@@ -1,0 +1,127 @@
+"""QAT in the trainer (TECHNIQUES.md 5): oscillation tracking as a post-update hook, and
+eval metrics per layer type (qkv, attn_out, mlp):
+
+  quant/weight_rel_mse/<type>  mean (Q(W) - W)^2 / mean W^2 of the quantized kernels
+  quant/osc/<type>             fraction of weights whose flip EMA exceeds OSC_THRESHOLD
+                               (StatsQ / LSQ weights)
+
+Oscillation (Nagel et al. 2022; OFQ, Liu et al. 2023): after every optimizer step each
+weight's integer code is compared with the previous one; a change in the opposite
+direction to the weight's last change is a flip; ema <- (1 - m) ema + m flip, m = 0.01.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from effjax.quant import lsq
+from effjax.quant.hadamard import hadamard_block_size
+from effjax.quant.quest import quest_quantize
+from effjax.quant.statsq import statsq_codes, statsq_quantize
+from effjax.train.extensions import Extension
+
+OSC_MOMENTUM = 0.01
+OSC_THRESHOLD = 0.01  # flips more often than about once per 100 steps
+
+
+def _layer_type(path: tuple) -> str:
+  names = [p for p in path if isinstance(p, str)]
+  if "attn" in names:
+    return "attn_out" if "o" in names else "qkv"
+  return "mlp"
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree, path, value):
+  """A copy of the nested dict `tree` with tree[path] = value (untouched branches shared)."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def _linear_paths(params, layers) -> list[tuple]:
+  """Paths of the quantized block Linears: kernels under blocks/*/attn or blocks/*/ffn
+  whose layer type is in quant.layers (QuEST hooks hold no params, so go by position)."""
+  found = []
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      if ("kernel" in node and "blocks" in path and ("attn" in path or "ffn" in path)
+          and _layer_type(path) in layers):
+        found.append(path)
+      for k, v in node.items():
+        walk(v, path + (k,))
+  walk(params, ())
+  return found
+
+
+class QuantExtension(Extension):
+  name = "quant"
+
+  def __init__(self, config, model):
+    self.q = config.quant
+    self.linears = _linear_paths(model.initial_params, self.q.layers)
+    self.tracked = [p for p in self.linears if self.q.method in ("statsq", "lsq")]
+
+  def _codes(self, params, path):
+    w = _get(params, path + ("kernel",))
+    if self.q.method == "statsq":
+      return statsq_codes(w, self.q.weight_bits)[0]
+    step = jnp.abs(_get(params, path + ("hooks", 0, "step"))) + 1e-8
+    q_n, q_p = lsq.lsq_range(self.q.weight_bits)
+    return jnp.round(jnp.clip(w / step, -q_n, q_p))
+
+  def _track(self, new_state, old_state, aux):
+    del old_state, aux
+    buffers = new_state.buffers
+    for path in self.tracked:
+      bpath = path + ("hooks", 0)
+      b = _get(buffers, bpath)
+      code = self._codes(new_state.params, path)
+      started = b["osc_started"] > 0
+      delta = jnp.where(started, jnp.sign(code - b["osc_code"]), 0.0)
+      flip = ((delta != 0) & (b["osc_dir"] != 0) & (delta != b["osc_dir"])).astype(jnp.float32)
+      ema = jnp.where(started, (1 - OSC_MOMENTUM) * b["osc_ema"] + OSC_MOMENTUM * flip,
+                      b["osc_ema"])
+      buffers = _set(buffers, bpath, {
+          "osc_code": code, "osc_dir": jnp.where(delta != 0, delta, b["osc_dir"]),
+          "osc_ema": ema, "osc_started": jnp.ones_like(b["osc_started"])})
+    return new_state.replace(buffers=buffers)
+
+  def hooks(self):
+    return [self._track] if self.tracked else []
+
+  def _quantized_weight(self, params, path):
+    w = _get(params, path + ("kernel",))
+    bits = self.q.weight_bits
+    if self.q.method == "quest":
+      block = 0 if self.q.hadamard == "none" else hadamard_block_size(w.shape[0])
+      return quest_quantize(w, bits, axis=0, hadamard_block=block or None)
+    if self.q.method == "statsq":
+      return statsq_quantize(w, bits)
+    step = _get(params, path + ("hooks", 0, "step"))
+    return lsq.lsq_quantize(w, step, bits, numel=w.size)
+
+  def eval_params_metrics(self, params) -> dict:
+    sums: dict = {}
+    for path in self.linears:
+      w = _get(params, path + ("kernel",))
+      err = jnp.mean(jnp.square(self._quantized_weight(params, path) - w)) / jnp.mean(w * w)
+      sums.setdefault(_layer_type(path), []).append(err)
+    return {f"quant/weight_rel_mse/{k}": float(jnp.mean(jnp.stack(v))) for k, v in sums.items()}
+
+  def eval_buffer_metrics(self, buffers) -> dict:
+    fracs: dict = {}
+    for path in self.tracked:
+      ema = _get(buffers, path + ("hooks", 0, "osc_ema"))
+      fracs.setdefault(_layer_type(path), []).append(
+          (jnp.sum(ema > OSC_THRESHOLD), ema.size))
+    return {f"quant/osc/{k}": float(sum(n for n, _ in v)) / sum(s for _, s in v)
+            for k, v in fracs.items()}
