@@ -103,6 +103,11 @@ def main(argv=None) -> int:
             rec.last("train/loss")]
 
   header = ["variant", "what", "eval loss", "gap to unquantized", "eval bpb", "final train loss"]
+  header_b = header + ["oscillating (qkv / attn_out / mlp)"]
+
+  def osc(rec):
+    return [" / ".join(f"{rec.last(f'quant/osc/{k}'):.4f}"
+                       for k in ("qkv", "attn_out", "mlp"))]
   tables = []
   for width, rs in recs.items():
     base_loss = next((r.last("eval/loss") for r in rs if r.variant.name.endswith("fp32")),
@@ -114,9 +119,10 @@ def main(argv=None) -> int:
   body = ("## Part A: QuEST, loss versus bits at two widths (equal tokens)\n\n"
           + "\n\n".join(tables) + f"\n\n![loss vs bits]({os.path.basename(plot)})\n\n"
           "## Part B: 2-bit weights, StatsQ versus LSQ (8-bit LSQ inputs, d_model 128)\n\n"
-          + markdown_table(header, [row(r, base_128) for r in recs_b])
-          + "\n\nThe oscillating-weight fraction and CGA are not implemented yet (see the issue "
-            "notes), so part B compares losses only.\n\n## What reproduced\n\nSee FINDINGS.md "
+          + markdown_table(header_b, [row(r, base_128) + osc(r) for r in recs_b])
+          + "\n\nOscillating fraction: weights whose EMA (momentum 0.01) of integer-code "
+            "direction flips exceeds 0.01, at the last eval (effjax/train/quant_extension.py). "
+            "CGA is not implemented yet.\n\n## What reproduced\n\nSee FINDINGS.md "
             "(written by hand from the tables above).\n")
   all_recs = [r for rs in recs.values() for r in rs] + recs_b
   path = write_summary(args.out, "QAT study (QuEST, StatsQ, LSQ)", body, all_recs,
