@@ -176,6 +176,19 @@ class QuantConfig:
                          "basis), none; auto = full for quest, none otherwise")
   trust: float = _field(1.0, doc="QuEST trust radius, as a factor on half a grid step")
   layers: tuple = _field(("qkv", "attn_out", "mlp"), doc="block linears to quantize")
+  cga_start: float = _field(0.0, doc="CGA (StatsQ): start of the final phase as a fraction of "
+                                      "train.steps; 0 = off")
+  cga_br: float = _field(0.005, doc="CGA boundary range: weights within BR of a rounding "
+                                    "boundary keep training, the others are frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class DcnConfig:
+  """Multi-slice: the part of each mesh axis that crosses slices over DCN (1: inside a slice)."""
+  data: int = _field(1, doc="slices along mesh.data (must divide mesh.data)")
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +199,7 @@ class MeshConfig:
   expert: int = 1
   rules: str = _field("", doc="logical-axis -> mesh-axis overrides, e.g. 'mlp=fsdp,embed=none,"
                               "batch=data+fsdp' (defaults: effjax/parallel/sharding.py)")
+  dcn: DcnConfig = dataclasses.field(default_factory=DcnConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +457,9 @@ def _validate_quant(config: Config) -> None:
                       f"--config.quant.hadamard=none for {q.method}.")
   if q.trust <= 0:
     raise ConfigError(f"quant.trust must be > 0 (a factor on half a grid step); got {q.trust}.")
+  if q.cga_start and (q.method != "statsq" or not 0 < q.cga_start < 1 or q.cga_br <= 0):
+    raise ConfigError(f"quant.cga_start={q.cga_start} needs quant.method=statsq, a fraction in "
+                      f"(0, 1) and quant.cga_br > 0 (got method={q.method}, cga_br={q.cga_br}).")
   if config.model.moe.num_experts and "mlp" in q.layers:
     raise ConfigError("quant.layers includes mlp but model.moe.num_experts > 0: MoE expert "
                       "weights are not quantized yet; drop mlp from quant.layers.")
@@ -503,9 +520,8 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
     _validate_moe(config)
   if config.quant.method != "none":
     _validate_quant(config)
-  if config.mesh.rules:
-    from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
-    sharding.rules_from_string(config.mesh.rules)  # raises ConfigError naming the bad part
+  from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
+  rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part
   if m.attention.impl in ("pallas_gpu", "pallas_tpu"):
     import jax  # pylint: disable=g-import-not-at-top
     needs = m.attention.impl.split("_")[1]
@@ -514,12 +530,13 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
                         f"this is {jax.default_backend()!r}. Valid here: auto, xla, interpret.")
   if num_devices is not None:
     sizes = resolve_mesh_shape(config.mesh, num_devices)
-    batch_shards = sizes["data"] * sizes["fsdp"]
+    sharding.dcn_sizes(config.mesh, sizes)
+    batch_shards = sharding.batch_shards(sizes, rules)
     micro = t.batch_size // t.grad_accum
     if micro % batch_shards:
       raise ConfigError(
           f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
-          f"mesh.data x mesh.fsdp = {batch_shards}.")
+          f"the batch shards (mesh axes of the 'batch' rule: {rules['batch']}) = {batch_shards}.")
   return config
 
 

@@ -232,3 +232,41 @@ def test_oscillation_tracking_counts_code_flips_only():
   assert frac == pytest.approx(1 / sum(b["hooks"][0]["osc_ema"].size for blk in
                                        state.buffers["blocks"].values()
                                        for b in blk["ffn"].values()))
+
+
+def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
+  """From the CGA start on, confident weights (farther than BR from a StatsQ rounding
+  boundary) keep their values bit-exactly through AdamW steps (momentum and weight decay
+  would move them); the low-confidence ones keep training."""
+  from effjax.optim import make_optimizer
+  from effjax.train.extensions import build_extensions
+  from effjax.train.state import TrainState
+  from effjax.train.step import make_train_step
+  cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
+                   "--config.quant.weight_bits=2", "--config.quant.act_bits=8",
+                   "--config.quant.cga_start=0.1", "--config.quant.cga_br=0.05",
+                   "--config.optim.weight_decay=0.1", "--config.train.steps=20"])
+  m = models.build(cfg, 257)
+  tx, schedule = make_optimizer(cfg, m.specs)
+  hooks = [h for e in build_extensions(cfg, m) for h in e.hooks()]
+  step_fn = jax.jit(make_train_step(m, tx, schedule, hooks=hooks))
+  ids = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 256)
+  batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+           "segment_ids": jnp.ones((8, 32), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(32), (8, 32))}
+  state = TrainState(step=jnp.int32(0), params=m.initial_params,
+                     opt_state=tx.init(m.initial_params), buffers=m.initial_buffers,
+                     rng=jax.random.PRNGKey(0))
+  kernels = []
+  for _ in range(5):  # CGA starts after step 2 (0.1 x 20)
+    state, _ = step_fn(state, batch)
+    kernels.append(state.params["blocks"][0]["ffn"]["up"]["kernel"])
+  frozen = state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["cga_frozen"] > 0
+  assert 0.5 < float(frozen.mean()) < 1.0  # most weights frozen, some still training
+  for later in kernels[3:]:
+    np.testing.assert_array_equal(np.asarray(later)[np.asarray(frozen)],
+                                  np.asarray(kernels[2])[np.asarray(frozen)])
+  assert float(jnp.abs(kernels[4] - kernels[2])[~frozen].max()) > 0
+  # Before the phase the same (later frozen) weights still moved.
+  assert not np.array_equal(np.asarray(kernels[1])[np.asarray(frozen)],
+                            np.asarray(kernels[0])[np.asarray(frozen)])

@@ -65,11 +65,14 @@ def _oscillation_buffers(d_in: int, d_out: int) -> dict:
 
 
 class StatsQWeightHook(LinearHook):
-  def __init__(self, bits: int, d_in: int = 0, d_out: int = 0, track: bool = False):
+  def __init__(self, bits: int, d_in: int = 0, d_out: int = 0, track: bool = False,
+               cga: bool = False):
     self.bits = bits
     if track:
       for k, v in _oscillation_buffers(d_in, d_out).items():
         setattr(self, k, v)
+    if cga:  # CGA freeze mask (1 = frozen), set when the CGA phase starts
+      self.cga_frozen = Buffer(jnp.zeros((d_in, d_out), jnp.float32))
 
   def weight(self, w_IxO):
     return statsq_quantize(w_IxO, self.bits, axis=0)
@@ -110,7 +113,8 @@ def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis) -> list[Li
   if quant.method == "quest":
     return [QuestHook(d_in, weight_bits=quant.weight_bits, act_bits=quant.act_bits,
                       trust=quant.trust, hadamard=quant.hadamard)]
-  weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=True)
+  weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=True,
+                             cga=quant.cga_start > 0)
             if quant.method == "statsq" else
             LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis, track=True))
   return [weight] + ([LsqInputHook(d_in, quant.act_bits)] if quant.act_bits else [])

@@ -1,4 +1,4 @@
-"""QAT in the trainer (TECHNIQUES.md 5): oscillation tracking as a post-update hook, and
+"""QAT in the trainer (TECHNIQUES.md 5): oscillation tracking and CGA as post-update hooks, and
 eval metrics per layer type (qkv, attn_out, mlp):
 
   quant/weight_rel_mse/<type>  mean (Q(W) - W)^2 / mean W^2 of the quantized kernels
@@ -69,6 +69,7 @@ class QuantExtension(Extension):
     self.q = config.quant
     self.linears = _linear_paths(model.initial_params, self.q.layers)
     self.tracked = [p for p in self.linears if self.q.method in ("statsq", "lsq")]
+    self.cga_step = int(round(self.q.cga_start * config.train.steps)) if self.q.cga_start else 0
 
   def _codes(self, params, path):
     w = _get(params, path + ("kernel",))
@@ -91,12 +92,35 @@ class QuantExtension(Extension):
       ema = jnp.where(started, (1 - OSC_MOMENTUM) * b["osc_ema"] + OSC_MOMENTUM * flip,
                       b["osc_ema"])
       buffers = _set(buffers, bpath, {
-          "osc_code": code, "osc_dir": jnp.where(delta != 0, delta, b["osc_dir"]),
+          **b, "osc_code": code, "osc_dir": jnp.where(delta != 0, delta, b["osc_dir"]),
           "osc_ema": ema, "osc_started": jnp.ones_like(b["osc_started"])})
     return new_state.replace(buffers=buffers)
 
+  def _cga(self, new_state, old_state, aux):
+    """CGA (OFQ, Liu et al. 2023, Sec. 4.3): at the phase start, freeze every weight whose
+    StatsQ position u = clip(W/s) n - 1/2 is farther than BR from a rounding boundary
+    (half-integer); during the phase, restore frozen weights after each optimizer step."""
+    del aux
+    params, buffers = new_state.params, new_state.buffers
+    starting = old_state.step == self.cga_step
+    in_phase = old_state.step >= self.cga_step
+    n = 2 ** (self.q.weight_bits - 1)
+    for path in self.linears:
+      bpath = path + ("hooks", 0, "cga_frozen")
+      old_w = _get(old_state.params, path + ("kernel",))
+      s = 2 * jnp.mean(jnp.abs(old_w), axis=0, keepdims=True)
+      u = jnp.clip(old_w / jnp.where(s > 0, s, 1.0), -1.0, 1.0 - 1e-6) * n - 0.5
+      confident = (jnp.abs(u - (jnp.floor(u) + 0.5)) > self.q.cga_br).astype(jnp.float32)
+      frozen = jnp.where(starting, confident, _get(buffers, bpath))
+      buffers = _set(buffers, bpath, frozen)
+      new_w = _get(params, path + ("kernel",))
+      params = _set(params, path + ("kernel",),
+                    jnp.where(in_phase & (frozen > 0), old_w, new_w))
+    return new_state.replace(params=params, buffers=buffers)
+
   def hooks(self):
-    return [self._track] if self.tracked else []
+    # CGA first: oscillation tracking must see the restored weights.
+    return ([self._cga] if self.cga_step else []) + ([self._track] if self.tracked else [])
 
   def _quantized_weight(self, params, path):
     w = _get(params, path + ("kernel",))
