@@ -176,6 +176,8 @@ class QuantConfig:
                          "basis), none; auto = full for quest, none otherwise")
   trust: float = _field(1.0, doc="QuEST trust radius, as a factor on half a grid step")
   layers: tuple = _field(("qkv", "attn_out", "mlp"), doc="block linears to quantize")
+  weights_on_grid: bool = _field(False, doc="weights are already quantized (a loaded export, "
+                                           "effjax.quant.export): skip weight quantization")
   cga_start: float = _field(0.0, doc="CGA (StatsQ): start of the final phase as a fraction of "
                                       "train.steps; 0 = off")
   cga_br: float = _field(0.005, doc="CGA boundary range: weights within BR of a rounding "

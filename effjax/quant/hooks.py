@@ -31,8 +31,9 @@ class QuestHook(LinearHook):
   """QuEST on the weight (rows along axis 0) and/or the input (rows along the last axis)."""
 
   def __init__(self, d_in: int, *, weight_bits: int, act_bits: int, trust: float | None,
-               hadamard: str):
+               hadamard: str, on_grid: bool = False):
     self.weight_bits, self.act_bits, self.trust = weight_bits, act_bits, trust
+    self.on_grid = on_grid  # weights already quantized (a loaded export)
     hadamard = "full" if hadamard == "auto" else hadamard
     self.hadamard = hadamard
     self.block = hadamard_block_size(d_in, HADAMARD_BLOCK) if hadamard != "none" else 0
@@ -47,6 +48,8 @@ class QuestHook(LinearHook):
     return xh.astype(x.dtype)
 
   def weight(self, w_IxO):
+    if self.on_grid:  # a loaded export, already in the basis the matmul uses
+      return w_IxO
     return self._apply(w_IxO, self.weight_bits, 0)
 
   def input(self, x):
@@ -74,8 +77,10 @@ class StatsQWeightHook(LinearHook):
     if cga:  # CGA freeze mask (1 = frozen), set when the CGA phase starts
       self.cga_frozen = Buffer(jnp.zeros((d_in, d_out), jnp.float32))
 
+  on_grid = False
+
   def weight(self, w_IxO):
-    return statsq_quantize(w_IxO, self.bits, axis=0)
+    return w_IxO if self.on_grid else statsq_quantize(w_IxO, self.bits, axis=0)
 
 
 class LsqWeightHook(LinearHook):
@@ -90,7 +95,11 @@ class LsqWeightHook(LinearHook):
       for k, v in _oscillation_buffers(d_in, d_out).items():
         setattr(self, k, v)
 
+  on_grid = False
+
   def weight(self, w_IxO):
+    if self.on_grid:
+      return w_IxO
     return lsq.lsq_quantize(w_IxO, self.step[...], self.bits, numel=self.numel)
 
 
@@ -112,11 +121,12 @@ def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis) -> list[Li
   """The hooks of one quantized linear for a QuantConfig."""
   if quant.method == "quest":
     return [QuestHook(d_in, weight_bits=quant.weight_bits, act_bits=quant.act_bits,
-                      trust=quant.trust, hadamard=quant.hadamard)]
+                      trust=quant.trust, hadamard=quant.hadamard, on_grid=quant.weights_on_grid)]
   weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=True,
                              cga=quant.cga_start > 0)
             if quant.method == "statsq" else
             LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis, track=True))
+  weight.on_grid = quant.weights_on_grid  # a loaded export: weights are final
   return [weight] + ([LsqInputHook(d_in, quant.act_bits)] if quant.act_bits else [])
 
 

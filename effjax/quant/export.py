@@ -1,0 +1,124 @@
+"""Quantized export (issue 6): integer weight codes + scales for every quantized block linear,
+everything else in fp32, and the convention needed to turn codes back into weights.
+
+  meta = export(config, params, "w4a4.npz", QuantExtension(config, model).linears)
+  params_deq, meta = load("w4a4.npz")   # then build with quant.weights_on_grid=true
+
+Per kernel W [in, out] (rows = output units over fan-in, TECHNIQUES.md 5):
+  quest   codes k in [-2^(b-1), 2^(b-1)), step [1, out]; rotated value (k + 1/2) step; the
+          weight is H (that) with H the block Hadamard of size `block` along fan-in (H = H^T =
+          H^-1, 1/sqrt(block) normalised), or no rotation when block = 0.
+  statsq  codes k, scale s/2^(b-1) [1, out]; value (k + 1/2) scale.
+  lsq     codes k in [-Q_n, Q_p], step [out]; value k step.
+Loading gives params whose kernels are the dequantized weights (for quant.hadamard=half: in
+the rotated basis, where that model multiplies); build the model with
+`quant.weights_on_grid=true` (inputs still quantized) and it computes the QAT model's function.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.quant import lsq
+from effjax.quant.hadamard import block_hadamard, hadamard_block_size
+from effjax.quant.quest import ALPHA
+from effjax.quant.statsq import statsq_codes
+
+
+def _flat(tree, prefix=()):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, prefix + (k,)))
+    return out
+  return {prefix: tree}
+
+
+def _key(path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def _unflat(flat: dict) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return tree
+
+
+def quantize_kernel(quant, w, step=None) -> dict:
+  """{'codes': int8 [in, out], 'scale': fp32, **convention} for one kernel."""
+  w = jnp.asarray(w, jnp.float32)
+  bits = quant.weight_bits
+  if quant.method == "quest":
+    hadamard = "full" if quant.hadamard == "auto" else quant.hadamard
+    block = hadamard_block_size(w.shape[0]) if hadamard != "none" else 0
+    wh = block_hadamard(w, block, 0) if block else w
+    sigma = jnp.sqrt(jnp.mean(wh * wh, axis=0, keepdims=True))
+    s = ALPHA[bits] * sigma
+    if bits == 1:
+      codes, scale = jnp.where(wh >= 0, 0, -1), 2 * s  # (k + 1/2) 2s = +-s
+    else:
+      scale = 2 * s / (2 ** bits - 1)
+      codes = jnp.clip(jnp.floor(jnp.clip(wh, -s, s) / jnp.where(scale > 0, scale, 1.0)),
+                       -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return {"codes": codes, "scale": scale, "block": block, "offset": 0.5}
+  if quant.method == "statsq":
+    codes, s = statsq_codes(w, bits)
+    return {"codes": codes, "scale": s / 2 ** (bits - 1), "block": 0, "offset": 0.5}
+  q_n, q_p = lsq.lsq_range(bits)
+  st = jnp.abs(step) + 1e-8
+  return {"codes": jnp.round(jnp.clip(w / st, -q_n, q_p)), "scale": st, "block": 0,
+          "offset": 0.0}
+
+
+def dequantize(entry: dict, rotate_back: bool = True) -> np.ndarray:
+  """Weights from codes; rotate_back=False keeps QuEST values in the rotated basis (what a
+  quant.hadamard=half model multiplies with)."""
+  w = (np.asarray(entry["codes"], np.float32) + entry["offset"]) * np.asarray(entry["scale"])
+  if entry["block"] and rotate_back:
+    return np.asarray(block_hadamard(jnp.asarray(w), entry["block"], 0))
+  return w
+
+
+def export(config, params, path: str, quantized_paths) -> dict:
+  """Writes `path` (.npz) with codes/scales of the quantized kernels and fp32 for the rest;
+  returns the metadata (also stored in the file under '__meta__')."""
+  flat = _flat(jax.device_get(params))
+  arrays, meta = {}, {"quant": {k: (list(v) if isinstance(v, tuple) else v)
+                                for k, v in vars(config.quant).items()},
+                      "kernels": {}, "hadamard": "block Sylvester / sqrt(block) along fan-in "
+                                                 "(axis 0); weight = H @ rotated values"}
+  for lin in quantized_paths:
+    kpath = lin + ("kernel",)
+    step = flat.get(lin + ("hooks", 0, "step")) if config.quant.method == "lsq" else None
+    entry = quantize_kernel(config.quant, flat.pop(kpath), step)
+    arrays[_key(kpath) + "#codes"] = np.asarray(entry["codes"], np.int8)
+    arrays[_key(kpath) + "#scale"] = np.asarray(entry["scale"], np.float32)
+    meta["kernels"][_key(kpath)] = {"block": int(entry["block"]), "offset": entry["offset"],
+                                    "path": [p if isinstance(p, str) else int(p) for p in kpath]}
+  meta["dense"] = {}
+  for p, v in flat.items():
+    arrays[_key(p)] = np.asarray(v, np.float32)
+    meta["dense"][_key(p)] = [x if isinstance(x, str) else int(x) for x in p]
+  np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+  return meta
+
+
+def load(path: str) -> tuple[dict, dict]:
+  """(params with dequantized kernels, metadata) from an export."""
+  with np.load(path) as f:
+    meta = json.loads(bytes(f["__meta__"]).decode())
+    flat = {tuple(p): f[key] for key, p in meta["dense"].items()}
+    half = meta["quant"]["hadamard"] == "half"
+    for key, k in meta["kernels"].items():
+      flat[tuple(k["path"])] = dequantize({"codes": f[key + "#codes"],
+                                           "scale": f[key + "#scale"], "block": k["block"],
+                                           "offset": k["offset"]}, rotate_back=not half)
+  return _unflat({p: jnp.asarray(v) for p, v in flat.items()}), meta
