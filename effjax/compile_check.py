@@ -9,8 +9,9 @@ TPU topologies (e.g. v5p-128, v5e-16, or a "4x4x8" shape with --chip=v5p) come f
 jax.experimental.topologies, which needs libtpu installed (pip install 'jax[tpu]'); where
 that is missing the check says so and exits 2. `cpu:N` compiles for N host devices (forced,
 always available): the same sharding plan, with XLA's CPU memory figures.
-The model is built on the host (its init runs once, on CPU) and the step is lowered with
-the mesh and shardings the trainer would use; nothing is executed.
+Multi-slice: --num_slices=N joins N copies of the TPU topology over DCN; set mesh.dcn.* to
+match (e.g. --config.mesh.dcn.data=N). Only shapes are built (no weights are computed) and
+the step is lowered with the mesh and shardings the trainer would use; nothing is executed.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def tpu_topology_name(topology: str, chip: str | None = None) -> str:
   return f"{kind}:{shapes[chips]}"
 
 
-def _tpu_devices(topology: str, chip: str | None):
+def _tpu_devices(topology: str, chip: str | None, num_slices: int = 1):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   name = tpu_topology_name(topology, chip)
+  extra = {"num_slices": num_slices} if num_slices > 1 else {}
   try:
-    return topologies.get_topology_desc(name, "tpu").devices
+    return topologies.get_topology_desc(name, "tpu", **extra).devices
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(
         f"compile_check: cannot describe TPU topology {name!r} here ({type(e).__name__}: "
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
   parser.add_argument("--config", required=True)
   parser.add_argument("--topology", required=True, help="cpu:N, or a TPU topology (v5p-128)")
   parser.add_argument("--chip", default=None, help="TPU chip when --topology is a shape")
+  parser.add_argument("--num_slices", type=int, default=1,
+                      help="TPU multi-slice: this many slices of --topology joined over DCN "
+                           "(set mesh.dcn.* to match)")
   args, overrides = parser.parse_known_args(argv)
   cpu = args.topology.startswith("cpu:")
   if cpu:  # must happen before jax is imported
@@ -82,53 +87,45 @@ def main(argv=None) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from effjax import models  # pylint: disable=g-import-not-at-top
   from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
-  from effjax.parallel import (batch_sharding, make_mesh, param_shardings,  # pylint: disable=g-import-not-at-top
-                               replicated, sharding)
+  from effjax.parallel import (batch_sharding, make_mesh, replicated,  # pylint: disable=g-import-not-at-top
+                               sharding, state_init)
   from effjax.train.extensions import build_extensions, merged_phase  # pylint: disable=g-import-not-at-top
-  from effjax.train.state import TrainState  # pylint: disable=g-import-not-at-top
   from effjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
 
-  devices = jax.devices() if cpu else _tpu_devices(args.topology, args.chip)
+  devices = jax.devices() if cpu else _tpu_devices(args.topology, args.chip, args.num_slices)
   try:
     config, _ = config_lib.load(["--config=" + args.config, *overrides],
                                 num_devices=len(devices))
+    mesh = make_mesh(config.mesh, devices)
   except config_lib.ConfigError as e:
     print(f"compile_check: config error: {e}", file=sys.stderr)
     return 2
   t = config.train
   vocab = data_lib.load_tokenizer(config.data.tokenizer,
                                   eos_token=config.data.eos_token or None).vocab_size
-  sizes = config_lib.resolve_mesh_shape(config.mesh, len(devices))
-  model = models.build(config, vocab, batch_groups=sizes["data"] * sizes["fsdp"])
-  mesh = make_mesh(config.mesh, devices)
   rules = sharding.rules_for(config.mesh)
-  p_shard = param_shardings(model.specs, model.initial_params, mesh, rules)
+  groups = sharding.batch_shards(dict(mesh.shape), rules)
+  model = state_init.abstract_model(config, vocab, groups)  # no weights are computed
   repl = replicated(mesh)
   tx, schedule = make_optimizer(config, model.specs)
-  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  params = jax.tree.map(sds, model.initial_params, p_shard)
-  opt_shapes = jax.eval_shape(tx.init, model.initial_params)
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
-                                    transform_non_params=lambda _: repl)
-  state = TrainState(step=sds(jnp.zeros((), jnp.int32), repl), params=params,
-                     opt_state=jax.tree.map(sds, opt_shapes, opt_shard),
-                     buffers=jax.tree.map(lambda x: sds(x, repl), model.initial_buffers),
-                     rng=sds(jax.random.PRNGKey(0), repl))
+  state_shard = state_init.state_shardings(model, tx, mesh, rules)
+  state = state_init.abstract_state(config, vocab, groups, tx, state_shard)
   b_shard = batch_sharding(mesh, rules)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=b_shard)
            for k in ("inputs", "targets", "segment_ids", "positions")}
   extensions = build_extensions(config, model)
   hooks = [h for ext in extensions for h in ext.hooks()]
+  grad_hooks = [h for ext in extensions for h in ext.grad_hooks()]
   fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
-                       model_kwargs=dict(merged_phase(extensions, 0)))
-  state_shard = jax.tree.map(lambda x: x.sharding, state)
-  print(f"compile_check: {args.topology}: {len(devices)} devices ({devices[0].device_kind}), "
+                       grad_hooks=grad_hooks, model_kwargs=dict(merged_phase(extensions, 0)))
+  slices = f"{args.num_slices} x " if args.num_slices > 1 else ""
+  print(f"compile_check: {slices}{args.topology}: {len(devices)} devices ({devices[0].device_kind}), "
         f"mesh {dict(mesh.shape)}", file=sys.stderr, flush=True)
-  compiled = jax.jit(fn, in_shardings=(state_shard, b_shard), out_shardings=(state_shard, repl),
-                     donate_argnums=(0,)).lower(state, batch).compile()
+  with sharding.activation_sharding(mesh, rules):
+    compiled = jax.jit(fn, in_shardings=(state_shard, b_shard),
+                       out_shardings=(state_shard, repl), donate_argnums=(0,)).lower(
+                           state, batch).compile()
   mem = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")

@@ -1,6 +1,7 @@
 """Multi-process training (issue 4): two processes on localhost via launch/local.py, each
-with 2 forced CPU devices, against one process with 4 devices (the same global mesh and
-batch); process-0-only writing; resume; the distributed flags."""
+with 2 forced CPU devices, on a hybrid mesh whose data axis crosses processes, against one
+process with 4 devices (the same mesh sizes and global batch); process-0-only writing;
+resume under another mesh; the distributed flags."""
 
 import json
 import os
@@ -25,24 +26,30 @@ def _run(cmd, env=None, timeout=300):
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _two_process(workdir, steps, port):
+def _two_process(workdir, steps, port, mesh=()):
   return _run([sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=2",
                f"--port={port}", "--", *TRAIN, f"--workdir={workdir}",
-               f"--config.train.steps={steps}"])
+               f"--config.train.steps={steps}", *mesh])
+
+
+# data=2 x fsdp=2 where the data axis crosses the two processes (a hybrid DCN x ICI mesh,
+# processes standing in for slices); the single process has the same axis sizes.
+MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
+HYBRID = [*MESH, "--config.mesh.dcn.data=2"]
 
 
 def test_two_processes_match_one_process_and_resume(tmp_path):
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  r = _two_process(two, 20, 12361)
+  r = _two_process(two, 20, 12361, HYBRID)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   r1 = _run([sys.executable, "-m", "effjax.train", *TRAIN, f"--workdir={one}",
-             "--config.train.steps=20"], env=env)
+             "--config.train.steps=20", *MESH], env=env)
   assert r1.returncode == 0, r1.stderr[-3000:]
   l2, rows2 = _losses(two)
   l1, _ = _losses(one)
   assert sorted(l2) == sorted(l1) and len(l2) >= 4
-  # Same global batch and mesh (data=4); only the all-reduce differs (gloo across processes
+  # Same global batch and mesh sizes (the device order differs); only the all-reduce differs (gloo across processes
   # vs in-process), which reorders fp32 sums: 1e-4 relative.
   for step in l1:
     assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l2[step], l1[step])
@@ -50,7 +57,8 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   steps = [r["step"] for r in rows2 if "train/loss" in r]
   assert len(steps) == len(set(steps))
   assert not os.path.exists(os.path.join(two, "process_1_metrics.jsonl"))
-  # Resume: the same command with more steps continues from the step-20 checkpoint.
+  # Resume with more steps from the step-20 checkpoint, under the default mesh (data=4):
+  # orbax reshards across processes.
   r = _two_process(two, 30, 12362)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   l2b, _ = _losses(two)

@@ -136,7 +136,9 @@ print(json.dumps({"devices": jax.device_count(), "exit": r.exit_code}))
 
 
 @pytest.mark.parametrize("mesh", [("--config.mesh.fsdp=4", "--config.mesh.tensor=2"),
-                                  ("--config.mesh.fsdp=8",)])
+                                  ("--config.mesh.fsdp=8",),
+                                  ("--config.mesh.data=2", "--config.mesh.fsdp=2",
+                                   "--config.mesh.tensor=2")])
 def test_eight_device_sharded_run_matches_one_device(tmp_path, mesh):
   one = run_module(["-c", _SHARDED, str(tmp_path / "one")])
   assert one.returncode == 0, one.stderr[-3000:]

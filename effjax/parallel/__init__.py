@@ -1,6 +1,12 @@
-"""Device mesh and logical-axis sharding rules."""
-from effjax.parallel.sharding import (DEFAULT_RULES, batch_sharding, logical_to_spec, make_mesh,
-                                      param_shardings, replicated)
+"""Device mesh, logical-axis -> mesh-axis rules, sharded state initialisation.
 
-__all__ = ["DEFAULT_RULES", "batch_sharding", "logical_to_spec", "make_mesh", "param_shardings",
-           "replicated"]
+Multi-host start-up is effjax/distributed.py; the sharded initial state is
+effjax/parallel/state_init.py (imported on its own: it depends on models and train).
+"""
+from effjax.parallel.sharding import (DEFAULT_RULES, activation_sharding, batch_sharding,
+                                      batch_shards, constrain, logical_to_spec, make_mesh,
+                                      param_shardings, process_batch_slot, replicated, rules_for)
+
+__all__ = ["DEFAULT_RULES", "activation_sharding", "batch_sharding", "batch_shards", "constrain",
+           "logical_to_spec", "make_mesh", "param_shardings", "process_batch_slot", "replicated",
+           "rules_for"]

@@ -1,19 +1,30 @@
 """Mesh and logical-axis rules (MaxText style): parameter placements come from the
 logical axis names in each parameter's spec, never from parameter names.
 
-A dimension whose size is not divisible by the mesh axes it maps to stays
-replicated along that dimension (logged once), so odd sizes never fail.
+* The mesh has the axes data, fsdp, tensor, expert (sizes from `mesh.*`). With
+  `mesh.dcn.*` > 1 it is a hybrid mesh: that part of an axis crosses slices (DCN),
+  the rest stays inside a slice (ICI) -- `mesh_utils.create_hybrid_device_mesh`.
+* Rules map logical axes to mesh axes (DEFAULT_RULES, overridden by `mesh.rules`,
+  e.g. 'mlp=fsdp,embed=none,batch=data+fsdp'), so a mesh experiment is config only.
+* A dimension whose size is not divisible by the mesh axes it maps to stays
+  replicated along that dimension (logged once), so odd sizes never fail.
+* `constrain(x, logical_axes)` is the activation sharding constraint for model code:
+  a no-op unless the trainer traces inside `activation_sharding(mesh, rules)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from effjax.config import MeshConfig, resolve_mesh_shape
+from effjax.config import ConfigError, MeshConfig, resolve_mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -32,19 +43,21 @@ DEFAULT_RULES: dict[str, object] = {
 }
 
 
+# ----------------------------------------------------------------------------- rules
+
+
 def rules_from_string(text: str) -> dict[str, object]:
   """DEFAULT_RULES with overrides 'logical=mesh_axis[+mesh_axis...]|none,...' (mesh.rules)."""
-  from effjax.config import ConfigError  # pylint: disable=g-import-not-at-top
   rules = dict(DEFAULT_RULES)
   for part in filter(None, (p.strip() for p in text.split(","))):
     name, eq, target = (x.strip() for x in part.partition("="))
     if not eq or name not in DEFAULT_RULES:
       raise ConfigError(f"mesh.rules: {part!r} must be LOGICAL=MESH_AXES with LOGICAL one of "
                         f"{', '.join(DEFAULT_RULES)}")
-    axes = tuple(a.strip() for a in target.split("+"))
     if target == "none":
       rules[name] = None
       continue
+    axes = tuple(a.strip() for a in target.split("+"))
     bad = [a for a in axes if a not in MESH_AXES]
     if bad or len(set(axes)) != len(axes):
       raise ConfigError(f"mesh.rules: {part!r}: mesh axes must be distinct names from "
@@ -57,35 +70,93 @@ def rules_for(config: MeshConfig) -> dict[str, object]:
   return rules_from_string(config.rules) if config.rules else DEFAULT_RULES
 
 
+def _flat(mesh_axes) -> tuple:
+  if mesh_axes is None:
+    return ()
+  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+def batch_shards(sizes: dict, rules=None) -> int:
+  """How many ways the global batch is split (product of the 'batch' rule's mesh axes)."""
+  rules = DEFAULT_RULES if rules is None else rules
+  return math.prod(sizes[a] for a in _flat(rules["batch"]))
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def dcn_sizes(config: MeshConfig, sizes: dict) -> dict[str, int]:
+  """The cross-slice (DCN) part of each mesh axis; each must divide the axis size."""
+  dcn = {a: getattr(config.dcn, a) for a in MESH_AXES}
+  for a, d in dcn.items():
+    if d < 1 or sizes[a] % d:
+      raise ConfigError(f"mesh.dcn.{a} ({d}) must be >= 1 and divide mesh.{a} ({sizes[a]}): "
+                        f"mesh.{a} is the whole axis, mesh.dcn.{a} its part across slices.")
+  return dcn
+
+
+def _ici_mesh(shape: tuple, devices) -> np.ndarray:
+  """Topology-aware device order within a slice (plain reshape where none is known)."""
+  try:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    logging.warning("mesh_utils.create_device_mesh(%s) failed (%s); using jax.devices() order",
+                    shape, e)
+    return np.asarray(devices).reshape(shape)
+
+
+def _hybrid_mesh(ici: tuple, dcn: tuple, devices) -> np.ndarray:
+  """Slices are the DCN granules; processes stand in for slices where devices have none
+  (GPU clusters, CPU tests)."""
+  granules = math.prod(dcn)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  processes = {d.process_index for d in devices}
+  if len(slices) == granules:
+    by_process = False
+  elif len(processes) == granules:
+    by_process = True
+  else:
+    raise ConfigError(f"mesh.dcn.* asks for {granules} slices (product of mesh.dcn.*), but the "
+                      f"devices span {len(slices)} slice(s) and {len(processes)} process(es).")
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                              allow_split_physical_axes=True)
+
+
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor, expert) mesh over `devices` (default: all, every process)."""
+  devices = jax.devices() if devices is None else list(devices)
   sizes = resolve_mesh_shape(config, len(devices))
+  dcn = dcn_sizes(config, sizes)
   shape = tuple(sizes[a] for a in MESH_AXES)
-  device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+  if math.prod(dcn.values()) > 1:
+    ici = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+    array = _hybrid_mesh(ici, tuple(dcn[a] for a in MESH_AXES), devices)
+  else:
+    array = _ici_mesh(shape, devices)
+  return Mesh(array, MESH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+# ----------------------------------------------------------------------------- placements
+
+
 def _axis_size(mesh: Mesh, mesh_axes) -> int:
-  if mesh_axes is None:
-    return 1
-  if isinstance(mesh_axes, str):
-    mesh_axes = (mesh_axes,)
-  return int(np.prod([mesh.shape[a] for a in mesh_axes]))
+  return int(np.prod([mesh.shape[a] for a in _flat(mesh_axes)]))
 
 
 _warned: set = set()
 
 
 def logical_to_spec(axes: tuple, shape: tuple, mesh: Mesh, rules=None) -> P:
+  """PartitionSpec for an array with these logical axes (None entries: replicated)."""
   rules = DEFAULT_RULES if rules is None else rules
   spec, used = [], set()
   for name, dim in zip(axes, shape):
     target = rules.get(name) if name is not None else None
-    flat = (target,) if isinstance(target, str) else tuple(target or ())
+    flat = _flat(target)
     if target is None or any(a in used for a in flat) or dim % _axis_size(mesh, target):
       if target is not None and dim % _axis_size(mesh, target) and (name, dim) not in _warned:
         _warned.add((name, dim))
@@ -109,3 +180,61 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   """Leading (batch) dimension over the rule for 'batch' (data x fsdp by default)."""
   rules = DEFAULT_RULES if rules is None else rules
   return NamedSharding(mesh, P(rules["batch"]))
+
+
+def process_batch_slot(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+  """(slot, num_slots): this process feeds rows [slot * b, (slot + 1) * b) of each global
+  batch, b = global_rows / num_slots.
+
+  Derived from the devices each process owns, so the data pipeline reads exactly the rows
+  its devices need whatever the device order (topology-aware and hybrid meshes are not in
+  process order); processes whose devices hold the same rows (a batch-replicated axis
+  across processes) share a slot. Raises ConfigError where a process's rows are not one
+  contiguous, evenly tiled block.
+  """
+  covered: dict[int, np.ndarray] = {}
+  for device, index in sharding.devices_indices_map((global_rows,)).items():
+    rows = covered.setdefault(device.process_index, np.zeros(global_rows, bool))
+    rows[index[0]] = True
+  blocks = {}
+  for process, rows in covered.items():
+    (idx,) = np.nonzero(rows)
+    if idx.size != idx[-1] - idx[0] + 1:
+      raise ConfigError(f"process {process} owns non-contiguous batch rows under this mesh; put "
+                        "the mesh axes of the 'batch' rule outermost or change mesh.* sizes")
+    blocks[process] = (int(idx[0]), int(idx[-1]) + 1)
+  distinct = sorted(set(blocks.values()))
+  size = distinct[0][1] - distinct[0][0]
+  if any(lo != i * size or hi != lo + size for i, (lo, hi) in enumerate(distinct)):
+    raise ConfigError(f"processes' batch rows {distinct} do not tile the global batch evenly "
+                      "under this mesh")
+  return distinct.index(blocks[jax.process_index()]), len(distinct)
+
+
+# ----------------------------------------------------------------------------- activations
+
+_ACTIVATION_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("effjax_activation_sharding",
+                                                                     default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=None):
+  """While tracing inside this context, `constrain` pins activations to the mesh."""
+  token = _ACTIVATION_CONTEXT.set((mesh, DEFAULT_RULES if rules is None else rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+  """with_sharding_constraint from logical axis names, e.g. ('batch', 'length', 'embed');
+  the identity outside `activation_sharding` (single device, tests, sampling). Read at
+  trace time: jit caches traces per function, so enter the context before the function's
+  first trace (the trainer builds a fresh step function inside it)."""
+  context = _ACTIVATION_CONTEXT.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

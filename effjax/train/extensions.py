@@ -2,7 +2,7 @@
 
 An extension may contribute
   * post-update hooks run inside the jitted step (non-trainable state updates,
-    projections, restores): `hooks()`;
+    projections, restores): `hooks()`; gradient hooks before the optimizer: `grad_hooks()`;
   * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
     returns hashable model kwargs; the trainer compiles one step per distinct phase;
   * metrics computed from eval-set stats: `eval_metrics(stats)`;
@@ -16,6 +16,10 @@ class Extension:
   name = "extension"
 
   def hooks(self) -> list:
+    return []
+
+  def grad_hooks(self) -> list:
+    """(grads, state) -> grads, applied before the optimizer (effjax/train/step.py)."""
     return []
 
   def phase(self, step: int) -> dict:

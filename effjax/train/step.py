@@ -16,6 +16,9 @@ from effjax.train.state import TrainState
 # for non-trainable state updates (ALF-LB bias), projections (weight constraints) and
 # restores (CGA), all inside the jitted step.
 PostUpdateHook = Callable[[TrainState, TrainState, dict], TrainState]
+# A gradient hook maps (grads, state) -> grads before the optimizer sees them (and before
+# the global-norm clip): e.g. CGA zeroes the gradients of frozen weights.
+GradHook = Callable[[dict, TrainState], dict]
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -53,7 +56,8 @@ def _metric_name(key: str) -> str:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_accum: int = 1,
-                    hooks: Sequence[PostUpdateHook] = (), model_kwargs=None):
+                    hooks: Sequence[PostUpdateHook] = (), grad_hooks: Sequence[GradHook] = (),
+                    model_kwargs=None):
   """Returns train_step(state, batch) -> (state, metrics). Micro-batches are scanned.
 
   'stat/*' aux arrays are summed over micro-batches (counts over the whole global
@@ -77,6 +81,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_a
       (loss, nll, aux, grads), _ = jax.lax.scan(body, zeros, micro)
       loss, nll, grads = jax.tree.map(lambda x: x / grad_accum, (loss, nll, grads))
       aux = {k: v if k.startswith("stat/") else v / grad_accum for k, v in aux.items()}
+    for grad_hook in grad_hooks:
+      grads = grad_hook(grads, state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -24,15 +24,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
 from effjax.optim import make_optimizer, scaling
-from effjax.parallel import batch_sharding, make_mesh, param_shardings, replicated, sharding
+from effjax.parallel import batch_sharding, make_mesh, replicated, sharding, state_init
 from effjax.train import flops as flops_lib
-from effjax.train.checkpoint import Checkpointer, abstract_like
+from effjax.train.checkpoint import Checkpointer
 from effjax.train.extensions import build_extensions, merged_phase
 from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
 from effjax.train.sample import sample_text
@@ -83,27 +82,53 @@ def _git_commit() -> str:
 
 
 class _StopFlag:
-  """SIGTERM / SIGINT handler: the first signal asks the loop to checkpoint and stop."""
+  """SIGTERM / SIGINT handler: the first signal asks the loop to checkpoint and stop.
+
+  With several processes they must all stop after the same step (the checkpoint is
+  collective): SIGTERM is left to JAX's preemption notifier, SIGINT is turned into a
+  SIGTERM, and `poll(step)` asks JAX's preemption sync point, which every process
+  reaches at the same step once any process got the signal.
+  """
 
   def __init__(self):
     self.signal_name = None
     self._previous = {}
+    self._signals = 0
+    self._multi = jax.process_count() > 1
 
   def install(self):
     if sys.platform == "win32" or not _in_main_thread():
       return
     for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+      if not (self._multi and sig == signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame
-    if self.signal_name is not None:  # second signal: give up immediately
+    self._signals += 1
+    if self._signals > 1:  # second signal: give up immediately
       raise KeyboardInterrupt
-    self.signal_name = signal.Signals(signum).name
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier: a stop step all agree on
+    else:
+      self.signal_name = signal.Signals(signum).name
+
+  def poll(self, step: int) -> str | None:
+    if self._multi and self.signal_name is None and _preemption_sync_point(step):
+      self.signal_name = "SIGTERM/SIGINT (stop step agreed by all processes)"
+    return self.signal_name
 
   def uninstall(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _preemption_sync_point(step: int) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # jax_enable_preemption_service is off: SIGTERM just ends the process
+    return False
 
 
 def _in_main_thread() -> bool:
@@ -111,8 +136,10 @@ def _in_main_thread() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def _global_batch(batch: dict, sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v, np.int32))
+def _global_batch(batch: dict, sharding, global_rows: int) -> dict:
+  """Global arrays from this process's rows of the batch (see process_batch_slot)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v, np.int32),
+                                                    (global_rows,) + np.shape(v)[1:])
           for k, v in batch.items()}
 
 
@@ -126,52 +153,46 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   config = config_lib.validate(config, jax.device_count())
   t = config.train
   is_main = jax.process_index() == 0
-  say = (lambda *a: None) if quiet or not is_main else (
-      lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True))
+  warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
+  say = (lambda *a: None) if quiet or not is_main else warn  # progress: process 0 only
 
   # ---- data, model, mesh (everything that can fail on bad input happens before
   # anything is written to the workdir)
   data = data or load_data(config)
   tokenizer, corpus = data.tokenizer, data.corpus
-  model = models.build(config, tokenizer.vocab_size)
-  dims = model.dims
   mesh = make_mesh(config.mesh)
   rules = sharding.rules_for(config.mesh)
-  p_shard = param_shardings(model.specs, model.initial_params, mesh, rules)
+  groups = sharding.batch_shards(dict(mesh.shape), rules)
+  model = state_init.abstract_model(config, tokenizer.vocab_size, groups)  # shapes only
+  dims = model.dims
+  tx, schedule = make_optimizer(config, model.specs)
+  state_shard = state_init.state_shardings(model, tx, mesh, rules)
   b_shard = batch_sharding(mesh, rules)
   repl = replicated(mesh)
-  tx, schedule = make_optimizer(config, model.specs)
+  # This process reads the rows of each global batch that its devices hold.
+  slot, slots = sharding.process_batch_slot(b_shard, t.batch_size)
+  shard_kw = dict(batch_size=t.batch_size // slots, process_index=slot, process_count=slots)
   eval_batches = data_lib.eval_batches(
-      corpus.val_tokens, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-      num_batches=t.eval_batches, process_index=jax.process_index(),
-      process_count=jax.process_count(), eos_id=tokenizer.eos_id) if t.eval_batches else []
+      corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches, eos_id=tokenizer.eos_id,
+      **shard_kw) if t.eval_batches else []
 
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     _write_config(workdir, config, say)
 
-  # ---- state: initialise sharded, then restore the latest checkpoint if there is one
-  params = jax.device_put(model.initial_params, p_shard)
-  buffers = jax.device_put(model.initial_buffers, jax.tree.map(lambda _: repl,
-                                                                model.initial_buffers))
-  opt_shapes = jax.eval_shape(tx.init, params)
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
-                                    transform_non_params=lambda _: repl)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, buffers=buffers,
-                     rng=jax.random.PRNGKey(config.seed))
-  state_shard = TrainState(step=repl, params=p_shard, opt_state=opt_shard,
-                           buffers=jax.tree.map(lambda _: repl, buffers), rng=repl)
-
+  # ---- state: restore the latest checkpoint into this mesh's shardings, or initialise
+  # directly into them (each device computes its own shards)
   data_iter = data_lib.make_train_iterator(
-      corpus.train_tokens, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      eos_id=tokenizer.eos_id)
+      corpus.train_tokens, seq_len=t.seq_len, seed=config.seed, eos_id=tokenizer.eos_id,
+      **shard_kw)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
+  init_args = (config, tokenizer.vocab_size, groups, tx, state_shard)
   if start:
-    state = ckpt.restore(start, abstract_like(state, state_shard), data_iter)
+    state = ckpt.restore(start, state_init.abstract_state(*init_args), data_iter)
     say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
+  else:
+    state = state_init.init_state(*init_args)
   if start >= t.steps:
     say(f"run already complete at step {start} (train.steps = {t.steps}); nothing to do")
     ckpt.close()
@@ -180,6 +201,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   # ---- compile (AOT, so the compile time is measured on its own); one step per phase
   extensions = build_extensions(config, model)
   hooks = [h for ext in extensions for h in ext.hooks()]
+  grad_hooks = [h for ext in extensions for h in ext.grad_hooks()]
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths, jnp.float32)
   token_bytes = jnp.pad(token_bytes, (0, dims.vocab - token_bytes.shape[0]))
   compiled, compile_times = {}, []
@@ -188,10 +210,12 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     if phase not in compiled:
       kwargs = dict(phase)
       fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
-                           model_kwargs=kwargs)
+                           grad_hooks=grad_hooks, model_kwargs=kwargs)
       t0 = time.perf_counter()
-      step_c = jax.jit(fn, in_shardings=(state_shard, b_shard), out_shardings=(state_shard, repl),
-                       donate_argnums=(0,)).lower(state, batch).compile()
+      with sharding.activation_sharding(mesh, rules):  # for sharding.constrain in model code
+        step_c = jax.jit(fn, in_shardings=(state_shard, b_shard),
+                         out_shardings=(state_shard, repl), donate_argnums=(0,)).lower(
+                             state, batch).compile()
       compile_times.append(time.perf_counter() - t0)
       evl = jax.jit(make_eval_step(model, token_bytes, kwargs), out_shardings=repl)
       top_k = kwargs.get("moe_top_k")
@@ -201,11 +225,11 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       compiled[phase] = (step_c, evl, fpt_phase)
     return compiled[phase]
 
-  batch = _global_batch(next(data_iter), b_shard)
+  batch = _global_batch(next(data_iter), b_shard, t.batch_size)
   phase = merged_phase(extensions, start)
   compiled_step, eval_fn, fpt = step_for(phase, state, batch)
   compile_time = compile_times[0]
-  eval_data = [_global_batch(b, b_shard) for b in eval_batches]
+  eval_data = [_global_batch(b, b_shard, t.batch_size) for b in eval_batches]
 
   # ---- accounting
   n_params = models.count_params(dims, config.model.tie_embeddings, config.model)
@@ -262,7 +286,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
       if step > start:  # the first batch was taken above for compilation
-        batch = _global_batch(next(data_iter), b_shard)
+        batch = _global_batch(next(data_iter), b_shard, t.batch_size)
       new_phase = merged_phase(extensions, step)
       if new_phase != phase:
         phase = new_phase
@@ -284,7 +308,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       eval_now = (step % t.eval_every == 0 or step == t.steps) and eval_data
       if stop_at is not None and step >= stop_at and not stop.signal_name:
         stop.signal_name = f"stop_at={stop_at}"
-      stopping = stop.signal_name  # read once: a signal arriving later is seen next step
+      stopping = stop.poll(step)  # read once: a signal arriving later is seen next step
       ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stopping
       if log_now or eval_now or ckpt_now:
         _, host = check(pending)
@@ -311,7 +335,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
         if ckpt_now:
           saved = ckpt.save(step, state, data_iter)
           if not saved:
-            say(f"WARNING: orbax did not save a checkpoint at step {step}")
+            warn(f"WARNING: orbax did not save a checkpoint at step {step}")
         window_t0, window_steps = time.perf_counter(), 0
       if stopping:
         bar.message(f"{stopping}: saved checkpoint at step {step}; rerun the same "
@@ -341,11 +365,15 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       paths += ext.on_end(workdir, eval_stats)
     if any(paths):
       say(f"plots: {', '.join(p for p in paths if p)}")
+  if exit_code == EXIT_OK and t.sample_tokens:
+    params, buffers, rng = state.params, state.buffers, state.rng
+    if jax.process_count() > 1:  # all processes gather; process 0 then samples on its own
+      params, buffers, rng = jax.device_get(
+          jax.jit(lambda *x: x, out_shardings=repl)(params, buffers, rng))
   if exit_code == EXIT_OK and t.sample_tokens and is_main:
-    text = sample_text(model, state.params, state.buffers, tokenizer, prompt=t.sample_prompt,
+    text = sample_text(model, params, buffers, tokenizer, prompt=t.sample_prompt,
                        num_tokens=t.sample_tokens, seq_len=t.seq_len,
-                       temperature=t.sample_temperature,
-                       rng=jax.random.fold_in(state.rng, step))
+                       temperature=t.sample_temperature, rng=jax.random.fold_in(rng, step))
     with open(os.path.join(workdir, "sample.txt"), "w") as f:
       f.write(t.sample_prompt + text)
     say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}{text}\n"
