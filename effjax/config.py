@@ -95,6 +95,9 @@ class ModelConfig:
   head_dim: int = _field(0, doc="0: d_model // n_heads")
   mlp_dim: int = _field(0, doc="0: SwiGLU 8/3 * d_model rounded up to a multiple of 64")
   tie_embeddings: bool = False
+  position: str = _field("rope", ("rope", "learned"),
+                         "rope, or learned absolute positions added to the token embedding")
+  max_positions: int = _field(0, doc="learned positions: table size (0: train.seq_len)")
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   init_std: float = _field(0.02, doc="std of embedding and hidden-matrix init")
@@ -182,6 +185,8 @@ class QuantConfig:
                                       "train.steps; 0 = off")
   cga_br: float = _field(0.005, doc="CGA boundary range: weights within BR of a rounding "
                                     "boundary keep training, the others are frozen")
+  qkr: bool = _field(False, doc="OFQ query-key reparameterisation: quantize the per-head "
+                                "W_q W_k^T instead of W_q and W_k (needs model.position=learned)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,6 +467,19 @@ def _validate_quant(config: Config) -> None:
   if q.cga_start and (q.method != "statsq" or not 0 < q.cga_start < 1 or q.cga_br <= 0):
     raise ConfigError(f"quant.cga_start={q.cga_start} needs quant.method=statsq, a fraction in "
                       f"(0, 1) and quant.cga_br > 0 (got method={q.method}, cga_br={q.cga_br}).")
+  if q.qkr:
+    a = config.model.attention
+    problems = [msg for bad, msg in (
+        (q.method == "none", "quant.method is none (nothing to quantize)"),
+        ("qkv" not in q.layers, "quant.layers lacks qkv"),
+        (config.model.position != "learned",
+         f"model.position={config.model.position} (RoPE sits between q and k; use learned)"),
+        (a.qk_norm, "model.attention.qk_norm is on (the norm sits between q and k)"),
+        (a.score != "softmax", f"model.attention.score={a.score} (QKR is softmax-only)"),
+        (a.impl not in ("auto", "xla"), f"model.attention.impl={a.impl} (QKR runs the XLA "
+                                        "reference: use auto or xla)")) if bad]
+    if problems:
+      raise ConfigError("quant.qkr=true cannot run here: " + "; ".join(problems) + ".")
   if config.model.moe.num_experts and "mlp" in q.layers:
     raise ConfigError("quant.layers includes mlp but model.moe.num_experts > 0: MoE expert "
                       "weights are not quantized yet; drop mlp from quant.layers.")
@@ -492,7 +510,7 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
   if m.n_heads % n_kv:
     raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({n_kv}).")
   head_dim = m.head_dim or m.d_model // m.n_heads
-  if head_dim % 2:
+  if head_dim % 2 and m.position == "rope":
     raise ConfigError(f"head dimension ({head_dim}, from model.d_model / model.n_heads or "
                       f"model.head_dim) must be even for RoPE.")
   if t.batch_size % t.grad_accum:
@@ -520,7 +538,10 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
                       f"roles: {', '.join(ROLES)}.")
   if m.moe.num_experts:
     _validate_moe(config)
-  if config.quant.method != "none":
+  if m.position == "learned" and m.max_positions and m.max_positions < t.seq_len:
+    raise ConfigError(f"model.max_positions ({m.max_positions}) is smaller than train.seq_len "
+                      f"({t.seq_len}); set it >= seq_len or 0 (= seq_len).")
+  if config.quant.method != "none" or config.quant.qkr:
     _validate_quant(config)
   from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
   rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part
@@ -539,6 +560,8 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
       raise ConfigError(
           f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
           f"the batch shards (mesh axes of the 'batch' rule: {rules['batch']}) = {batch_shards}.")
+  if m.position == "learned" and not m.max_positions:  # resolve 0 = train.seq_len
+    config = dataclasses.replace(config, model=dataclasses.replace(m, max_positions=t.seq_len))
   return config
 
 

@@ -237,7 +237,7 @@ def test_oscillation_tracking_counts_code_flips_only():
 def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
   """From the CGA start on, confident weights (farther than BR from a StatsQ rounding
   boundary) keep their values bit-exactly through AdamW steps (momentum and weight decay
-  would move them); the low-confidence ones keep training."""
+  would move them) and get zero gradients; the low-confidence ones keep training."""
   from effjax.optim import make_optimizer
   from effjax.train.extensions import build_extensions
   from effjax.train.state import TrainState
@@ -248,8 +248,9 @@ def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
                    "--config.optim.weight_decay=0.1", "--config.train.steps=20"])
   m = models.build(cfg, 257)
   tx, schedule = make_optimizer(cfg, m.specs)
-  hooks = [h for e in build_extensions(cfg, m) for h in e.hooks()]
-  step_fn = jax.jit(make_train_step(m, tx, schedule, hooks=hooks))
+  exts = build_extensions(cfg, m)
+  step_fn = jax.jit(make_train_step(m, tx, schedule, hooks=[h for e in exts for h in e.hooks()],
+                                    grad_hooks=[h for e in exts for h in e.grad_hooks()]))
   ids = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 256)
   batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
            "segment_ids": jnp.ones((8, 32), jnp.int32),
@@ -257,16 +258,26 @@ def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
   state = TrainState(step=jnp.int32(0), params=m.initial_params,
                      opt_state=tx.init(m.initial_params), buffers=m.initial_buffers,
                      rng=jax.random.PRNGKey(0))
-  kernels = []
+  import optax
+  kernels, first_moments = [], []
   for _ in range(5):  # CGA starts after step 2 (0.1 x 20)
     state, _ = step_fn(state, batch)
     kernels.append(state.params["blocks"][0]["ffn"]["up"]["kernel"])
+    adam = [x for x in jax.tree.leaves(state.opt_state,
+                                       is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)]
+    first_moments.append(adam[0].mu["blocks"][0]["ffn"]["up"]["kernel"])
   frozen = state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["cga_frozen"] > 0
   assert 0.5 < float(frozen.mean()) < 1.0  # most weights frozen, some still training
   for later in kernels[3:]:
     np.testing.assert_array_equal(np.asarray(later)[np.asarray(frozen)],
                                   np.asarray(kernels[2])[np.asarray(frozen)])
   assert float(jnp.abs(kernels[4] - kernels[2])[~frozen].max()) > 0
+  # Their gradients are zeroed too: Adam's first moment only decays, mu <- b1 mu (exact).
+  b1 = cfg.optim.b1
+  for k in (3, 4):
+    np.testing.assert_array_equal(np.asarray(first_moments[k])[np.asarray(frozen)],
+                                  np.asarray(b1 * first_moments[k - 1])[np.asarray(frozen)])
   # Before the phase the same (later frozen) weights still moved.
   assert not np.array_equal(np.asarray(kernels[1])[np.asarray(frozen)],
                             np.asarray(kernels[0])[np.asarray(frozen)])
@@ -278,6 +289,8 @@ def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
     ("statsq", ["--config.quant.weight_bits=2", "--config.quant.act_bits=8"]),
     ("lsq", ["--config.quant.weight_bits=3", "--config.quant.act_bits=8",
              "--config.quant.hadamard=none"]),
+    ("statsq", ["--config.quant.weight_bits=2", "--config.quant.act_bits=8",
+                "--config.model.position=learned", "--config.quant.qkr=true"]),
 ])
 def test_export_round_trip_gives_the_qat_model(tmp_path, method, extra):
   """Integer codes + scales written and loaded back dequantized, run with
@@ -305,3 +318,87 @@ def test_export_round_trip_gives_the_qat_model(tmp_path, method, extra):
   assert loss(m_grid, loaded) == pytest.approx(loss(m, params), rel=1e-5, abs=1e-6)
   # Without weights_on_grid the loaded weights would be quantized again (not idempotent for
   # QuEST/StatsQ: the scales come from the quantized weights' statistics).
+
+
+# ----------------------------------------------------------------------------- QKR
+
+
+def _attention_pair(n_heads, n_kv, qkr_hooks):
+  """A QKR attention and a plain one with the same weights (absolute positions, no RoPE)."""
+  from flax import nnx
+  from effjax.models.attention import Attention
+  kw = dict(config=C.AttentionConfig(), rope_theta=1e4, init_std=0.3, n_layers=2, norm_eps=1e-6,
+            use_rope=False)
+  plain = Attention(32, n_heads, n_kv, 8, rngs=nnx.Rngs(params=1), **kw)
+  qkr = Attention(32, n_heads, n_kv, 8, rngs=nnx.Rngs(params=1), qkr_hooks=qkr_hooks, **kw)
+  return plain, qkr
+
+
+@pytest.mark.parametrize("n_heads, n_kv", [(4, 4), (4, 2)])
+def test_qkr_without_quantization_equals_q_dot_k(n_heads, n_kv):
+  """QKR computes scores as (x W_q W_k^T) . x: with identity quantizers the attention output
+  equals the usual softmax(q k^T) v (GQA included), and the product is W_q^h W_k^hT."""
+  plain, qkr = _attention_pair(n_heads, n_kv, [])
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 12, 32))
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  np.testing.assert_array_equal(np.asarray(plain.q.kernel[...]), np.asarray(qkr.q.kernel[...]))
+  np.testing.assert_allclose(np.asarray(qkr(x, positions_BxL=pos)),
+                             np.asarray(plain(x, positions_BxL=pos)), rtol=2e-5, atol=2e-6)
+  w = np.asarray(qkr.qk_product()).reshape(32, n_heads, 32)
+  wq = np.asarray(plain.q.kernel[...]).reshape(32, n_heads, 8)
+  wk = np.asarray(plain.k.kernel[...]).reshape(32, n_kv, 8)
+  h = n_heads - 1
+  np.testing.assert_allclose(w[:, h], wq[:, h] @ wk[:, h // (n_heads // n_kv)].T, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_qkr_quantizes_the_product_not_the_factors():
+  """With StatsQ 2-bit QKR the per-head product sits on a 4-level grid per output column,
+  while W_q and W_k stay full precision; the model trains and reports the qk error."""
+  from effjax.quant.hooks import qkr_hooks
+  q_cfg = C.QuantConfig(method="statsq", weight_bits=2, act_bits=0, qkr=True)
+  _, qkr = _attention_pair(4, 2, qkr_hooks(q_cfg, 32, 4, std=0.3, head_dim=8))
+  w = np.asarray(qkr.qk_product())
+  assert max(len(np.unique(w[:, j])) for j in range(w.shape[1])) == 4
+  assert len(np.unique(np.asarray(qkr.q.kernel[...]))) > 100
+  with pytest.raises(C.ConfigError, match="model.position=rope"):
+    C.load(["--config=configs/tiny.py", "--config.quant.method=statsq", "--config.quant.qkr=true"])
+  with pytest.raises(C.ConfigError, match="qk_norm"):
+    C.load(["--config=configs/tiny.py", "--config.quant.method=statsq", "--config.quant.qkr=true",
+            "--config.model.position=learned", "--config.model.attention.qk_norm=true"])
+
+
+def test_model_with_learned_positions_and_qkr_trains(tmp_path):
+  from effjax.train import trainer
+  from effjax.train.metrics import read_metrics
+  cfg, _ = C.load(["--config=configs/tiny.py", "--config.model.position=learned",
+                   "--config.quant.method=statsq", "--config.quant.weight_bits=4",
+                   "--config.quant.act_bits=8", "--config.quant.qkr=true",
+                   "--config.train.steps=30", "--config.train.eval_every=30"])
+  assert trainer.train(cfg, str(tmp_path), quiet=True).exit_code == 0
+  rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+  losses = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert losses[-1] < losses[0] - 0.5, losses
+  last_eval = [r for r in rows if "quant/weight_rel_mse/qk" in r][-1]
+  assert 0 < last_eval["quant/weight_rel_mse/qk"] < 0.1  # 4-bit error, relative
+  m = models.build(C.validate(cfg, 1), 257)
+  assert m.initial_params["positions"]["table"].shape == (cfg.train.seq_len, cfg.model.d_model)
+  assert m.specs["positions"]["table"].role == "embedding"
+
+
+def test_export_command_on_a_workdir(tmp_path, capsys):
+  """`python -m effjax.quant.export --workdir=W` restores the latest checkpoint, writes the
+  export and checks the loaded model's eval loss against the checkpoint's (exit 0)."""
+  from effjax.quant import export
+  from effjax.train import trainer
+  cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
+                   "--config.quant.weight_bits=2", "--config.quant.act_bits=8",
+                   "--config.train.steps=6", "--config.train.sample_tokens=0"])
+  assert trainer.train(cfg, str(tmp_path), quiet=True).exit_code == 0
+  assert export.main([f"--workdir={tmp_path}", "--eval_batches=2"]) == 0
+  table = capsys.readouterr().out
+  rows = {l.split("|")[1].strip(): float(l.split("|")[2]) for l in table.splitlines()
+          if l.startswith("| ") and "loss" not in l}
+  assert rows["loaded export (weights_on_grid)"] == pytest.approx(rows["QAT checkpoint"], rel=1e-4)
+  assert (tmp_path / "quantized.npz").exists()
+  assert export.main([f"--workdir={tmp_path / 'nope'}"]) == 2

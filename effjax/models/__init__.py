@@ -72,5 +72,8 @@ def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
   if batch_groups is None:
     sizes = resolve_mesh_shape(config.mesh, jax.device_count())
     batch_groups = sizes["data"] * sizes["fsdp"]
-  return FunctionalModel(Transformer(config.model, dims, batch_groups=batch_groups,
+  model_config = config.model
+  if model_config.position == "learned" and not model_config.max_positions:
+    model_config = dataclasses.replace(model_config, max_positions=config.train.seq_len)
+  return FunctionalModel(Transformer(model_config, dims, batch_groups=batch_groups,
                                      rngs=nnx.Rngs(params=seed), quant=config.quant))

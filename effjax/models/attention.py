@@ -53,7 +53,7 @@ def xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, segment_ids_BxL=No
   logits = jnp.where(mask, logits, -1e30)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxKxD.dtype)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxLxKxD)
-  return out.reshape(b, l, h, d)
+  return out.reshape(b, l, h, v_BxLxKxD.shape[-1])  # QKR: q, k wider than v
 
 
 def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_ids_BxL=None,
@@ -77,19 +77,33 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
 
 
 class Attention(nnx.Module):
-  """GQA self-attention: q/k/v/o projections (hooked Linears), RoPE, optional QK-norm."""
+  """GQA self-attention: q/k/v/o projections (hooked Linears), RoPE, optional QK-norm.
+
+  qkr_hooks (a list, possibly empty): QKR (OFQ, Liu et al. 2023, Sec. 4.3). The scores
+  q_i . k_j = x_i W_q^h (x_j W_k^h)^T = (x_i W_qk^h) . x_j are computed through the per-head
+  product W_qk^h = W_q^h W_k^hT [d_model, d_model], which the hooks quantize (with the
+  input x) instead of W_q and W_k; needs absolute positions (RoPE would sit between q
+  and k) and runs the XLA softmax reference.
+  """
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                config: AttentionConfig, rope_theta: float, init_std: float, n_layers: int,
                norm_eps: float, rngs: nnx.Rngs, scale: float | None = None,
-               zero_init_query: bool = False, linear=Linear, out_linear=None):
+               zero_init_query: bool = False, linear=Linear, out_linear=None,
+               use_rope: bool = True, qkr_hooks=None):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-    self.config, self.rope_theta = config, rope_theta
+    self.config, self.rope_theta, self.use_rope = config, rope_theta, use_rope
     self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    self.q = linear(d_model, n_heads * head_dim, rngs=rngs, axes=("embed", "heads"), std=init_std,
-                    zero_init=zero_init_query)
-    self.k = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
-                    std=init_std)
+    self.qkr = qkr_hooks is not None
+    if self.qkr:
+      if use_rope or config.qk_norm:
+        raise ValueError("QKR needs absolute positions (use_rope=False) and no QK-norm")
+      self.qk_hooks = nnx.List(qkr_hooks) if hasattr(nnx, "List") else list(qkr_hooks)
+    qk_linear = Linear if self.qkr else linear  # under QKR only the product is quantized
+    self.q = qk_linear(d_model, n_heads * head_dim, rngs=rngs, axes=("embed", "heads"),
+                       std=init_std, zero_init=zero_init_query)
+    self.k = qk_linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
+                       std=init_std)
     self.v = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
                     std=init_std)
     # Output projection init scaled by 1/sqrt(2 * n_layers) (GPT-2 residual scaling).
@@ -102,13 +116,41 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
+  def qk_product(self) -> jax.Array:
+    """QKR's W_qk [d_model, heads * d_model]: column block h is W_q^h W_k^{g(h)}T (GQA group
+    g(h)), quantized by the hooks per output column over the fan-in, like a Linear kernel."""
+    d = self.q.kernel.shape[0]
+    wq_DxHxE = self.q.kernel[...].reshape(d, self.n_heads, self.head_dim)
+    wk_DxKxE = self.k.kernel[...].reshape(d, self.n_kv_heads, self.head_dim)
+    wk_DxHxE = jnp.repeat(wk_DxKxE, self.n_heads // self.n_kv_heads, axis=1)
+    w = jnp.einsum("dhe,fhe->dhf", wq_DxHxE, wk_DxHxE).reshape(d, self.n_heads * d)
+    for hook in self.qk_hooks:
+      w = hook.weight(w)
+    return w
+
+  def _qkr_qkv(self, x_BxLxD):
+    """QKR: queries x W_qk^h [B, L, H, d_model]; keys the (quantized) inputs themselves."""
+    b, l, d = x_BxLxD.shape
+    xq_BxLxD = x_BxLxD
+    for hook in self.qk_hooks:
+      xq_BxLxD = hook.input(xq_BxLxD)
+    w_DxHxD = self.qk_product().astype(xq_BxLxD.dtype).reshape(d, self.n_heads, d)
+    q = jnp.einsum("bld,dhf->blhf", xq_BxLxD, w_DxHxD)
+    k = jnp.broadcast_to(xq_BxLxD[:, :, None, :], (b, l, self.n_kv_heads, d))
+    v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
+    return q, k, v
+
   def _qkv(self, x_BxLxD, positions_BxL):
+    if self.qkr:
+      return self._qkr_qkv(x_BxLxD)
     b, l, _ = x_BxLxD.shape
     q = self.q(x_BxLxD).reshape(b, l, self.n_heads, self.head_dim)
     k = self.k(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
     v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
+    if not self.use_rope:  # absolute positions were added to the embedding
+      return q, k, v
     return rope(q, positions_BxL, self.rope_theta), rope(k, positions_BxL, self.rope_theta), v
 
   def logit_scale_probe(self, x_BxLxD, positions_BxL) -> jax.Array:
@@ -122,6 +164,11 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None):
     b, l, _ = x_BxLxD.shape
     q, k, v = self._qkv(x_BxLxD, positions_BxL)
-    out = attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
-                 positions_BxL=positions_BxL, scale=self.scale)
+    if self.qkr:  # q, k are d_model wide: the XLA reference (config validation says so)
+      log_n = positions_BxL + 1 if self.config.log_n_scale else None
+      out = xla_softmax_attention(q, k, v, segment_ids_BxL=segment_ids_BxL, scale=self.scale,
+                                  log_n_positions_BxL=log_n)
+    else:
+      out = attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
+                   positions_BxL=positions_BxL, scale=self.scale)
     return self.o(out.reshape(b, l, self.n_heads * self.head_dim))

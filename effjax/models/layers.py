@@ -93,8 +93,9 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table [vocab, d]; `attend` gives tied-readout logits."""
 
-  def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs, std: float):
-    self.table = make_param(normal_init(rngs, (vocab, d), std), "embedding", ("vocab", "embed"))
+  def __init__(self, vocab: int, d: int, *, rngs: nnx.Rngs, std: float,
+               axes: tuple = ("vocab", "embed")):
+    self.table = make_param(normal_init(rngs, (vocab, d), std), "embedding", axes)
 
   def __call__(self, ids_BxL: jax.Array, dtype) -> jax.Array:
     return jnp.take(self.table[...], ids_BxL, axis=0).astype(dtype)

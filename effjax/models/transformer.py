@@ -21,6 +21,9 @@ from effjax.models.attention import Attention
 from effjax.models.layers import Embed, Linear, RMSNorm
 from effjax.models.mlp import SwiGLU
 from effjax.models.moe import MoE, moe_layer_indices
+from effjax.parallel.sharding import constrain
+
+RESIDUAL_AXES = ("batch", "length", "embed")  # activation sharding of the residual stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,7 @@ class Block(nnx.Module):
   def __init__(self, config: ModelConfig, dims: Dims, layer: int, *, batch_groups: int = 1,
                rngs: nnx.Rngs, quant=None):
     """quant: a QuantConfig (effjax/quant) hooking the block linears, or None."""
-    from effjax.quant.hooks import linear_factory  # pylint: disable=g-import-not-at-top (cycle)
+    from effjax.quant.hooks import linear_factory, qkr_hooks  # pylint: disable=g-import-not-at-top (cycle)
     hidden_config = dataclasses.replace(config, init_std=hidden_init_std(config))
     self.attn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.attn = Attention(dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim,
@@ -100,7 +103,10 @@ class Block(nnx.Module):
                           norm_eps=config.norm_eps, scale=attention_scale(config, dims.head_dim),
                           zero_init_query=config.zero_init_query, rngs=rngs,
                           linear=linear_factory(quant, "qkv"),
-                          out_linear=linear_factory(quant, "attn_out"))
+                          out_linear=linear_factory(quant, "attn_out"),
+                          use_rope=config.position == "rope",
+                          qkr_hooks=qkr_hooks(quant, dims.d_model, dims.n_heads,
+                                              std=hidden_config.init_std, head_dim=dims.head_dim))
     config = hidden_config
     self.ffn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.ffn = make_ffn(config, dims, layer, batch_groups=batch_groups, rngs=rngs,
@@ -127,6 +133,9 @@ class Transformer(nnx.Module):
                quant=None):
     self.config, self.dims = config, dims
     self.embed = Embed(dims.vocab, dims.d_model, rngs=rngs, std=config.init_std)
+    # Learned absolute positions (GPT-2 style), e.g. for QKR, which cannot go with RoPE.
+    self.positions = Embed(config.max_positions, dims.d_model, rngs=rngs, std=config.init_std,
+                           axes=(None, "embed")) if config.position == "learned" else None
     blocks = [Block(config, dims, i, batch_groups=batch_groups, rngs=rngs, quant=quant)
               for i in range(dims.n_layers)]
     self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
@@ -149,12 +158,16 @@ class Transformer(nnx.Module):
       segment_ids_BxL = None
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x_BxLxD = self.embed(ids_BxL, compute_dtype(self.config))
+    if self.positions is not None:
+      x_BxLxD = x_BxLxD + self.positions(positions_BxL, x_BxLxD.dtype)
+    x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
     aux = {"act/embed": jnp.mean(jnp.abs(x_BxLxD))} if probe else {}
     for i, block in enumerate(self.blocks):
       call = nnx.remat(type(block).__call__) if self.config.remat else type(block).__call__
       x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL=positions_BxL,
                                 segment_ids_BxL=segment_ids_BxL,
                                 top_k=moe_top_k[i] if moe_top_k else None, probe=probe)
+      x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.head is None:
@@ -163,6 +176,7 @@ class Transformer(nnx.Module):
       logits_BxLxV = self.head(x_BxLxD)
     if self.output_mult != 1.0:
       logits_BxLxV = logits_BxLxV * self.output_mult
+    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
     if probe:
       aux["act/logits"] = jnp.mean(jnp.abs(logits_BxLxV))
     return logits_BxLxV.astype(jnp.float32), aux
@@ -198,6 +212,8 @@ def count_params(dims: Dims, tie_embeddings: bool, config: ModelConfig | None = 
     ffn_total, ffn_active = ffn_params(config, dims, top_k)
   norms = 2 * d * dims.n_layers + d
   embed = dims.vocab * d
+  if config is not None and config.position == "learned":
+    embed += config.max_positions * d  # resolved by config.validate (0 = train.seq_len)
   head = 0 if tie_embeddings else d * dims.vocab
   blocks = dims.n_layers * attn + sum(ffn_total) + 2 * d * dims.n_layers
   return {"embedding": embed, "head": head, "blocks": blocks,

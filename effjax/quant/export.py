@@ -122,3 +122,87 @@ def load(path: str) -> tuple[dict, dict]:
                                            "scale": f[key + "#scale"], "block": k["block"],
                                            "offset": k["offset"]}, rotate_back=not half)
   return _unflat({p: jnp.asarray(v) for p, v in flat.items()}), meta
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _eval_loss(model, params, buffers, batches) -> float:
+  from effjax.train.step import make_eval_step, summarize_eval  # pylint: disable=g-import-not-at-top
+  step = jax.jit(make_eval_step(model, None))
+  sums = [step(params, buffers, {k: jnp.asarray(v) for k, v in b.items()}) for b in batches]
+  total = {k: sum(float(s[k]) for s in sums) for k in ("nll_sum", "tokens", "bytes")}
+  return float(summarize_eval(total)["eval/loss"])
+
+
+def main(argv=None) -> int:
+  """python -m effjax.quant.export --workdir=runs/w4a4 [--out=FILE] [--step=N] [--eval_batches=4]
+
+  Exports a QAT run's checkpoint (latest, or --step) to FILE (default WORKDIR/quantized.npz),
+  then loads it back into a model with quant.weights_on_grid=true and prints both models'
+  loss on the run's validation batches: they must agree."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from effjax import models  # pylint: disable=g-import-not-at-top
+  from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import make_mesh, sharding, state_init  # pylint: disable=g-import-not-at-top
+  from effjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from effjax.train.quant_extension import QuantExtension  # pylint: disable=g-import-not-at-top
+  from effjax.train.trainer import load_data  # pylint: disable=g-import-not-at-top
+
+  parser = argparse.ArgumentParser(description="Quantized export of a QAT run")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--eval_batches", type=int, default=4)
+  args = parser.parse_args(argv)
+  fail = lambda msg: (print(f"export: {msg}", file=sys.stderr), 2)[1]
+  config_path = os.path.join(args.workdir, "config.json")
+  if not os.path.isfile(config_path):
+    return fail(f"{config_path} not found: --workdir must be a training run's workdir")
+  with open(config_path) as f:
+    config = config_lib.from_dict(json.load(f))
+  if config.quant.method == "none":
+    return fail(f"the run in {args.workdir} has quant.method=none: nothing to export")
+  # One device: the export is a host-side file.
+  config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1))
+  config = config_lib.validate(config, 1)
+  bundle = load_data(config)
+  vocab = bundle.tokenizer.vocab_size
+  ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=10**6)
+  step = args.step or ckpt.latest_step()
+  if not step:
+    return fail(f"no checkpoint in {ckpt.directory}")
+  mesh, rules = make_mesh(config.mesh, jax.devices()[:1]), sharding.rules_for(config.mesh)
+  model = state_init.abstract_model(config, vocab, 1)
+  tx, _ = make_optimizer(config, model.specs)
+  shardings = state_init.state_shardings(model, tx, mesh, rules)
+  state = ckpt.restore(step, state_init.abstract_state(config, vocab, 1, tx, shardings))
+  ckpt.close()
+  qat = models.build(config, vocab, batch_groups=1)
+  out = args.out or os.path.join(args.workdir, "quantized.npz")
+  meta = export(config, state.params, out, QuantExtension(config, qat).linears)
+  print(f"export: step {step} -> {out} ({os.path.getsize(out) / 2**20:.2f} MiB; "
+        f"{len(meta['kernels'])} quantized kernels as int8 codes + scales)", file=sys.stderr)
+  on_grid = dataclasses.replace(config, quant=dataclasses.replace(config.quant,
+                                                                  weights_on_grid=True))
+  loaded, _ = load(out)
+  t = config.train
+  batches = data_lib.eval_batches(bundle.corpus.val_tokens, seq_len=t.seq_len,
+                                  batch_size=t.batch_size, num_batches=args.eval_batches,
+                                  eos_id=bundle.tokenizer.eos_id)
+  before = _eval_loss(qat, state.params, state.buffers, batches)
+  after = _eval_loss(models.build(on_grid, vocab, batch_groups=1), loaded, state.buffers, batches)
+  print(f"| model | eval loss ({len(batches)} batches) |\n|---|---|\n| QAT checkpoint | {before:.6f} |"
+        f"\n| loaded export (weights_on_grid) | {after:.6f} |")
+  if not abs(after - before) <= 1e-4 * abs(before):
+    return fail(f"the loaded export's loss {after:.6f} differs from the QAT model's {before:.6f}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -117,17 +117,37 @@ class LsqInputHook(LinearHook):
     return lsq.lsq_quantize(x, self.step[...], self.bits, numel=self.d_in)
 
 
-def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis) -> list[LinearHook]:
-  """The hooks of one quantized linear for a QuantConfig."""
+def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis,
+               derived: bool = False) -> list[LinearHook]:
+  """The hooks of one quantized linear for a QuantConfig.
+
+  derived: the weight is computed from other parameters (QKR's W_q W_k^T), so there is no
+  stored kernel to track, freeze or export on the grid, and QuEST rotates back ("half" would
+  leave the keys, which are the layer's inputs, in the rotated basis)."""
+  on_grid = quant.weights_on_grid and not derived
   if quant.method == "quest":
+    hadamard = "full" if derived and quant.hadamard == "half" else quant.hadamard
     return [QuestHook(d_in, weight_bits=quant.weight_bits, act_bits=quant.act_bits,
-                      trust=quant.trust, hadamard=quant.hadamard, on_grid=quant.weights_on_grid)]
-  weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=True,
-                             cga=quant.cga_start > 0)
+                      trust=quant.trust, hadamard=hadamard, on_grid=on_grid)]
+  track = not derived
+  weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=track,
+                             cga=quant.cga_start > 0 and track)
             if quant.method == "statsq" else
-            LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis, track=True))
-  weight.on_grid = quant.weights_on_grid  # a loaded export: weights are final
+            LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis,
+                          track=track))
+  weight.on_grid = on_grid  # a loaded export: weights are final
   return [weight] + ([LsqInputHook(d_in, quant.act_bits)] if quant.act_bits else [])
+
+
+def qkr_hooks(quant, d_model: int, n_heads: int, *, std: float, head_dim: int):
+  """QKR (OFQ, Liu et al. 2023): hooks for the per-head W_qk^h = W_q^h W_k^hT, held as one
+  [d_model, n_heads * d_model] kernel (fan-in first, like a Linear), or None when quant.qkr
+  is off. Its inputs are the attention inputs (one quantizer for queries and keys)."""
+  if quant is None or not quant.qkr or quant.method == "none" or "qkv" not in quant.layers:
+    return None
+  std_qk = std * std * math.sqrt(head_dim)  # entries of a product of two std-`std` matrices
+  return make_hooks(quant, d_model, n_heads * d_model, std=std_qk, out_axis="heads",
+                    derived=True)
 
 
 def linear_factory(quant, kind: str):
@@ -142,3 +162,4 @@ def linear_factory(quant, kind: str):
     return Linear(d_in, d_out, rngs=rngs, axes=axes, std=std, hooks=hooks, **kwargs)
 
   return make
+

@@ -2,6 +2,8 @@
 eval metrics per layer type (qkv, attn_out, mlp):
 
   quant/weight_rel_mse/<type>  mean (Q(W) - W)^2 / mean W^2 of the quantized kernels
+                               (type qk: QKR's per-head W_q W_k^T products)
+  quant/trusted/<type>         QuEST: fraction of weights inside the trust region
   quant/osc/<type>             fraction of weights whose flip EMA exceeds OSC_THRESHOLD
                                (StatsQ / LSQ weights)
 
@@ -15,8 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from effjax.quant import lsq
-from effjax.quant.hadamard import hadamard_block_size
-from effjax.quant.quest import quest_quantize
+from effjax.quant.hadamard import block_hadamard, hadamard_block_size
+from effjax.quant.quest import quest_quantize, quest_rotated
 from effjax.quant.statsq import statsq_codes, statsq_quantize
 from effjax.train.extensions import Extension
 
@@ -46,15 +48,16 @@ def _set(tree, path, value):
   return out
 
 
-def _linear_paths(params, layers) -> list[tuple]:
+def _linear_paths(params, layers, qkr: bool = False) -> list[tuple]:
   """Paths of the quantized block Linears: kernels under blocks/*/attn or blocks/*/ffn
-  whose layer type is in quant.layers (QuEST hooks hold no params, so go by position)."""
+  whose layer type is in quant.layers (QuEST hooks hold no params, so go by position).
+  Under QKR the q and k projections are not quantized themselves (their product is)."""
   found = []
 
   def walk(node, path):
     if isinstance(node, dict):
       if ("kernel" in node and "blocks" in path and ("attn" in path or "ffn" in path)
-          and _layer_type(path) in layers):
+          and _layer_type(path) in layers and not (qkr and path[-1] in ("q", "k"))):
         found.append(path)
       for k, v in node.items():
         walk(v, path + (k,))
@@ -67,7 +70,9 @@ class QuantExtension(Extension):
 
   def __init__(self, config, model):
     self.q = config.quant
-    self.linears = _linear_paths(model.initial_params, self.q.layers)
+    self.linears = _linear_paths(model.initial_params, self.q.layers, self.q.qkr)
+    self.qkr_attn = sorted({p[:-1] for p in self.linears if p[-1] == "v"}) if self.q.qkr else []
+    self.heads = (model.dims.n_heads, model.dims.n_kv_heads)
     self.tracked = [p for p in self.linears if self.q.method in ("statsq", "lsq")]
     self.cga_step = int(round(self.q.cga_start * config.train.steps)) if self.q.cga_start else 0
 
@@ -118,28 +123,60 @@ class QuantExtension(Extension):
                     jnp.where(in_phase & (frozen > 0), old_w, new_w))
     return new_state.replace(params=params, buffers=buffers)
 
+  def _cga_grads(self, grads, state):
+    """CGA: frozen weights get no gradient (so they neither enter the global-norm clip nor
+    the Adam moments); the mask is zero before the phase starts."""
+    for path in self.linears:
+      frozen = _get(state.buffers, path + ("hooks", 0, "cga_frozen"))
+      g = _get(grads, path + ("kernel",))
+      grads = _set(grads, path + ("kernel",), jnp.where(frozen > 0, jnp.zeros_like(g), g))
+    return grads
+
+  def grad_hooks(self):
+    return [self._cga_grads] if self.cga_step else []
+
   def hooks(self):
     # CGA first: oscillation tracking must see the restored weights.
     return ([self._cga] if self.cga_step else []) + ([self._track] if self.tracked else [])
 
-  def _quantized_weight(self, params, path):
-    w = _get(params, path + ("kernel",))
+  def _quantized_weight(self, w, step_path, params):
     bits = self.q.weight_bits
     if self.q.method == "quest":
       block = 0 if self.q.hadamard == "none" else hadamard_block_size(w.shape[0])
       return quest_quantize(w, bits, axis=0, hadamard_block=block or None)
     if self.q.method == "statsq":
       return statsq_quantize(w, bits)
-    step = _get(params, path + ("hooks", 0, "step"))
-    return lsq.lsq_quantize(w, step, bits, numel=w.size)
+    return lsq.lsq_quantize(w, _get(params, step_path), bits, numel=w.size)
+
+  def _trusted(self, w):
+    block = 0 if self.q.hadamard == "none" else hadamard_block_size(w.shape[0])
+    wh = block_hadamard(w, block, 0) if block else w
+    return quest_rotated(wh, self.q.weight_bits, axis=0, trust=self.q.trust)[1]["trusted"]
+
+  def _qk_product(self, params, attn_path):
+    """QKR's W_qk as Attention.qk_product builds it (before quantization)."""
+    h, kv = self.heads
+    wq = _get(params, attn_path + ("q", "kernel"))
+    wk = _get(params, attn_path + ("k", "kernel"))
+    d, e = wq.shape[0], wq.shape[1] // h
+    wk_DxHxE = jnp.repeat(wk.reshape(d, kv, e), h // kv, axis=1)
+    return jnp.einsum("dhe,fhe->dhf", wq.reshape(d, h, e), wk_DxHxE).reshape(d, h * d)
 
   def eval_params_metrics(self, params) -> dict:
-    sums: dict = {}
-    for path in self.linears:
-      w = _get(params, path + ("kernel",))
-      err = jnp.mean(jnp.square(self._quantized_weight(params, path) - w)) / jnp.mean(w * w)
-      sums.setdefault(_layer_type(path), []).append(err)
-    return {f"quant/weight_rel_mse/{k}": float(jnp.mean(jnp.stack(v))) for k, v in sums.items()}
+    weights = [(_layer_type(p), _get(params, p + ("kernel",)), p + ("hooks", 0, "step"))
+               for p in self.linears]
+    weights += [("qk", self._qk_product(params, p), p + ("qk_hooks", 0, "step"))
+                for p in self.qkr_attn]
+    errors: dict = {}
+    trusted: dict = {}
+    for kind, w, step_path in weights:
+      err = jnp.mean(jnp.square(self._quantized_weight(w, step_path, params) - w)) / jnp.mean(w * w)
+      errors.setdefault(kind, []).append(err)
+      if self.q.method == "quest":
+        trusted.setdefault(kind, []).append(self._trusted(w))
+    out = {f"quant/weight_rel_mse/{k}": float(jnp.mean(jnp.stack(v))) for k, v in errors.items()}
+    out.update({f"quant/trusted/{k}": float(jnp.mean(jnp.stack(v))) for k, v in trusted.items()})
+    return out
 
   def eval_buffer_metrics(self, buffers) -> dict:
     fracs: dict = {}
