@@ -126,6 +126,17 @@ class Block(nnx.Module):
     return x_BxLxD, aux
 
 
+def _block_forward(block, x_BxLxD, positions_BxL, segment_ids_BxL, top_k, probe):
+  """One block, all arguments positional (nnx.remat cannot resolve keyword-only ones)."""
+  return block(x_BxLxD, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+               top_k=top_k, probe=probe)
+
+
+# model.remat: activations inside a block are recomputed in the backward pass; top_k and
+# probe are static.
+_remat_block_forward = nnx.remat(_block_forward, static_argnums=(4, 5))
+
+
 class Transformer(nnx.Module):
   """Decoder LM: embed -> blocks -> final norm -> LM head (tied or untied)."""
 
@@ -162,11 +173,10 @@ class Transformer(nnx.Module):
       x_BxLxD = x_BxLxD + self.positions(positions_BxL, x_BxLxD.dtype)
     x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
     aux = {"act/embed": jnp.mean(jnp.abs(x_BxLxD))} if probe else {}
+    call = _remat_block_forward if self.config.remat else _block_forward
     for i, block in enumerate(self.blocks):
-      call = nnx.remat(type(block).__call__) if self.config.remat else type(block).__call__
-      x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL=positions_BxL,
-                                segment_ids_BxL=segment_ids_BxL,
-                                top_k=moe_top_k[i] if moe_top_k else None, probe=probe)
+      x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL, segment_ids_BxL,
+                                moe_top_k[i] if moe_top_k else None, probe)
       x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
     x_BxLxD = self.final_norm(x_BxLxD)
