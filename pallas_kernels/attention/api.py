@@ -5,11 +5,19 @@
               interpreter on any backend; verified against the reference on CPU.
   pallas_tpu  the same kernels compiled by Mosaic; needs a TPU backend (not yet run on
               real TPU hardware here).
-  pallas_gpu  the same kernels through Pallas' Triton lowering on a CUDA GPU (the documented
-              fallback path: no Mosaic GPU / wgmma-specialised kernel yet); head_dim a
-              power of two >= 16.
-  auto        pallas_tpu on TPU, pallas_gpu on GPU where the shape is supported, else the
-              reference (the fallback is logged once per backend, score and reason).
+  pallas_gpu  the same kernels through Pallas' Triton lowering on a CUDA GPU (deprecated
+              upstream from JAX 0.11, kept as the tested GPU path); head_dim a power of
+              two >= 16.
+  pallas_mgpu the separate Mosaic GPU kernels (mosaic_gpu.py: Hopper wgmma + TMA,
+              softmax, LSSA and LSSAR, forward and backward); 16-bit q/k/v, head_dim 64
+              or 128 (192 single-buffered), an sm_90 GPU. block_q / block_k set its
+              forward blocks (64, 128, 256); its backward keeps 64 x 64. Not yet run on
+              hardware: auto does not pick it unless AUTO_GPU_KERNEL is flipped.
+  interpret_mgpu  the pallas_mgpu kernels in Pallas' GPU interpret mode (simulated SMEM,
+              barriers, TMA and wgmma) on any backend: how they are tested on CPU.
+  auto        pallas_tpu on TPU, AUTO_GPU_KERNEL on GPU where the shape is supported
+              (falling back from pallas_mgpu to pallas_gpu), else the reference (the
+              fallback is logged once per backend, score and reason).
 
 Positions: query row r has 1-based position N = q_offset + r + 1, key j has position
 j + 1; causal means key_pos <= query_pos. With segment_ids [B, T] (q_len == kv_len),
@@ -25,11 +33,16 @@ import operator
 
 import jax
 
-from pallas_kernels.attention import kernel, reference
+from pallas_kernels.attention import kernel, mosaic_gpu, reference
 
 SCORES = ("softmax", "lssa", "lssar")
 AUTO_MAX_LEN = 8192  # see the VMEM note in kernel.py: about T <= 8k at head_dim 128
-IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "interpret")
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "interpret",
+                   "interpret_mgpu")
+# What `auto` runs on a GPU. The Mosaic GPU kernels (pallas_mgpu) are verified in interpret
+# mode and by exporting the CUDA lowering from CPU, but have never run on a GPU: flip this
+# to "pallas_mgpu" after tests/kernels/test_attention_mgpu.py -m gpu passes on a Hopper.
+AUTO_GPU_KERNEL = "pallas_gpu"
 _LOG = logging.getLogger(__name__)
 _logged: set = set()
 
@@ -74,8 +87,9 @@ def _check_args(q, k, v, *, score, implementation, segment_ids, q_offset, block_
 _KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "interpret": "interpret"}
 
 
-def _auto(backend: str, q, k, gpu_problem):
-  """(implementation, reason for falling back or None) for implementation='auto'."""
+def _auto(backend: str, q, k, gpu_problem, mgpu_problem):
+  """(implementation, reason for falling back or None) for implementation='auto'.
+  mgpu_problem: a callable giving the Mosaic GPU kernels' reason to refuse, or None."""
   if backend == "tpu":
     # The TPU kernels keep one head's whole K/V (or Q/dO) in VMEM: past AUTO_MAX_LEN they
     # would exceed the default Mosaic VMEM limit.
@@ -83,6 +97,8 @@ def _auto(backend: str, q, k, gpu_problem):
       return "pallas_tpu", None
     return "xla", f"length > {AUTO_MAX_LEN} exceeds the TPU kernel's VMEM budget"
   if backend == "gpu":
+    if AUTO_GPU_KERNEL == "pallas_mgpu" and mgpu_problem() is None:
+      return "pallas_mgpu", None
     return ("xla", gpu_problem) if gpu_problem else ("pallas_gpu", None)
   return "xla", f"no Pallas kernel for backend {backend!r}"
 
@@ -97,22 +113,43 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
   scale: softmax logit scale (default 1/sqrt(D)); LSSA/LSSAR ignore it (they L2-normalise
     q and k and scale by log D log N_i). p, reweight_offset_rows: LSSAR only.
   block_q / block_k: Pallas block sizes (default 128, or one block for short sequences);
-    on TPU keep block_k a multiple of 128 unless it covers the whole sequence.
+    on TPU keep block_k a multiple of 128 unless it covers the whole sequence. For
+    pallas_mgpu / interpret_mgpu: the forward's blocks (64, 128 or 256; default 64 x 128).
   """
   _check_args(q, k, v, score=score, implementation=implementation, segment_ids=segment_ids,
               q_offset=q_offset, block_q=block_q, block_k=block_k, p=p,
               reweight_offset_rows=reweight_offset_rows)
   backend = jax.default_backend()
   gpu_problem = kernel.gpu_supports(q, k) if backend == "gpu" else "not a GPU backend"
-  for name, needs in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu")):
+  for name, needs in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"), ("pallas_mgpu", "gpu")):
     if implementation == name and backend != needs:
       raise ValueError(f"implementation={name!r} needs a {needs.upper()} backend; this is "
-                       f"{backend!r}. Valid here: auto, xla, interpret.")
+                       f"{backend!r}. Valid here: auto, xla, interpret, interpret_mgpu.")
   if implementation == "pallas_gpu" and gpu_problem:
     raise ValueError(f"implementation='pallas_gpu' cannot run this call: {gpu_problem}. "
                      "Use implementation='auto' or 'xla'.")
+
+  def mgpu_problem(interpret=False):
+    return mosaic_gpu.supports(q, k, score, v=v, block_q=block_q, block_k=block_k,
+                               segments=segment_ids is not None, interpret=interpret)
+
+  def mgpu(interpret=False):
+    return mosaic_gpu.flash_attention(q, k, v, segment_ids, causal=causal, score=score,
+                                      q_offset=operator.index(q_offset), scale=scale, p=p,
+                                      reweight_offset_rows=reweight_offset_rows,
+                                      block_q=block_q, block_k=block_k, interpret=interpret)
+
+  if implementation in ("pallas_mgpu", "interpret_mgpu"):
+    interpret = implementation == "interpret_mgpu"
+    why = mgpu_problem(interpret)
+    if why:
+      raise ValueError(f"implementation={implementation!r} cannot run this call: {why}. "
+                       "Use implementation='auto', 'pallas_gpu' or 'xla'.")
+    return mgpu(interpret)
   if implementation == "auto":
-    implementation, why = _auto(backend, q, k, gpu_problem)
+    implementation, why = _auto(backend, q, k, gpu_problem, mgpu_problem)
+    if implementation == "pallas_mgpu":
+      return mgpu()
     if implementation == "xla" and (backend, score, why) not in _logged:
       _logged.add((backend, score, why))
       _LOG.log(logging.INFO if backend == "cpu" else logging.WARNING,

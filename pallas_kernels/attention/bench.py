@@ -16,7 +16,9 @@ temp allocation for the fwd+bwd function (memory_analysis; all backends), and th
 process-wide peak_bytes_in_use where the device reports it (cumulative over the run).
 Implementations: xla (the jnp reference, which materialises [B, H, T, T] scores), pallas_tpu
 (TPU only), pallas_gpu (the same kernels via Pallas' Triton lowering;
-pallas_gpu:BQxBKxW+BQxBKxW sets forward and backward blocks and warps), jax_mgpu (JAX's
+pallas_gpu:BQxBKxW+BQxBKxW sets forward and backward blocks and warps), pallas_mgpu (the
+Mosaic GPU wgmma/TMA kernels of mosaic_gpu.py, all three scores, Hopper only;
+pallas_mgpu:BQxBK[+BQxBK] sets forward and backward blocks), jax_mgpu (JAX's
 own Mosaic GPU softmax kernel, forward only: its causal backward is not implemented; fed
 float16 copies, conversion included), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
 (jax.nn.dot_product_attention(implementation="cudnn"), softmax only, GPU only). Unavailable
@@ -35,7 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import attention, kernel
+from pallas_kernels.attention import attention, kernel, mosaic_gpu
 
 
 def _fn(impl: str, score: str):
@@ -53,6 +55,14 @@ def _fn(impl: str, score: str):
     opts = _gpu_options(impl)
     return (lambda q, k, v: kernel.flash_attention(q, k, v, causal=True, score=score,
                                                    backend="gpu", **opts)), None
+  if impl.startswith("pallas_mgpu"):
+    if backend != "gpu":
+      return None, f"pallas_mgpu: needs a Hopper GPU (skipped on {backend})"
+    if score not in mosaic_gpu.SCORES:
+      return None, f"pallas_mgpu: no {score} kernel ({', '.join(mosaic_gpu.SCORES)} only)"
+    opts = _mgpu_options(impl)
+    return (lambda q, k, v: mosaic_gpu.flash_attention(q, k, v, causal=True, score=score,
+                                                       **opts)), None
   if impl == "jax_mgpu":
     return _jax_mgpu(score, backend)
   return (lambda q, k, v: attention(q, k, v, causal=True, score=score, implementation=impl)), None
@@ -69,6 +79,17 @@ def _gpu_options(impl: str) -> dict:
   if bwd:
     bq, bk, warps = (int(x) for x in bwd.split("x"))
     opts.update(bwd_block_q=bq, bwd_block_k=bk, bwd_num_warps=warps)
+  return opts
+
+
+def _mgpu_options(impl: str) -> dict:
+  """'pallas_mgpu' (defaults) or 'pallas_mgpu:BQxBK[+BQxBK]': forward, then backward blocks."""
+  if ":" not in impl:
+    return {}
+  fwd, _, bwd = impl.split(":", 1)[1].partition("+")
+  opts = dict(zip(("block_q", "block_k"), (int(x) for x in fwd.split("x"))))
+  if bwd:
+    opts.update(zip(("bwd_block_q", "bwd_block_k"), (int(x) for x in bwd.split("x"))))
   return opts
 
 
@@ -121,7 +142,7 @@ def main(argv=None) -> int:
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--scores", default="softmax,lssa,lssar")
-  parser.add_argument("--impls", default="xla,pallas_tpu,pallas_gpu,jax_mgpu,cudnn")
+  parser.add_argument("--impls", default="xla,pallas_tpu,pallas_gpu,pallas_mgpu,jax_mgpu,cudnn")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--out", default="results/perf/attention.md")
   args = parser.parse_args(argv)
