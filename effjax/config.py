@@ -42,8 +42,9 @@ def _field(default, choices=None, doc=""):
 class AttentionConfig:
   score: str = _field("softmax", ("softmax", "lssa", "lssar"),
                       "attention score function (TECHNIQUES.md 3.2)")
-  impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "interpret"),
-                     "attention kernel implementation")
+  impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
+                              "interpret", "interpret_mgpu"),
+                     "attention kernel implementation (pallas_kernels/attention/api.py)")
   qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
   log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
   lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
@@ -545,12 +546,18 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
     _validate_quant(config)
   from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
   rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part
-  if m.attention.impl in ("pallas_gpu", "pallas_tpu"):
+  a = m.attention
+  if a.log_n_scale and (a.score != "softmax" or a.impl not in ("auto", "xla")):
+    raise ConfigError(f"model.attention.log_n_scale=true is the softmax + log-n baseline: it needs "
+                      f"model.attention.score=softmax (got {a.score}) and impl auto or xla (got "
+                      f"{a.impl}); the Pallas kernels do not scale logits by log n.")
+  if a.impl in ("pallas_gpu", "pallas_mgpu", "pallas_tpu"):
     import jax  # pylint: disable=g-import-not-at-top
-    needs = m.attention.impl.split("_")[1]
+    needs = "tpu" if a.impl == "pallas_tpu" else "gpu"
     if jax.default_backend() != needs:
-      raise ConfigError(f"model.attention.impl={m.attention.impl} needs a {needs.upper()} backend; "
-                        f"this is {jax.default_backend()!r}. Valid here: auto, xla, interpret.")
+      raise ConfigError(f"model.attention.impl={a.impl} needs a {needs.upper()} backend; this is "
+                        f"{jax.default_backend()!r}. Valid here: auto, xla, interpret, "
+                        f"interpret_mgpu.")
   if num_devices is not None:
     sizes = resolve_mesh_shape(config.mesh, num_devices)
     sharding.dcn_sizes(config.mesh, sizes)

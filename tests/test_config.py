@@ -96,3 +96,18 @@ def test_cli_config_error_writes_nothing(tmp_path):
                      "--config.model.n_layer=3"])
   assert proc.returncode == 2 and "model.n_layers" in proc.stderr
   assert not os.path.exists(workdir)
+
+
+def test_attention_impl_and_log_n_combinations_are_checked():
+  """The log-n baseline needs softmax on the XLA path; GPU/TPU kernels need their backend."""
+  with pytest.raises(C.ConfigError, match="score=softmax"):
+    C.load(["--config=" + TINY, "--config.model.attention.log_n_scale=true",
+            "--config.model.attention.score=lssa"])
+  with pytest.raises(C.ConfigError, match="impl auto or xla"):
+    C.load(["--config=" + TINY, "--config.model.attention.log_n_scale=true",
+            "--config.model.attention.impl=interpret"])
+  for impl in ("pallas_gpu", "pallas_mgpu", "pallas_tpu"):
+    with pytest.raises(C.ConfigError, match=f"impl={impl} needs a"):
+      C.load(["--config=" + TINY, f"--config.model.attention.impl={impl}"])
+  cfg, _ = C.load(["--config=" + TINY, "--config.model.attention.impl=interpret_mgpu"])
+  assert cfg.model.attention.impl == "interpret_mgpu"

@@ -64,7 +64,12 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
   """
   d = q_BxLxHxD.shape[-1]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
-  if config.score == "softmax" and config.impl in ("auto", "xla"):
+  # Softmax on the fused XLA path when asked for, for the log-n baseline (no kernel scales
+  # by log n), and under auto on CPU (no kernel there); auto elsewhere goes to the kernels'
+  # dispatch, which picks the backend's Pallas kernel or falls back to the reference.
+  xla = config.impl == "xla" or config.log_n_scale or (config.impl == "auto"
+                                                      and jax.default_backend() == "cpu")
+  if config.score == "softmax" and xla:
     log_n = positions_BxL + 1 if config.log_n_scale else None
     return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
                                  scale=scale, log_n_positions_BxL=log_n)
