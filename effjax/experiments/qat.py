@@ -5,7 +5,10 @@
 Part A (QuEST): no quantization, W8A8, W4A4 with and without the Hadamard rotation, W3A3,
 W2A2, W1A1, at two widths (d_model 64 and 128, 4 layers) and equal tokens.
 Part B (OFQ weights at 2 bits, 8-bit LSQ inputs, d_model 128): StatsQ versus LSQ weights
-(oscillating fraction and loss), and StatsQ with CGA over the last 20% of training.
+(oscillating fraction and loss), and StatsQ with CGA over the last 20% of training; then the
+pair again with the cosine ending at 1e-5 and CGA over the last 10% (the paper's low-lr regime).
+Part C (noise floor): the unquantized and W8A8 runs again with seed 1 (init and data order),
+so the gaps in part A can be read against the seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -54,14 +57,32 @@ VARIANTS_B = [
     Variant("d128_statsq_w2a8_cga", {"quant": {"method": "statsq", "weight_bits": 2,
                                                "act_bits": 8, "cga_start": 0.8}},
             "StatsQ W2, LSQ A8, CGA over the last 20% (BR 0.005)"),
+    # The paper anneals with CGA at lr 1e-5: the same pair with the cosine ending at 1e-5
+    # (min_lr_ratio 1/300) and CGA over the last 10%, where lr <= 1e-4.
+    Variant("d128_statsq_w2a8_lowlr", {"quant": {"method": "statsq", "weight_bits": 2,
+                                                 "act_bits": 8},
+                                       "train": {"min_lr_ratio": 1 / 300}},
+            "StatsQ W2, LSQ A8, cosine to 1e-5"),
+    Variant("d128_statsq_w2a8_lowlr_cga", {"quant": {"method": "statsq", "weight_bits": 2,
+                                                     "act_bits": 8, "cga_start": 0.9},
+                                           "train": {"min_lr_ratio": 1 / 300}},
+            "StatsQ W2, LSQ A8, cosine to 1e-5, CGA over the last 10%"),
 ]
 
 
-def _plot(recs_by_width, out: str) -> str:
+def variants_c(width: int) -> list[Variant]:
+  return [Variant(f"d{width}_fp32_seed1", {"seed": 1}, "no quantization, seed 1"),
+          Variant(f"d{width}_w8a8_seed1", {**_quest(8), "seed": 1}, "QuEST W8A8, seed 1")]
+
+
+def _plot(recs_by_width, out: str, noise: float = float("nan")) -> str:
+  """Left: eval loss versus bits per width. Right: the gap to the unquantized model versus
+  width per bit count, with the seed-to-seed spread (part C) as a grey band."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  gaps = {}  # bits -> [(width, gap)]
   for width, recs in recs_by_width.items():
     by_name = {r.variant.name: r for r in recs}
     base = by_name.get(f"d{width}_fp32")
@@ -70,14 +91,21 @@ def _plot(recs_by_width, out: str) -> str:
     axes[0].plot(bits, loss, "o-", label=f"d_model {width}")
     if base is not None:
       axes[0].axhline(base.last("eval/loss"), ls=":", color=axes[0].lines[-1].get_color())
-      axes[1].plot(bits, [x - base.last("eval/loss") for x in loss], "o-",
-                   label=f"d_model {width}")
+      for b, x in zip(bits, loss):
+        gaps.setdefault(b, []).append((width, x - base.last("eval/loss")))
+  for b, points in sorted(gaps.items()):
+    axes[1].plot(*zip(*points), "o-", label=f"W{b}A{b}")
+  axes[1].axhline(0, color="k", lw=0.8)
+  if noise == noise:  # not nan
+    axes[1].axhspan(-noise, noise, color="0.85", label="seed spread (part C)")
   axes[0].set(xlabel="bits (weights = activations)", ylabel="eval loss",
               title="QuEST: eval loss vs bits (dotted: unquantized)")
-  axes[1].set(xlabel="bits", ylabel="eval loss - unquantized", yscale="log",
-              title="gap to the unquantized model")
+  axes[1].set(xlabel="d_model", ylabel="eval loss - unquantized", xscale="log",
+              xticks=list(recs_by_width), xticklabels=[str(w) for w in recs_by_width],
+              title="gap to the unquantized model vs width")
+  axes[1].minorticks_off()
   for ax in axes:
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   path = os.path.join(out, "loss_vs_bits.png")
   fig.tight_layout()
@@ -98,8 +126,24 @@ def main(argv=None) -> int:
     recs[width] = run_variants(base, variants_a(width), args.runs, only=only)
   base = config_lib.apply_overrides(config_lib.Config(), _base(128))
   recs_b = run_variants(base, VARIANTS_B, args.runs, only=only)
+  recs_c = {}
+  for width in WIDTHS:
+    base = config_lib.apply_overrides(config_lib.Config(), _base(width))
+    recs_c[width] = run_variants(base, variants_c(width), args.runs, only=only)
+
+  def seed_rows():
+    rows = []
+    for width, rs in recs_c.items():
+      seed0 = {r.variant.name: r.last("eval/loss") for r in recs[width]}
+      for r in rs:
+        loss0 = seed0.get(r.variant.name.replace("_seed1", ""), float("nan"))
+        rows.append([r.variant.name, r.variant.label, r.last("eval/loss"), loss0,
+                     r.last("eval/loss") - loss0])
+    return rows
+
   os.makedirs(args.out, exist_ok=True)
-  plot = _plot(recs, args.out)
+  spread = [abs(r[-1]) for r in seed_rows() if r[-1] == r[-1]]
+  plot = _plot(recs, args.out, max(spread) if spread else float("nan"))
 
   def row(rec, base_loss):
     loss = rec.last("eval/loss")
@@ -126,15 +170,22 @@ def main(argv=None) -> int:
           + markdown_table(header_b, [row(r, base_128) + osc(r) for r in recs_b])
           + "\n\nOscillating fraction: weights whose EMA (momentum 0.01) of integer-code "
             "direction flips exceeds 0.01, at the last eval (effjax/train/quant_extension.py). "
-            "CGA: frozen weights are restored after each step; the lr schedule is the run's own (cosine "
-            "to 10% of peak), not the paper's constant 1e-5 phase.\n\n## What reproduced\n\nSee FINDINGS.md "
-            "(written by hand from the tables above).\n")
-  all_recs = [r for rs in recs.values() for r in rs] + recs_b
+            "CGA: frozen weights get no gradient and are restored after each step; the lr "
+            "schedule is the run's own cosine (to 10% of peak, or to 1e-5 in the lowlr pair), "
+            "inside the same 300 steps, not the paper's extra constant-1e-5 phase.\n\n"
+            "## Part C: seed-to-seed spread (seed 1 against part A's seed 0)\n\n"
+          + markdown_table(["variant", "what", "eval loss (seed 1)", "eval loss (seed 0)",
+                            "seed 1 - seed 0"], seed_rows())
+          + "\n\nThe grey band in the right plot is the largest |seed 1 - seed 0| above.\n\n"
+            "## What reproduced\n\nSee FINDINGS.md (written by hand from the tables above).\n")
+  all_recs = ([r for rs in recs.values() for r in rs] + recs_b
+              + [r for rs in recs_c.values() for r in rs])
   path = write_summary(args.out, "QAT study (QuEST, StatsQ, LSQ)", body, all_recs,
                        "python -m effjax.experiments.qat",
                        "byte-level LM on the built-in corpus, 4 layers, d_model 64 / 128, "
                        "untied head, batch 16 x 128 tokens, 300 steps (0.6M tokens) per run; "
-                       "fp32 compute on CPU; one seed. Tiny: directional evidence only.")
+                       "fp32 compute on CPU; seed 0 (part C repeats two variants per width "
+                       "with seed 1). Tiny: directional evidence only.")
   print(open(path).read())
   return 0
 
