@@ -65,12 +65,27 @@ the Mosaic GPU lowering by exporting for CUDA from CPU (tests/kernels/
 test_attention_mgpu.py). Not verified: ptxas (register spills), timing, and anything
 about the real asynchrony of TMA / wgmma (the interpreter completes copies at issue, so
 missing fences or waits would not show there).
+
+Synchronization (reviewed against the Pallas:MGPU reference; the interpreter cannot
+check it): every register -> SMEM store that a wgmma or a TMA store reads is followed by
+commit_smem(); every plain SMEM read of a pipeline slot (key/query vectors) comes before
+a commit_smem() in the same step, before TMA refills the slot; every wgmma is awaited
+(reading its ACC) before its operands' slot is refilled. Refills also rely on the
+warpgroup barrier that Pallas inserts before each TMA issue (so all four warps have
+passed their wgmma wait): never set CompilerParams(unsafe_no_auto_barriers=True) here.
+Each barrier has at most one copy group in flight and is awaited once per completion.
+
+jax versions: written for 0.10; _compiler_params, _barrier, _vec and _store_f32 keep it
+working, with the same lowering, on 0.11 (Warpgroup lowering became the default: Lane is
+pinned; 0.11.2: Barrier's num_barriers default became ()) and 0.12 (plgpu.load lost its
+idx; untiled fp32 stores need plgpu.store(optimized=False)).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -262,6 +277,37 @@ def supports(q, k, score: str = "softmax", *, v=None, block_q=None, block_k=None
 # ---------------------------------------------------------------------------------------
 # In-kernel helpers.
 
+def _barrier(num_arrivals: int, num_barriers: int = 1):
+  """`num_barriers` TMA barriers (a 1-D barrier ref, indexed .at[slot]), each completing
+  after `num_arrivals` copies (every copy_gmem_to_smem arrives once). num_barriers is
+  always passed: jax 0.11.2 changed its default from 1 to () (a 0-d ref, no .at[0])."""
+  return plgpu.Barrier(num_arrivals=num_arrivals, num_barriers=num_barriers)
+
+
+def _load_takes_idx() -> bool:
+  """Whether plgpu.load needs its positional idx: required in jax 0.10, optional and
+  deprecated (a warning when passed) in 0.11, removed in 0.12 (load(src, *, layout))."""
+  try:
+    param = inspect.signature(plgpu.load).parameters.get("idx")
+  except (TypeError, ValueError):  # pragma: no cover
+    return True
+  return param is not None and param.default is inspect.Parameter.empty
+
+
+def _compiler_params():
+  """approx_math (ex2/lg2.approx on hardware), and the Lane lowering semantics pinned:
+  the only lowering these kernels were checked with (jax 0.10's default); jax 0.11
+  made Warpgroup the default."""
+  kw = dict(approx_math=True)
+  lane = getattr(getattr(plgpu, "LoweringSemantics", None), "Lane", None)
+  if lane is not None:
+    kw["lowering_semantics"] = lane
+  return plgpu.CompilerParams(**kw)
+
+
+_LOAD_TAKES_IDX = plgpu is not None and _load_takes_idx()
+
+
 def _tile_transforms():
   """SMEM tiling + 128-byte swizzle for 16-bit wgmma operands (minor dim % 64 == 0)."""
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -278,7 +324,22 @@ def _cast(cfg: Config, x, layout):
 
 def _vec(cfg: Config, ref, layout):
   """A 1-D SMEM vector as a register array in `layout` (ROW: one value per tile row)."""
-  return ref[...] if cfg.interpret else plgpu.load(ref, (), layout=layout)
+  if cfg.interpret:
+    return ref[...]
+  idx = ((),) if _LOAD_TAKES_IDX else ()
+  return plgpu.load(ref, *idx, layout=layout)
+
+
+def _store_f32(cfg: Config, ref, val):
+  """ref[...] = val for the untiled fp32 staging buffers (WGMMA-layout registers into an
+  SMEM ref without transforms). jax <= 0.11 lowers `ref[...] =` here with optimized=False;
+  jax 0.12 lowers it with optimized=True, which has no bank-conflict-free plan for a
+  [64, D] fp32 WGMMA tile and fails to lower, and adds plgpu.store(optimized=...) to ask
+  for the 0.11 code instead."""
+  if cfg.interpret or not hasattr(plgpu, "store"):
+    ref[...] = val
+  else:
+    plgpu.store(ref, val, optimized=False)
 
 
 def _iota(cfg: Config, shape, dim):
@@ -373,7 +434,7 @@ def _kernel_call(cfg: Config, body, out_type, scratch, grid, name):
     kw["interpret"] = (interpret_params() if isinstance(cfg.interpret, bool)
                        else cfg.interpret)
   else:
-    kw["compiler_params"] = plgpu.CompilerParams(approx_math=True)
+    kw["compiler_params"] = _compiler_params()
   call = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
                       grid_names=("b", "h", "blk"), **kw)
 
@@ -575,7 +636,7 @@ def _fwd_kernel(cfg: Config, *refs):
 
   sc["q"][...] = out.astype(sc["q"].dtype)      # q's tile is free: reuse it for the output
   for r, val in enumerate(stats):
-    sc["stat"].at[r][...] = val
+    _store_f32(cfg, sc["stat"].at[r], val)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(sc["q"], o_ref.at[b, q_rows, h])
   plgpu.copy_smem_to_gmem(sc["stat"], stat_ref.at[b, h, :, q_rows])
@@ -679,8 +740,8 @@ def _dq_kernel(cfg: Config, *refs):
     else:
       acc_db, acc_1, c_row = carry
       dq = g * (acc_db - _rows(c_row, (bq, d)) * acc_1)
-      sc["c"][...] = c_row
-  sc["dq"][...] = dq
+      _store_f32(cfg, sc["c"], c_row)
+  _store_f32(cfg, sc["dq"], dq)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(sc["dq"], dq_ref.at[b, q_rows, h])
   if lssar:
@@ -787,7 +848,7 @@ def _dkv_kernel(cfg: Config, *refs):
   if cfg.score == "softmax":
     dk = dk * cfg.scale
   for val, out_ref in ((dk, dk_ref), (dv, dv_ref)):   # one fp32 staging tile, used twice
-    sc["out"][...] = val
+    _store_f32(cfg, sc["out"], val)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(sc["out"], out_ref.at[b, k_rows, kvh])
     plgpu.wait_smem_to_gmem(0)
@@ -861,10 +922,10 @@ def _scratch(cfg: Config, *, kind: str, dtype, d: int):
       sc.update(rows=f32(nr, bq), ik=f32(slots, bk))
     if seg:
       sc.update(qseg=i32(bq), kseg=i32(slots, bk))
-    sc.update(qbar=plgpu.Barrier(num_arrivals=1 + seg + soft),
-              kvbar=plgpu.Barrier(num_arrivals=2 + seg + soft, num_barriers=slots))
+    sc.update(qbar=_barrier(1 + seg + soft),
+              kvbar=_barrier(2 + seg + soft, slots))
     if cfg.score == "lssar":   # pass 1 loads K^T (and vectors) only
-      sc.update(kbar=plgpu.Barrier(num_arrivals=1 + seg + soft, num_barriers=slots))
+      sc.update(kbar=_barrier(1 + seg + soft, slots))
     return sc
   bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
   if kind == "dq":
@@ -877,8 +938,8 @@ def _scratch(cfg: Config, *, kind: str, dtype, d: int):
       sc.update(ik=f32(slots, bk))
     if seg:
       sc.update(qseg=i32(bq), kseg=i32(slots, bk))
-    sc.update(qbar=plgpu.Barrier(num_arrivals=3 + seg),
-              kvbar=plgpu.Barrier(num_arrivals=3 + seg + soft, num_barriers=slots))
+    sc.update(qbar=_barrier(3 + seg),
+              kvbar=_barrier(3 + seg + soft, slots))
     return sc
   slots = cfg.dkv_slots
   sc = dict(k=tile(bk, d), v=tile(bk, d), q=tile(slots, bq, d), qt=tile(slots, d, bq),
@@ -888,8 +949,8 @@ def _scratch(cfg: Config, *, kind: str, dtype, d: int):
     sc.update(ik=f32(bk))
   if seg:
     sc.update(kseg=i32(bk), qseg=i32(slots, bq))
-  sc.update(kbar=plgpu.Barrier(num_arrivals=2 + seg + soft),
-            qbar=plgpu.Barrier(num_arrivals=5 + seg, num_barriers=slots))
+  sc.update(kbar=_barrier(2 + seg + soft),
+            qbar=_barrier(5 + seg, slots))
   return sc
 
 
