@@ -43,7 +43,7 @@ class AttentionConfig:
   score: str = _field("softmax", ("softmax", "lssa", "lssar"),
                       "attention score function (TECHNIQUES.md 3.2)")
   impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
-                              "interpret", "interpret_mgpu"),
+                              "interpret", "interpret_mgpu", "interpret_tpu"),
                      "attention kernel implementation (pallas_kernels/attention/api.py)")
   qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
   log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
@@ -557,7 +557,7 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
     if jax.default_backend() != needs:
       raise ConfigError(f"model.attention.impl={a.impl} needs a {needs.upper()} backend; this is "
                         f"{jax.default_backend()!r}. Valid here: auto, xla, interpret, "
-                        f"interpret_mgpu.")
+                        f"interpret_mgpu, interpret_tpu.")
   if num_devices is not None:
     sizes = resolve_mesh_shape(config.mesh, num_devices)
     sharding.dcn_sizes(config.mesh, sizes)

@@ -3,9 +3,14 @@
   xla         the jnp reference (reference.py), all scores: the spec.
   interpret   the Pallas kernels (kernel.py, forward and backward) run by the Pallas
               interpreter on any backend; verified against the reference on CPU.
-  pallas_tpu  the same kernels compiled by Mosaic; needs a TPU backend (not yet run on
-              real TPU hardware here).
-  pallas_gpu  the same kernels through Pallas' Triton lowering on a CUDA GPU (deprecated
+  pallas_tpu  the streaming TPU kernels (tpu_streaming.py: both sequences streamed through
+              the grid, VMEM per step independent of T, GQA dk/dv summed in-kernel) compiled
+              by Mosaic; needs a TPU backend. Lowered and compiled for TPU topologies from
+              CPU, never run on TPU hardware yet. Blocks: multiples of 128 unless one block
+              covers the sequence.
+  interpret_tpu  the pallas_tpu kernels in Pallas' interpreter on any backend (how they are
+              tested on CPU).
+  pallas_gpu  kernel.py's kernels through Pallas' Triton lowering on a CUDA GPU (deprecated
               upstream from JAX 0.11, kept as the tested GPU path); head_dim a power of
               two >= 16.
   pallas_mgpu the separate Mosaic GPU kernels (mosaic_gpu.py: Hopper wgmma + TMA,
@@ -15,9 +20,10 @@
               hardware: auto does not pick it unless AUTO_GPU_KERNEL is flipped.
   interpret_mgpu  the pallas_mgpu kernels in Pallas' GPU interpret mode (simulated SMEM,
               barriers, TMA and wgmma) on any backend: how they are tested on CPU.
-  auto        pallas_tpu on TPU, AUTO_GPU_KERNEL on GPU where the shape is supported
-              (falling back from pallas_mgpu to pallas_gpu), else the reference (the
-              fallback is logged once per backend, score and reason).
+  auto        pallas_tpu on TPU (T <= AUTO_MAX_LEN = 2^24), AUTO_GPU_KERNEL on GPU, where
+              the kernels support the call (falling back from pallas_mgpu to pallas_gpu),
+              else the reference (the fallback is logged once per backend, score and
+              reason).
 
 Positions: query row r has 1-based position N = q_offset + r + 1, key j has position
 j + 1; causal means key_pos <= query_pos. With segment_ids [B, T] (q_len == kv_len),
@@ -33,12 +39,16 @@ import operator
 
 import jax
 
-from pallas_kernels.attention import kernel, mosaic_gpu, reference
+from pallas_kernels.attention import kernel, mosaic_gpu, reference, tpu_streaming
 
 SCORES = ("softmax", "lssa", "lssar")
-AUTO_MAX_LEN = 8192  # see the VMEM note in kernel.py: about T <= 8k at head_dim 128
+# Longest sequence `auto` sends to the TPU kernels. VMEM no longer bounds it: the streaming
+# kernels' VMEM per grid step is independent of T (it was 8192 while a head's whole K/V sat
+# in VMEM). What remains: the kernels count N_i (visible keys, LSSA/LSSAR) in fp32, exact up
+# to 2^24; their HBM use is linear in T.
+AUTO_MAX_LEN = 1 << 24
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "interpret",
-                   "interpret_mgpu")
+                   "interpret_mgpu", "interpret_tpu")
 # What `auto` runs on a GPU. The Mosaic GPU kernels (pallas_mgpu) are verified in interpret
 # mode and by exporting the CUDA lowering from CPU, but have never run on a GPU: flip this
 # to "pallas_mgpu" after tests/kernels/test_attention_mgpu.py -m gpu passes on a Hopper.
@@ -84,18 +94,18 @@ def _check_args(q, k, v, *, score, implementation, segment_ids, q_offset, block_
       raise ValueError(f"{name} must be a positive multiple of 8; got {blk!r}")
 
 
-_KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "interpret": "interpret"}
+_KERNEL_BACKEND = {"pallas_gpu": "gpu", "interpret": "interpret"}
 
 
-def _auto(backend: str, q, k, gpu_problem, mgpu_problem):
+def _auto(backend: str, q, k, gpu_problem, mgpu_problem, tpu_problem):
   """(implementation, reason for falling back or None) for implementation='auto'.
-  mgpu_problem: a callable giving the Mosaic GPU kernels' reason to refuse, or None."""
+  mgpu_problem / tpu_problem: callables giving the Mosaic GPU / TPU kernels' reason to
+  refuse a call, or None."""
   if backend == "tpu":
-    # The TPU kernels keep one head's whole K/V (or Q/dO) in VMEM: past AUTO_MAX_LEN they
-    # would exceed the default Mosaic VMEM limit.
-    if max(q.shape[1], k.shape[1]) <= AUTO_MAX_LEN:
-      return "pallas_tpu", None
-    return "xla", f"length > {AUTO_MAX_LEN} exceeds the TPU kernel's VMEM budget"
+    if max(q.shape[1], k.shape[1]) > AUTO_MAX_LEN:
+      return "xla", f"length > {AUTO_MAX_LEN} (N_i is counted in fp32 in the kernels)"
+    why = tpu_problem()
+    return ("xla", why) if why else ("pallas_tpu", None)
   if backend == "gpu":
     if AUTO_GPU_KERNEL == "pallas_mgpu" and mgpu_problem() is None:
       return "pallas_mgpu", None
@@ -112,8 +122,9 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
   q: [B, Tq, H, D]; k, v: [B, Tk, K, D] (GQA when K divides H). Returns [B, Tq, H, D].
   scale: softmax logit scale (default 1/sqrt(D)); LSSA/LSSAR ignore it (they L2-normalise
     q and k and scale by log D log N_i). p, reweight_offset_rows: LSSAR only.
-  block_q / block_k: Pallas block sizes (default 128, or one block for short sequences);
-    on TPU keep block_k a multiple of 128 unless it covers the whole sequence. For
+  block_q / block_k: Pallas block sizes (kernel.py: default 128, or one block for short
+    sequences; pallas_tpu / interpret_tpu: default tpu_streaming.TPU_FWD / TPU_BWD, and on
+    TPU multiples of 128 unless one block covers the whole sequence). For
     pallas_mgpu / interpret_mgpu: the forward's blocks (64, 128 or 256; default 64 x 128).
   """
   _check_args(q, k, v, score=score, implementation=implementation, segment_ids=segment_ids,
@@ -124,7 +135,8 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
   for name, needs in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"), ("pallas_mgpu", "gpu")):
     if implementation == name and backend != needs:
       raise ValueError(f"implementation={name!r} needs a {needs.upper()} backend; this is "
-                       f"{backend!r}. Valid here: auto, xla, interpret, interpret_mgpu.")
+                       f"{backend!r}. Valid here: auto, xla, interpret, interpret_mgpu, "
+                       "interpret_tpu.")
   if implementation == "pallas_gpu" and gpu_problem:
     raise ValueError(f"implementation='pallas_gpu' cannot run this call: {gpu_problem}. "
                      "Use implementation='auto' or 'xla'.")
@@ -139,6 +151,16 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
                                       reweight_offset_rows=reweight_offset_rows,
                                       block_q=block_q, block_k=block_k, interpret=interpret)
 
+  def tpu_problem(interpret=False):
+    return tpu_streaming.supports(q, k, score=score, block_q=block_q, block_k=block_k,
+                                  interpret=interpret)
+
+  if implementation in ("pallas_tpu", "interpret_tpu"):
+    why = tpu_problem(implementation == "interpret_tpu")
+    if why:
+      raise ValueError(f"implementation={implementation!r} cannot run this call: {why}. "
+                       "Use implementation='auto' or 'xla'.")
+
   if implementation in ("pallas_mgpu", "interpret_mgpu"):
     interpret = implementation == "interpret_mgpu"
     why = mgpu_problem(interpret)
@@ -147,7 +169,7 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
                        "Use implementation='auto', 'pallas_gpu' or 'xla'.")
     return mgpu(interpret)
   if implementation == "auto":
-    implementation, why = _auto(backend, q, k, gpu_problem, mgpu_problem)
+    implementation, why = _auto(backend, q, k, gpu_problem, mgpu_problem, tpu_problem)
     if implementation == "pallas_mgpu":
       return mgpu()
     if implementation == "xla" and (backend, score, why) not in _logged:
@@ -155,7 +177,12 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
       _LOG.log(logging.INFO if backend == "cpu" else logging.WARNING,
                "attention(score=%r, implementation='auto'): %s; using the XLA reference", score,
                why)
-  if implementation in ("pallas_tpu", "pallas_gpu", "interpret"):
+  if implementation in ("pallas_tpu", "interpret_tpu"):
+    return tpu_streaming.flash_attention(
+        q, k, v, segment_ids, causal=causal, score=score, q_offset=operator.index(q_offset),
+        scale=scale, p=p, reweight_offset_rows=reweight_offset_rows, block_q=block_q,
+        block_k=block_k, interpret=implementation == "interpret_tpu")
+  if implementation in ("pallas_gpu", "interpret"):
     return kernel.flash_attention(q, k, v, segment_ids, causal=causal, score=score,
                                   q_offset=operator.index(q_offset), scale=scale, p=p,
                                   reweight_offset_rows=reweight_offset_rows, block_q=block_q,

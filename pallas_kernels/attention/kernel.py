@@ -39,13 +39,16 @@ over the group afterwards. With D_i = dO_i . O_i and dP = dO V^T:
            (m is held constant: the output is invariant to the row scale of r.)
 
 Limits, stated plainly: the K/V (forward, dq) or Q/dO (dk/dv) sequence of one head is one
-VMEM block that the loop slices (double-buffered: ~8 T D bytes in bf16), so on TPU the
-default scoped VMEM (16-32 MiB) holds T up to ~8k at D = 128; longer T needs a raised
-vmem_limit_bytes or a version that streams blocks through the grid. Verified against the
-reference on CPU in interpret mode; the Pallas->Mosaic lowering is checked by exporting
-for TPU from CPU (tests), but the kernels have not been compiled or run on a TPU. On GPU
-the same kernels compile through Pallas' Triton lowering (tested and benchmarked on an
-H100: results/perf/attention.md); there is no Mosaic GPU (wgmma / TMA) version.
+VMEM block that the loop slices (double-buffered: ~8 T D bytes in bf16). That suits the
+Triton GPU lowering (the loop streams from global memory) but not TPU VMEM: compiled for
+v5p with libtpu (bf16, D = 128), the default 16 MiB scoped VMEM overflows from T = 16k for
+LSSAR and T = 32k for softmax. So
+backend="tpu" runs tpu_streaming.py instead (the same maths, both sequences streamed
+through the grid, VMEM per step independent of T); backend="tpu_resident" keeps these
+kernels on Mosaic for comparison on hardware. Verified against the reference on CPU in
+interpret mode. On GPU these kernels compile through Pallas' Triton lowering (tested and
+benchmarked on an H100: results/perf/attention.md); the Mosaic GPU (wgmma / TMA) version
+is mosaic_gpu.py.
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class Config:
   log_d: float
   block_q: int
   block_k: int
-  backend: str  # "interpret" | "tpu" (Mosaic) | "gpu" (Triton lowering)
+  backend: str  # "interpret" | "tpu_resident" (Mosaic) | "gpu" (Triton lowering); "tpu" for
+  # tpu_streaming.StreamConfig
   num_warps: int | None = None  # GPU only
   num_stages: int | None = None
   bwd_block_q: int | None = None  # backward kernels' blocks / warps (None: as forward)
@@ -647,8 +651,16 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
   """Pallas attention, forward and backward kernels (see the module docstring).
 
   q [B, Tq, H, D], k/v [B, Tk, K, D]; returns [B, Tq, H, D]. Arguments are validated by
-  api.attention. backend: "tpu" (Mosaic), "gpu" (Triton lowering) or "interpret".
+  api.attention. backend: "gpu" (Triton lowering), "interpret", "tpu" (delegates to
+  tpu_streaming.flash_attention: the streaming Mosaic kernels; num_warps / num_stages do
+  not apply) or "tpu_resident" (these kernels on Mosaic, whole-sequence VMEM blocks).
   """
+  if backend == "tpu":
+    from pallas_kernels.attention import tpu_streaming  # pylint: disable=g-import-not-at-top
+    return tpu_streaming.flash_attention(
+        q, k, v, segment_ids, causal=causal, score=score, q_offset=q_offset, scale=scale, p=p,
+        reweight_offset_rows=reweight_offset_rows, block_q=block_q, block_k=block_k,
+        bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k)
   d = q.shape[-1]
   if backend == "gpu":
     size = 4 if jnp.dtype(q.dtype).itemsize > 2 else 2

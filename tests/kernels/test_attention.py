@@ -146,23 +146,29 @@ def test_kernel_bf16_lssar_close_to_fp32_reference():
 
 
 @pytest.mark.parametrize("score", SCORES)
-def test_kernels_lower_to_mosaic_for_tpu(score):
+@pytest.mark.parametrize("backend", ["tpu", "tpu_resident"])
+def test_kernels_lower_to_mosaic_for_tpu(score, backend):
   """Forward and both backward kernels lower through Pallas' TPU (Mosaic) path, checked on
   CPU by exporting for platforms=["tpu"]: bf16, GQA 2, packed, ragged length, default
-  blocks. This checks the Pallas->Mosaic lowering only; Mosaic's own compilation (layouts,
-  VMEM) happens on a TPU and is not covered here."""
+  blocks. backend="tpu" is now the streaming version (tpu_streaming.py, which has its own
+  tests: tests/kernels/test_attention_tpu_streaming.py); "tpu_resident" keeps these
+  whole-sequence kernels on Mosaic (T up to ~8-16k, see kernel.py). This checks the
+  Pallas->Mosaic lowering only; Mosaic's compilation (layouts, VMEM) needs libtpu."""
   from pallas_kernels.attention import kernel
   q = jax.ShapeDtypeStruct((2, 200, 4, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 200, 2, 128), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
 
   def fwd_bwd(q, k, v, s):
-    out, vjp = jax.vjp(lambda q, k, v: kernel.flash_attention(q, k, v, s, score=score), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: kernel.flash_attention(q, k, v, s, score=score,
+                                                              backend=backend), q, k, v)
     return out, vjp(out)
 
   exported = jax.export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, kv, kv, seg)
   text = exported.mlir_module()
   assert text.count("tpu_custom_call") >= 3, "expected fwd, dq and dk/dv Mosaic kernels"
+  for name in ("fwd", "bwd_dq", "bwd_dkv"):
+    assert f"attention_{name}_{score}" in text, f"missing the {name} Mosaic kernel"
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -182,8 +188,17 @@ def test_kernels_lower_to_triton_for_gpu(score):
     return out, vjp(out)
 
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
-                               disabled_checks=[triton])(q, kv, kv, seg)
+  export = lambda: jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
+                                     disabled_checks=[triton])(q, kv, kv, seg)
+  # From jax 0.12 the Triton lowering reads the target GPU's compute capability, which a
+  # CPU machine has not: name an abstract H100 (older versions assumed one).
+  if hasattr(jax.sharding, "AbstractDevice"):
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=h100)):
+      exported = export()
+  else:
+    exported = export()
   text = exported.mlir_module()
   for name in ("fwd", "bwd_dq", "bwd_dkv"):
     assert f'name = "attention_{name}_{score}"' in text, f"missing the {name} Triton kernel"
@@ -306,8 +321,9 @@ def test_kernel_default_blocks_multi_block(score):
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
 @pytest.mark.parametrize("score", SCORES)
 def test_pallas_tpu_matches_reference(score):
-  """On a TPU: the Mosaic-compiled kernels (default blocks) versus the reference. fp32
-  matmuls on the MXU may run at reduced precision, hence 2e-3 (a first-run check)."""
+  """On a TPU: the Mosaic-compiled kernels (pallas_tpu: the streaming kernels of
+  tpu_streaming.py, default blocks) versus the reference. fp32 matmuls on the MXU may run
+  at reduced precision, hence 2e-3 (a first-run check)."""
   q, k, v = _qkv(2, 300, 4, 2, 128, seed=13)
   _check_kernel(q, k, v, score=score, impl="pallas_tpu", tol=2e-3,
                 segment_ids=jnp.asarray([[1] * 170 + [2] * 130, [5] * 300]))
