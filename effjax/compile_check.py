@@ -17,6 +17,7 @@ the step is lowered with the mesh and shardings the trainer would use; nothing i
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -87,7 +88,6 @@ def main(argv=None) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from effjax.parallel import (batch_sharding, make_mesh, replicated,  # pylint: disable=g-import-not-at-top
                                sharding, state_init)
   from effjax.train.extensions import build_extensions, merged_phase  # pylint: disable=g-import-not-at-top
@@ -97,6 +97,12 @@ def main(argv=None) -> int:
   try:
     config, _ = config_lib.load(["--config=" + args.config, *overrides],
                                 num_devices=len(devices))
+    dcn = math.prod(getattr(config.mesh.dcn, a) for a in sharding.MESH_AXES)
+    if args.num_slices > 1 and dcn != args.num_slices:
+      raise config_lib.ConfigError(
+          f"--num_slices={args.num_slices} but the product of mesh.dcn.* is {dcn}: set "
+          f"mesh.dcn.<axis> so that the slices multiply to {args.num_slices} (e.g. "
+          f"--config.mesh.dcn.data={args.num_slices})")
     mesh = make_mesh(config.mesh, devices)
   except config_lib.ConfigError as e:
     print(f"compile_check: config error: {e}", file=sys.stderr)
@@ -105,13 +111,17 @@ def main(argv=None) -> int:
   vocab = data_lib.load_tokenizer(config.data.tokenizer,
                                   eos_token=config.data.eos_token or None).vocab_size
   rules = sharding.rules_for(config.mesh)
-  groups = sharding.batch_shards(dict(mesh.shape), rules)
-  model = state_init.abstract_model(config, vocab, groups)  # no weights are computed
+  plan = state_init.plan_state(config, vocab, mesh, rules)  # no weights are computed
+  model, tx, schedule, state_shard = plan.model, plan.tx, plan.schedule, plan.shardings
+  state = plan.abstract()
   repl = replicated(mesh)
-  tx, schedule = make_optimizer(config, model.specs)
-  state_shard = state_init.state_shardings(model, tx, mesh, rules)
-  state = state_init.abstract_state(config, vocab, groups, tx, state_shard)
   b_shard = batch_sharding(mesh, rules)
+  try:  # every host of the topology must get an equal share of each global batch
+    for process in sorted({d.process_index for d in devices}):
+      sharding.process_batch_slot(b_shard, t.batch_size, process)
+  except config_lib.ConfigError as e:
+    print(f"compile_check: config error: {e}", file=sys.stderr)
+    return 2
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=b_shard)
            for k in ("inputs", "targets", "segment_ids", "positions")}
   extensions = build_extensions(config, model)

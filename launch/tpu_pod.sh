@@ -12,7 +12,9 @@
 # SPOT=1 for spot capacity, DRY_RUN=1 to print the commands without running them (no gcloud
 # calls; the slice is taken as absent). Every command is printed before it runs. An exit code 75
 # (the run was interrupted and checkpointed, e.g. a maintenance SIGTERM) reruns on the same
-# slice. Not yet run on a real pod.
+# slice (assumes `gcloud ... ssh --worker=all` returns the workers' exit code, unverified: with several
+# workers it may report 1 or 255, which is then treated like a failure or a preemption by the slice
+# state). Not yet run on a real pod.
 set -euo pipefail
 
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }

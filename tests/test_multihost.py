@@ -33,8 +33,10 @@ def _two_process(workdir, steps, port, mesh=()):
 
 
 # data=2 x fsdp=2 where the data axis crosses the two processes (a hybrid DCN x ICI mesh,
-# processes standing in for slices); the single process has the same axis sizes.
-MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
+# processes standing in for slices); the single process has the same axis sizes. The batch
+# is split over (fsdp, data), fsdp outermost, so each process holds row blocks 0, 2 or 1, 3:
+# interleaved rows, as on topology-aware TPU meshes.
+MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.rules=batch=fsdp+data"]
 HYBRID = [*MESH, "--config.mesh.dcn.data=2"]
 
 
@@ -49,8 +51,8 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   l2, rows2 = _losses(two)
   l1, _ = _losses(one)
   assert sorted(l2) == sorted(l1) and len(l2) >= 4
-  # Same global batch and mesh sizes (the device order differs); only the all-reduce differs (gloo across processes
-  # vs in-process), which reorders fp32 sums: 1e-4 relative.
+  # Same global batch and mesh sizes (the device order differs); only the all-reduce
+  # differs (gloo across processes vs in-process), which reorders fp32 sums: 1e-4 relative.
   for step in l1:
     assert l2[step] == pytest.approx(l1[step], rel=1e-4), (step, l2[step], l1[step])
   # Process 0 alone writes metrics: each logged step appears once.
@@ -64,6 +66,46 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   l2b, _ = _losses(two)
   assert max(l2b) == 30 and sorted(l2b)[:len(l2)] == sorted(l2)
   assert "resum" in r.stdout.lower() + r.stderr.lower()
+
+
+@pytest.mark.parametrize("service", ["on", "off"])
+def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, service):
+  """SIGTERM to process 1 alone: both processes checkpoint the same step and exit 75 (a
+  collective checkpoint needs every process). With JAX's preemption service (the default)
+  its sync point picks the step; with the service off the signal is shared by an
+  allgather every step."""
+  import signal
+  import time
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_ENABLE_PREEMPTION_SERVICE="true" if service == "on" else "false")
+  port = 12371 if service == "on" else 12372
+  logs = [open(os.path.join(str(tmp_path), f"p{i}.log"), "w") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-m", "effjax.train", *TRAIN, f"--workdir={workdir}",
+                             "--config.train.steps=100000", "--config.train.log_every=1",
+                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO, env=env, stdout=logs[i],
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    deadline = time.time() + 240
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline and not (os.path.exists(metrics) and
+                                          sum(1 for _ in open(metrics)) >= 5):
+      assert all(p.poll() is None for p in procs), open(logs[0].name).read()[-3000:]
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  out = [open(f.name).read() for f in logs]
+  assert codes == [75, 75], (codes, out[0][-2000:], out[1][-2000:])
+  steps = os.listdir(os.path.join(workdir, "checkpoints"))
+  saved = [int(s) for s in steps if s.isdigit()]
+  assert saved and f"saved checkpoint at step {max(saved)}" in out[0], out[0][-2000:]
+  assert "all processes" in out[0], out[0][-2000:]
+  assert ("preemption service is off" in out[1]) == (service == "off"), out[1][-2000:]
 
 
 def test_distributed_flags_are_checked():

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -67,6 +69,18 @@ SCRIPT = textwrap.dedent("""
     assert sharded >= 4, sharded  # the matrices are split, not replicated
     assert int(state.step) == 0
 
+    # 2b. Per-weight QAT buffers (oscillation EMAs, the CGA mask) are sharded like their
+    #     kernel; scalar buffers stay replicated.
+    qcfg, _ = C.load(["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+                      "--config.mesh.tensor=2", "--config.quant.method=statsq",
+                      "--config.quant.act_bits=8", "--config.quant.cga_start=0.5"], num_devices=8)
+    qplan = state_init.plan_state(qcfg, vocab, mesh, rules)
+    up = qplan.shardings.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]
+    kernel = qplan.shardings.params["blocks"][0]["ffn"]["up"]["kernel"]
+    for name in ("osc_ema", "osc_code", "cga_frozen"):
+      assert up[name].spec == kernel.spec and not up[name].is_fully_replicated, (name, up[name])
+    assert up["osc_started"].is_fully_replicated
+
     # 3. mesh.dcn.*: must divide the axis; asks for slices the devices do not have -> named error.
     for dcn, match in ((["--config.mesh.dcn.fsdp=3"], "mesh.dcn.fsdp (3) must be >= 1 and divide"),
                        (["--config.mesh.dcn.fsdp=2"], "asks for 2 slices")):
@@ -92,3 +106,42 @@ def test_activation_constraints_sharded_init_and_dcn_checks():
   r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0 and "SHARDING-OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+class _FakeDevice:
+  def __init__(self, process_index, id_):
+    self.process_index, self.id = process_index, id_
+
+  def __hash__(self):
+    return hash(self.id)
+
+
+class _FakeSharding:
+  """devices_indices_map of a batch sharding: device i (of process owner[i]) holds row
+  block i of len(owner) equal blocks."""
+
+  def __init__(self, owner):
+    self.owner = owner
+
+  def devices_indices_map(self, shape):
+    b = shape[0] // len(self.owner)
+    return {_FakeDevice(p, i): (slice(i * b, (i + 1) * b),) for i, p in enumerate(self.owner)}
+
+
+def test_process_batch_slot_on_interleaved_shared_and_bad_meshes():
+  """Topology-aware meshes interleave hosts along the batch axis (host 0 holds row blocks
+  0, 2, 4, 6 of a v5p 2x2x2 mesh): each process still gets one slot; processes holding the
+  same rows share a slot; slots are numbered by their smallest row; unequal splits fail."""
+  from effjax import config as C
+  from effjax.parallel.sharding import process_batch_slot
+  interleaved = _FakeSharding([0, 1, 0, 1, 0, 1, 0, 1])
+  assert [process_batch_slot(interleaved, 16, p) for p in (0, 1)] == [(0, 2), (1, 2)]
+  reordered = _FakeSharding([1, 1, 0, 0])  # process 1 holds the first rows
+  assert [process_batch_slot(reordered, 8, p) for p in (0, 1)] == [(1, 2), (0, 2)]
+  # Four processes, a batch-replicated axis across process pairs (0, 2) and (1, 3).
+  shared = _FakeSharding([0, 1])
+  shared.devices_indices_map = lambda shape: {
+      _FakeDevice(p, p): (slice((p % 2) * 4, (p % 2) * 4 + 4),) for p in range(4)}
+  assert [process_batch_slot(shared, 8, p) for p in range(4)] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+  with pytest.raises(C.ConfigError, match="equal disjoint parts"):
+    process_batch_slot(_FakeSharding([0, 0, 0, 1]), 8, 0)

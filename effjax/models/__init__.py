@@ -36,6 +36,13 @@ def _pure(state) -> dict:
   return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
+def _axes(variable) -> tuple | None:
+  try:
+    return variable.axes
+  except AttributeError:
+    return None
+
+
 class FunctionalModel:
   """A Transformer split into (graphdef, params, buffers) with a pure apply."""
 
@@ -46,6 +53,10 @@ class FunctionalModel:
     self._buffer_template = buffer_state
     self.specs = _pure(jax.tree.map(lambda v: ParamSpec(v.role, v.axes), param_state,
                                     is_leaf=_is_var))
+    # Buffers: logical axes where they were given (per-weight QAT state follows its kernel),
+    # else None (replicated).
+    self.buffer_specs = _pure(jax.tree.map(lambda v: ParamSpec("buffer", _axes(v)), buffer_state,
+                                           is_leaf=_is_var))
     self.initial_params = _pure(param_state)
     self.initial_buffers = _pure(buffer_state)
 
@@ -66,14 +77,13 @@ class FunctionalModel:
 
 def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
           batch_groups: int | None = None) -> FunctionalModel:
-  """batch_groups: data-parallel shards (for per-shard balance losses); default from mesh.*."""
+  """batch_groups: batch shards (for per-shard balance losses); default from mesh.* and the
+  'batch' rule of mesh.rules, as the trainer computes it."""
   dims = resolve_dims(config.model, tokenizer_vocab)
   seed = config.seed if seed is None else seed
   if batch_groups is None:
-    sizes = resolve_mesh_shape(config.mesh, jax.device_count())
-    batch_groups = sizes["data"] * sizes["fsdp"]
-  model_config = config.model
-  if model_config.position == "learned" and not model_config.max_positions:
-    model_config = dataclasses.replace(model_config, max_positions=config.train.seq_len)
-  return FunctionalModel(Transformer(model_config, dims, batch_groups=batch_groups,
+    from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
+    batch_groups = sharding.batch_shards(resolve_mesh_shape(config.mesh, jax.device_count()),
+                                         sharding.rules_for(config.mesh))
+  return FunctionalModel(Transformer(config.model, dims, batch_groups=batch_groups,
                                      rngs=nnx.Rngs(params=seed), quant=config.quant))

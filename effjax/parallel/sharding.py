@@ -106,18 +106,15 @@ def _ici_mesh(shape: tuple, devices) -> np.ndarray:
 
 
 def _hybrid_mesh(ici: tuple, dcn: tuple, devices) -> np.ndarray:
-  """Slices are the DCN granules; processes stand in for slices where devices have none
-  (GPU clusters, CPU tests)."""
+  """Slices are the DCN granules on TPU (devices carry their slice_index); elsewhere (GPU
+  clusters, CPU tests) processes stand in for slices."""
   granules = math.prod(dcn)
-  slices = {getattr(d, "slice_index", 0) for d in devices}
-  processes = {d.process_index for d in devices}
-  if len(slices) == granules:
-    by_process = False
-  elif len(processes) == granules:
-    by_process = True
-  else:
+  by_process = devices[0].platform != "tpu"
+  found = len({d.process_index if by_process else d.slice_index for d in devices})
+  if found != granules:
+    what = "process(es) (not TPU: processes stand in for slices)" if by_process else "slice(s)"
     raise ConfigError(f"mesh.dcn.* asks for {granules} slices (product of mesh.dcn.*), but the "
-                      f"devices span {len(slices)} slice(s) and {len(processes)} process(es).")
+                      f"devices span {found} {what}.")
   return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
                                               allow_split_physical_axes=True)
 
@@ -182,33 +179,31 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   return NamedSharding(mesh, P(rules["batch"]))
 
 
-def process_batch_slot(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
-  """(slot, num_slots): this process feeds rows [slot * b, (slot + 1) * b) of each global
-  batch, b = global_rows / num_slots.
+def process_batch_slot(sharding: NamedSharding, global_rows: int,
+                       process_index: int | None = None) -> tuple[int, int]:
+  """(slot, num_slots): this process feeds b = global_rows / num_slots rows of each global
+  batch, the slot-th b-row slice of what the data pipeline yields.
 
-  Derived from the devices each process owns, so the data pipeline reads exactly the rows
-  its devices need whatever the device order (topology-aware and hybrid meshes are not in
-  process order); processes whose devices hold the same rows (a batch-replicated axis
-  across processes) share a slot. Raises ConfigError where a process's rows are not one
-  contiguous, evenly tiled block.
+  Derived from the rows each process's devices hold, so the pipeline reads exactly the
+  rows its devices need whatever the device order. On topology-aware and hybrid meshes a
+  process's rows are usually not contiguous (hosts interleave along the batch axis);
+  `jax.make_array_from_process_local_data` places its local rows onto them in order.
+  Processes whose devices hold the same rows (a batch-replicated axis across processes)
+  share a slot. Slots are numbered by their smallest row. Raises ConfigError where the
+  processes' row sets overlap partially or differ in size.
   """
-  covered: dict[int, np.ndarray] = {}
+  owned: dict[int, set] = {}
   for device, index in sharding.devices_indices_map((global_rows,)).items():
-    rows = covered.setdefault(device.process_index, np.zeros(global_rows, bool))
-    rows[index[0]] = True
-  blocks = {}
-  for process, rows in covered.items():
-    (idx,) = np.nonzero(rows)
-    if idx.size != idx[-1] - idx[0] + 1:
-      raise ConfigError(f"process {process} owns non-contiguous batch rows under this mesh; put "
-                        "the mesh axes of the 'batch' rule outermost or change mesh.* sizes")
-    blocks[process] = (int(idx[0]), int(idx[-1]) + 1)
-  distinct = sorted(set(blocks.values()))
-  size = distinct[0][1] - distinct[0][0]
-  if any(lo != i * size or hi != lo + size for i, (lo, hi) in enumerate(distinct)):
-    raise ConfigError(f"processes' batch rows {distinct} do not tile the global batch evenly "
-                      "under this mesh")
-  return distinct.index(blocks[jax.process_index()]), len(distinct)
+    owned.setdefault(device.process_index, set()).update(range(global_rows)[index[0]])
+  distinct = sorted({frozenset(rows) for rows in owned.values()}, key=min)
+  sizes = {len(rows) for rows in distinct}
+  if (len(sizes) != 1 or sum(map(len, distinct)) != global_rows
+      or frozenset().union(*distinct) != frozenset(range(global_rows))):
+    raise ConfigError(f"under this mesh the processes' batch rows do not split the global batch "
+                      f"of {global_rows} into equal disjoint parts ({len(distinct)} distinct "
+                      f"row sets of sizes {sorted(sizes)}); change mesh.* or mesh.rules batch=")
+  me = jax.process_index() if process_index is None else process_index
+  return distinct.index(frozenset(owned[me])), len(distinct)
 
 
 # ----------------------------------------------------------------------------- activations

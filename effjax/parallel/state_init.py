@@ -9,14 +9,17 @@ partitionable threefry PRNG (JAX's default) the values do not depend on the mesh
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from effjax import models
 from effjax.config import Config
-from effjax.parallel.sharding import param_shardings, replicated
+from effjax.parallel.sharding import batch_shards, logical_to_spec, param_shardings, replicated
 from effjax.train.state import TrainState
 
 
@@ -33,14 +36,18 @@ def abstract_model(config: Config, vocab: int, batch_groups: int) -> models.Func
 def state_shardings(model: models.FunctionalModel, tx: optax.GradientTransformation, mesh,
                     rules) -> TrainState:
   """NamedShardings of the whole TrainState: params from their logical axes, the optimizer
-  state like its params (ZeRO-3 under fsdp), buffers / step / rng replicated."""
+  state like its params (ZeRO-3 under fsdp), buffers from their logical axes where they
+  have them (per-weight QAT state), else replicated like step and rng."""
   repl = replicated(mesh)
   p_shard = param_shardings(model.specs, model.initial_params, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, model.initial_params)
   opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
                                     transform_non_params=lambda _: repl)
-  return TrainState(step=repl, params=p_shard, opt_state=opt_shard,
-                    buffers=jax.tree.map(lambda _: repl, model.initial_buffers), rng=repl)
+  b_shard = jax.tree.map(
+      lambda spec, x: repl if spec.axes is None else NamedSharding(
+          mesh, logical_to_spec(spec.axes, x.shape, mesh, rules)),
+      model.buffer_specs, model.initial_buffers, is_leaf=lambda s: hasattr(s, "axes"))
+  return TrainState(step=repl, params=p_shard, opt_state=opt_shard, buffers=b_shard, rng=repl)
 
 
 def _init_fn(config: Config, vocab: int, batch_groups: int, tx):
@@ -64,3 +71,36 @@ def init_state(config: Config, vocab: int, batch_groups: int, tx,
                shardings: TrainState) -> TrainState:
   """The initial TrainState, computed directly into `shardings` (every process calls it)."""
   return jax.jit(_init_fn(config, vocab, batch_groups, tx), out_shardings=shardings)()
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePlan:
+  """What the trainer, compile_check and the export all build before touching weights:
+  the abstract model, the optimizer, the train state's shardings on `mesh`."""
+  config: Config
+  vocab: int
+  batch_groups: int  # batch shards under the mesh and rules (MoE per-shard balance losses)
+  model: models.FunctionalModel
+  tx: optax.GradientTransformation
+  schedule: object
+  shardings: TrainState
+
+  def _args(self):
+    return self.config, self.vocab, self.batch_groups, self.tx, self.shardings
+
+  def abstract(self) -> TrainState:
+    """ShapeDtypeStructs with the target shardings (AOT compiles, checkpoint restores)."""
+    return abstract_state(*self._args())
+
+  def init(self) -> TrainState:
+    """The initial state, computed directly into the target shardings."""
+    return init_state(*self._args())
+
+
+def plan_state(config: Config, vocab: int, mesh, rules) -> StatePlan:
+  from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top (cycle)
+  groups = batch_shards(dict(mesh.shape), rules)
+  model = abstract_model(config, vocab, groups)  # shapes only: no weights are computed
+  tx, schedule = make_optimizer(config, model.specs)
+  return StatePlan(config, vocab, groups, model, tx, schedule,
+                   state_shardings(model, tx, mesh, rules))

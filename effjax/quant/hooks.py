@@ -58,24 +58,26 @@ class QuestHook(LinearHook):
     return self._apply(x, self.act_bits, -1)
 
 
-def _oscillation_buffers(d_in: int, d_out: int) -> dict:
+def _oscillation_buffers(d_in: int, d_out: int, axes) -> dict:
   """Per-weight state for oscillation tracking (TECHNIQUES.md 5.2): last integer code, the
   direction of its last change, an EMA of direction flips; `osc_started` marks the first
-  update (so the initial code is not counted as a change)."""
-  zeros = lambda: Buffer(jnp.zeros((d_in, d_out), jnp.float32))
+  update (so the initial code is not counted as a change). Per-weight buffers carry the
+  kernel's logical axes, so they are sharded like it."""
+  zeros = lambda: Buffer(jnp.zeros((d_in, d_out), jnp.float32), axes=axes)
   return {"osc_code": zeros(), "osc_dir": zeros(), "osc_ema": zeros(),
           "osc_started": Buffer(jnp.zeros((), jnp.float32))}
 
 
 class StatsQWeightHook(LinearHook):
   def __init__(self, bits: int, d_in: int = 0, d_out: int = 0, track: bool = False,
-               cga: bool = False):
+               cga: bool = False, axes=(None, None)):
+    """axes: the kernel's logical axes (for the per-weight buffers' sharding)."""
     self.bits = bits
     if track:
-      for k, v in _oscillation_buffers(d_in, d_out).items():
+      for k, v in _oscillation_buffers(d_in, d_out, axes).items():
         setattr(self, k, v)
     if cga:  # CGA freeze mask (1 = frozen), set when the CGA phase starts
-      self.cga_frozen = Buffer(jnp.zeros((d_in, d_out), jnp.float32))
+      self.cga_frozen = Buffer(jnp.zeros((d_in, d_out), jnp.float32), axes=axes)
 
   on_grid = False
 
@@ -86,13 +88,13 @@ class StatsQWeightHook(LinearHook):
 class LsqWeightHook(LinearHook):
   """Learnable per-output-channel step, initialised from the init std (E|W| = std sqrt(2/pi))."""
 
-  def __init__(self, d_in: int, d_out: int, bits: int, *, std: float, out_axis,
-               track: bool = False):
+  def __init__(self, d_in: int, d_out: int, bits: int, *, std: float, axes, track: bool = False):
+    """axes: the kernel's logical axes (the step follows the output axis)."""
     self.bits, self.numel = bits, d_in * d_out
     init = lsq.initial_step(std * math.sqrt(2 / math.pi), bits)
-    self.step = make_param(jnp.full((d_out,), init, jnp.float32), "vector", (out_axis,))
+    self.step = make_param(jnp.full((d_out,), init, jnp.float32), "vector", (axes[1],))
     if track:
-      for k, v in _oscillation_buffers(d_in, d_out).items():
+      for k, v in _oscillation_buffers(d_in, d_out, axes).items():
         setattr(self, k, v)
 
   on_grid = False
@@ -117,9 +119,9 @@ class LsqInputHook(LinearHook):
     return lsq.lsq_quantize(x, self.step[...], self.bits, numel=self.d_in)
 
 
-def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis,
+def make_hooks(quant, d_in: int, d_out: int, *, std: float, axes,
                derived: bool = False) -> list[LinearHook]:
-  """The hooks of one quantized linear for a QuantConfig.
+  """The hooks of one quantized linear [d_in, d_out] with logical `axes` for a QuantConfig.
 
   derived: the weight is computed from other parameters (QKR's W_q W_k^T), so there is no
   stored kernel to track, freeze or export on the grid, and QuEST rotates back ("half" would
@@ -131,10 +133,9 @@ def make_hooks(quant, d_in: int, d_out: int, *, std: float, out_axis,
                       trust=quant.trust, hadamard=hadamard, on_grid=on_grid)]
   track = not derived
   weight = (StatsQWeightHook(quant.weight_bits, d_in, d_out, track=track,
-                             cga=quant.cga_start > 0 and track)
+                             cga=quant.cga_start > 0 and track, axes=axes)
             if quant.method == "statsq" else
-            LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, out_axis=out_axis,
-                          track=track))
+            LsqWeightHook(d_in, d_out, quant.weight_bits, std=std, axes=axes, track=track))
   weight.on_grid = on_grid  # a loaded export: weights are final
   return [weight] + ([LsqInputHook(d_in, quant.act_bits)] if quant.act_bits else [])
 
@@ -146,7 +147,7 @@ def qkr_hooks(quant, d_model: int, n_heads: int, *, std: float, head_dim: int):
   if quant is None or not quant.qkr or quant.method == "none" or "qkv" not in quant.layers:
     return None
   std_qk = std * std * math.sqrt(head_dim)  # entries of a product of two std-`std` matrices
-  return make_hooks(quant, d_model, n_heads * d_model, std=std_qk, out_axis="heads",
+  return make_hooks(quant, d_model, n_heads * d_model, std=std_qk, axes=("embed", "heads"),
                     derived=True)
 
 
@@ -158,8 +159,7 @@ def linear_factory(quant, kind: str):
 
   def make(d_in, d_out, *, rngs: nnx.Rngs, axes=("embed", "mlp"), std=None, **kwargs):
     std = d_in ** -0.5 if std is None else std
-    hooks = make_hooks(quant, d_in, d_out, std=std, out_axis=axes[1])
+    hooks = make_hooks(quant, d_in, d_out, std=std, axes=axes)
     return Linear(d_in, d_out, rngs=rngs, axes=axes, std=std, hooks=hooks, **kwargs)
 
   return make
-

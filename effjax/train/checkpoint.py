@@ -63,8 +63,3 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_like(tree, shardings) -> object:
-  """ShapeDtypeStructs with the given shardings, for restoring into a target layout."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)

@@ -85,9 +85,11 @@ class _StopFlag:
   """SIGTERM / SIGINT handler: the first signal asks the loop to checkpoint and stop.
 
   With several processes they must all stop after the same step (the checkpoint is
-  collective): SIGTERM is left to JAX's preemption notifier, SIGINT is turned into a
-  SIGTERM, and `poll(step)` asks JAX's preemption sync point, which every process
-  reaches at the same step once any process got the signal.
+  collective). With JAX's preemption service (on by default in jax.distributed), SIGTERM
+  is left to its notifier, SIGINT is turned into a SIGTERM, and `poll(step)` asks JAX's
+  preemption sync point, which every process reaches at the same step once any process
+  got the signal. Without the service, the signal is recorded locally and `poll` shares
+  it with an allgather every step.
   """
 
   def __init__(self):
@@ -95,12 +97,17 @@ class _StopFlag:
     self._previous = {}
     self._signals = 0
     self._multi = jax.process_count() > 1
+    self._notifier = self._multi and _preemption_service_on()
+    self._local = None  # without the notifier: this process's signal, until shared
 
   def install(self):
     if sys.platform == "win32" or not _in_main_thread():
       return
+    if self._multi and not self._notifier:
+      print(f"[effjax p{jax.process_index()}] JAX's preemption service is off: a stop signal "
+            "is shared by an allgather every step", file=sys.stderr, flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
-      if not (self._multi and sig == signal.SIGTERM):
+      if not (self._notifier and sig == signal.SIGTERM):
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
@@ -108,14 +115,21 @@ class _StopFlag:
     self._signals += 1
     if self._signals > 1:  # second signal: give up immediately
       raise KeyboardInterrupt
-    if self._multi:
+    if self._notifier:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier: a stop step all agree on
+    elif self._multi:
+      self._local = signal.Signals(signum).name
     else:
       self.signal_name = signal.Signals(signum).name
 
   def poll(self, step: int) -> str | None:
-    if self._multi and self.signal_name is None and _preemption_sync_point(step):
-      self.signal_name = "SIGTERM/SIGINT (stop step agreed by all processes)"
+    """The stop reason once this step should end the run (the same step on every process)."""
+    if self.signal_name is None and self._multi:
+      if self._notifier:
+        if _preemption_sync_point(step):
+          self.signal_name = "SIGTERM/SIGINT (stop step agreed by all processes)"
+      elif _any_process(self._local is not None):
+        self.signal_name = f"{self._local or 'a signal on another process'} (all processes stop)"
     return self.signal_name
 
   def uninstall(self):
@@ -123,12 +137,24 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
+def _preemption_service_on() -> bool:
+  """Whether jax.distributed started its preemption sync manager (private state; treated
+  as off where this JAX does not expose it, which only costs the allgather fallback)."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+  except ImportError:
+    return False
+
+
 def _preemption_sync_point(step: int) -> bool:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  try:
-    return multihost_utils.reached_preemption_sync_point(step)
-  except RuntimeError:  # jax_enable_preemption_service is off: SIGTERM just ends the process
-    return False
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+def _any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))) > 0)
 
 
 def _in_main_thread() -> bool:
@@ -162,11 +188,9 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   tokenizer, corpus = data.tokenizer, data.corpus
   mesh = make_mesh(config.mesh)
   rules = sharding.rules_for(config.mesh)
-  groups = sharding.batch_shards(dict(mesh.shape), rules)
-  model = state_init.abstract_model(config, tokenizer.vocab_size, groups)  # shapes only
+  plan = state_init.plan_state(config, tokenizer.vocab_size, mesh, rules)  # shapes only
+  model, tx, schedule, state_shard = plan.model, plan.tx, plan.schedule, plan.shardings
   dims = model.dims
-  tx, schedule = make_optimizer(config, model.specs)
-  state_shard = state_init.state_shardings(model, tx, mesh, rules)
   b_shard = batch_sharding(mesh, rules)
   repl = replicated(mesh)
   # This process reads the rows of each global batch that its devices hold.
@@ -187,12 +211,11 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       **shard_kw)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
-  init_args = (config, tokenizer.vocab_size, groups, tx, state_shard)
   if start:
-    state = ckpt.restore(start, state_init.abstract_state(*init_args), data_iter)
+    state = ckpt.restore(start, plan.abstract(), data_iter)
     say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
   else:
-    state = state_init.init_state(*init_args)
+    state = plan.init()
   if start >= t.steps:
     say(f"run already complete at step {start} (train.steps = {t.steps}); nothing to do")
     ckpt.close()
