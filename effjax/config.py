@@ -539,6 +539,9 @@ def validate(config: Config, num_devices: Optional[int] = None) -> Config:
                       f"roles: {', '.join(ROLES)}.")
   if m.moe.num_experts:
     _validate_moe(config)
+  if m.position == "rope" and m.max_positions:
+    raise ConfigError(f"model.max_positions={m.max_positions} sizes the learned position table: "
+                      f"it needs model.position=learned (this is rope).")
   if m.position == "learned" and m.max_positions and m.max_positions < t.seq_len:
     raise ConfigError(f"model.max_positions ({m.max_positions}) is smaller than train.seq_len "
                       f"({t.seq_len}); set it >= seq_len or 0 (= seq_len).")

@@ -124,3 +124,26 @@ def test_remat_gives_the_same_loss_and_gradients_and_recomputes():
   assert float(l1) == pytest.approx(float(l0), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_learned_positions_enter_the_output_and_are_bounded():
+  """model.position=learned adds a [max_positions, d] table to the embedding (no RoPE):
+  changing one row changes exactly the logits from that position on; a longer input than
+  the table is refused, as are a table smaller than train.seq_len and a table size under
+  RoPE."""
+  cfg = _tiny(position="learned")
+  m = models.build(cfg, 257)
+  ids = jax.random.randint(jax.random.PRNGKey(4), (1, 16), 0, 257)
+  base = _apply(m, ids)
+  params = jax.tree.map(lambda x: x, m.initial_params)
+  params["positions"]["table"] = params["positions"]["table"].at[5].add(1.0)
+  moved = m.apply(params, m.initial_buffers, ids)[0]
+  np.testing.assert_array_equal(np.asarray(moved[:, :5]), np.asarray(base[:, :5]))
+  assert not np.allclose(np.asarray(moved[:, 5]), np.asarray(base[:, 5]))
+  too_long = jnp.zeros((1, cfg.model.max_positions + 1), jnp.int32)
+  with pytest.raises(ValueError, match="model.max_positions"):
+    _apply(m, too_long)
+  with pytest.raises(C.ConfigError, match="smaller than train.seq_len"):
+    _tiny(position="learned", max_positions=8)
+  with pytest.raises(C.ConfigError, match="needs model.position=learned"):
+    _tiny(max_positions=64)

@@ -7,8 +7,9 @@ W2A2, W1A1, at two widths (d_model 64 and 128, 4 layers) and equal tokens.
 Part B (OFQ weights at 2 bits, 8-bit LSQ inputs, d_model 128): StatsQ versus LSQ weights
 (oscillating fraction and loss), and StatsQ with CGA over the last 20% of training; then the
 pair again with the cosine ending at 1e-5 and CGA over the last 10% (the paper's low-lr regime).
-Part C (noise floor): the unquantized and W8A8 runs again with seed 1 (init and data order),
-so the gaps in part A can be read against the seed-to-seed spread.
+Part C (noise floor): the unquantized and W8A8 runs again with seed 1 (init and data order):
+how much the gap W8A8 - unquantized moves between seeds, per width, the scale against which
+part A's gaps are read.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def variants_c(width: int) -> list[Variant]:
           Variant(f"d{width}_w8a8_seed1", {**_quest(8), "seed": 1}, "QuEST W8A8, seed 1")]
 
 
-def _plot(recs_by_width, out: str, noise: float = float("nan")) -> str:
+def _plot(recs_by_width, out: str, noise: dict) -> str:
   """Left: eval loss versus bits per width. Right: the gap to the unquantized model versus
-  width per bit count, with the seed-to-seed spread (part C) as a grey band."""
+  width per bit count, with the seed-to-seed change of the W8A8 gap (part C, per width) as
+  a grey band."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -96,8 +98,11 @@ def _plot(recs_by_width, out: str, noise: float = float("nan")) -> str:
   for b, points in sorted(gaps.items()):
     axes[1].plot(*zip(*points), "o-", label=f"W{b}A{b}")
   axes[1].axhline(0, color="k", lw=0.8)
-  if noise == noise:  # not nan
-    axes[1].axhspan(-noise, noise, color="0.85", label="seed spread (part C)")
+  widths = sorted(w for w in noise if noise[w] == noise[w])  # skip nan
+  if widths:
+    band = [noise[w] for w in widths]
+    axes[1].fill_between(widths, [-b for b in band], band, color="0.85",
+                         label="seed change of the W8A8 gap (part C)")
   axes[0].set(xlabel="bits (weights = activations)", ylabel="eval loss",
               title="QuEST: eval loss vs bits (dotted: unquantized)")
   axes[1].set(xlabel="d_model", ylabel="eval loss - unquantized", xscale="log",
@@ -132,18 +137,20 @@ def main(argv=None) -> int:
     recs_c[width] = run_variants(base, variants_c(width), args.runs, only=only)
 
   def seed_rows():
+    """Per width: eval loss of the unquantized and W8A8 models at seeds 0 and 1, the W8A8
+    gap at each seed, and how much the gap moved."""
     rows = []
     for width, rs in recs_c.items():
-      seed0 = {r.variant.name: r.last("eval/loss") for r in recs[width]}
-      for r in rs:
-        loss0 = seed0.get(r.variant.name.replace("_seed1", ""), float("nan"))
-        rows.append([r.variant.name, r.variant.label, r.last("eval/loss"), loss0,
-                     r.last("eval/loss") - loss0])
+      loss = {r.variant.name: r.last("eval/loss") for r in list(recs[width]) + list(rs)}
+      fp0, fp1 = loss.get(f"d{width}_fp32", nan), loss.get(f"d{width}_fp32_seed1", nan)
+      w80, w81 = loss.get(f"d{width}_w8a8", nan), loss.get(f"d{width}_w8a8_seed1", nan)
+      rows.append([f"d_model {width}", fp0, fp1, w80, w81, w80 - fp0, w81 - fp1,
+                   abs((w81 - fp1) - (w80 - fp0))])
     return rows
 
+  nan = float("nan")
   os.makedirs(args.out, exist_ok=True)
-  spread = [abs(r[-1]) for r in seed_rows() if r[-1] == r[-1]]
-  plot = _plot(recs, args.out, max(spread) if spread else float("nan"))
+  plot = _plot(recs, args.out, {int(r[0].split()[-1]): r[-1] for r in seed_rows()})
 
   def row(rec, base_loss):
     loss = rec.last("eval/loss")
@@ -151,11 +158,14 @@ def main(argv=None) -> int:
             rec.last("train/loss")]
 
   header = ["variant", "what", "eval loss", "gap to unquantized", "eval bpb", "final train loss"]
-  header_b = header + ["oscillating (qkv / attn_out / mlp)"]
+  header_b = header + ["oscillating (qkv / attn_out / mlp)",
+                        "weight rel. MSE (qkv / attn_out / mlp)"]
+
+  def per_type(rec, metric):
+    return " / ".join(f"{rec.last(f'quant/{metric}/{k}'):.4f}" for k in ("qkv", "attn_out", "mlp"))
 
   def osc(rec):
-    return [" / ".join(f"{rec.last(f'quant/osc/{k}'):.4f}"
-                       for k in ("qkv", "attn_out", "mlp"))]
+    return [per_type(rec, "osc"), per_type(rec, "weight_rel_mse")]
   tables = []
   for width, rs in recs.items():
     base_loss = next((r.last("eval/loss") for r in rs if r.variant.name.endswith("fp32")),
@@ -174,9 +184,11 @@ def main(argv=None) -> int:
             "schedule is the run's own cosine (to 10% of peak, or to 1e-5 in the lowlr pair), "
             "inside the same 300 steps, not the paper's extra constant-1e-5 phase.\n\n"
             "## Part C: seed-to-seed spread (seed 1 against part A's seed 0)\n\n"
-          + markdown_table(["variant", "what", "eval loss (seed 1)", "eval loss (seed 0)",
-                            "seed 1 - seed 0"], seed_rows())
-          + "\n\nThe grey band in the right plot is the largest |seed 1 - seed 0| above.\n\n"
+          + markdown_table(["width", "unquantized s0", "unquantized s1", "W8A8 s0", "W8A8 s1",
+                            "W8A8 gap s0", "W8A8 gap s1", "gap change (abs)"], seed_rows())
+          + "\n\nThe levels move together between seeds (data order and init), so the gap is "
+            "compared within a seed; its change between seeds, the last column, is the grey "
+            "band in the right plot.\n\n"
             "## What reproduced\n\nSee FINDINGS.md (written by hand from the tables above).\n")
   all_recs = ([r for rs in recs.values() for r in rs] + recs_b
               + [r for rs in recs_c.values() for r in rs])

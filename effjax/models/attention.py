@@ -81,6 +81,15 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
                           segment_ids=segment_ids_BxL, implementation=config.impl, **options)
 
 
+def qk_product(wq_DxHE: jax.Array, wk_DxKE: jax.Array, n_heads: int, n_kv_heads: int):
+  """QKR (OFQ, Liu et al. 2023, Sec. 4.3): W_qk [d_model, heads * d_model] whose column
+  block h is W_q^h W_k^{g(h)}T, g(h) the GQA group of q head h."""
+  d, head_dim = wq_DxHE.shape[0], wq_DxHE.shape[1] // n_heads
+  wq_DxHxE = wq_DxHE.reshape(d, n_heads, head_dim)
+  wk_DxHxE = jnp.repeat(wk_DxKE.reshape(d, n_kv_heads, head_dim), n_heads // n_kv_heads, axis=1)
+  return jnp.einsum("dhe,fhe->dhf", wq_DxHxE, wk_DxHxE).reshape(d, n_heads * d)
+
+
 class Attention(nnx.Module):
   """GQA self-attention: q/k/v/o projections (hooked Linears), RoPE, optional QK-norm.
 
@@ -122,13 +131,9 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def qk_product(self) -> jax.Array:
-    """QKR's W_qk [d_model, heads * d_model]: column block h is W_q^h W_k^{g(h)}T (GQA group
-    g(h)), quantized by the hooks per output column over the fan-in, like a Linear kernel."""
-    d = self.q.kernel.shape[0]
-    wq_DxHxE = self.q.kernel[...].reshape(d, self.n_heads, self.head_dim)
-    wk_DxKxE = self.k.kernel[...].reshape(d, self.n_kv_heads, self.head_dim)
-    wk_DxHxE = jnp.repeat(wk_DxKxE, self.n_heads // self.n_kv_heads, axis=1)
-    w = jnp.einsum("dhe,fhe->dhf", wq_DxHxE, wk_DxHxE).reshape(d, self.n_heads * d)
+    """QKR's W_qk (see qk_product below), quantized by the hooks per output column over the
+    fan-in, like a Linear kernel."""
+    w = qk_product(self.q.kernel[...], self.k.kernel[...], self.n_heads, self.n_kv_heads)
     for hook in self.qk_hooks:
       w = hook.weight(w)
     return w

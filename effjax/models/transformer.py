@@ -170,6 +170,9 @@ class Transformer(nnx.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     x_BxLxD = self.embed(ids_BxL, compute_dtype(self.config))
     if self.positions is not None:
+      if l > self.config.max_positions:  # jnp.take would fill NaN past the table
+        raise ValueError(f"sequence length {l} exceeds the learned position table "
+                         f"(model.max_positions={self.config.max_positions})")
       x_BxLxD = x_BxLxD + self.positions(positions_BxL, x_BxLxD.dtype)
     x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
     aux = {"act/embed": jnp.mean(jnp.abs(x_BxLxD))} if probe else {}

@@ -148,7 +148,6 @@ def main(argv=None) -> int:
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax import models  # pylint: disable=g-import-not-at-top
-  from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from effjax.parallel import make_mesh, sharding, state_init  # pylint: disable=g-import-not-at-top
   from effjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from effjax.train.quant_extension import QuantExtension  # pylint: disable=g-import-not-at-top
@@ -168,22 +167,28 @@ def main(argv=None) -> int:
     config = config_lib.from_dict(json.load(f))
   if config.quant.method == "none":
     return fail(f"the run in {args.workdir} has quant.method=none: nothing to export")
-  # One device: the export is a host-side file.
-  config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1))
-  config = config_lib.validate(config, 1)
+  # One host device and the attention kernel it has: the export is a host-side file.
+  model_config = dataclasses.replace(config.model, attention=dataclasses.replace(
+      config.model.attention, impl="auto"))
+  config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1), model=model_config)
+  try:
+    config = config_lib.validate(config, 1)
+  except config_lib.ConfigError as e:
+    return fail(f"{config_path}: {e}")
   bundle = load_data(config)
   vocab = bundle.tokenizer.vocab_size
   ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=10**6)
-  step = args.step or ckpt.latest_step()
-  if not step:
-    return fail(f"no checkpoint in {ckpt.directory}")
+  saved = sorted(ckpt.manager.all_steps())
+  step = args.step or (saved[-1] if saved else None)
+  if step not in saved:
+    ckpt.close()
+    return fail(f"no checkpoint at step {step} in {ckpt.directory} (saved steps: "
+                f"{', '.join(map(str, saved)) or 'none'})")
   mesh, rules = make_mesh(config.mesh, jax.devices()[:1]), sharding.rules_for(config.mesh)
-  model = state_init.abstract_model(config, vocab, 1)
-  tx, _ = make_optimizer(config, model.specs)
-  shardings = state_init.state_shardings(model, tx, mesh, rules)
-  state = ckpt.restore(step, state_init.abstract_state(config, vocab, 1, tx, shardings))
+  plan = state_init.plan_state(config, vocab, mesh, rules)
+  state = ckpt.restore(step, plan.abstract())
   ckpt.close()
-  qat = models.build(config, vocab, batch_groups=1)
+  qat = plan.model
   out = args.out or os.path.join(args.workdir, "quantized.npz")
   meta = export(config, state.params, out, QuantExtension(config, qat).linears)
   print(f"export: step {step} -> {out} ({os.path.getsize(out) / 2**20:.2f} MiB; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from effjax.models.attention import qk_product
 from effjax.quant import lsq
 from effjax.quant.hadamard import block_hadamard, hadamard_block_size
 from effjax.quant.quest import quest_quantize, quest_rotated
@@ -101,23 +102,31 @@ class QuantExtension(Extension):
           "osc_ema": ema, "osc_started": jnp.ones_like(b["osc_started"])})
     return new_state.replace(buffers=buffers)
 
+  def _confident(self, w):
+    """CGA's confident weights (1.0): StatsQ position u = clip(W/s) n - 1/2 farther than BR
+    from a rounding boundary (half-integer)."""
+    n = 2 ** (self.q.weight_bits - 1)
+    s = 2 * jnp.mean(jnp.abs(w), axis=0, keepdims=True)
+    u = jnp.clip(w / jnp.where(s > 0, s, 1.0), -1.0, 1.0 - 1e-6) * n - 0.5
+    return (jnp.abs(u - (jnp.floor(u) + 0.5)) > self.q.cga_br).astype(jnp.float32)
+
+  def _frozen(self, state, path):
+    """The freeze mask for the step that `state` starts: set from the weights at the
+    phase's first step, the checkpointed buffer after it (all zeros before the phase)."""
+    mask = _get(state.buffers, path + ("hooks", 0, "cga_frozen"))
+    return jnp.where(state.step == self.cga_step,
+                     self._confident(_get(state.params, path + ("kernel",))), mask)
+
   def _cga(self, new_state, old_state, aux):
-    """CGA (OFQ, Liu et al. 2023, Sec. 4.3): at the phase start, freeze every weight whose
-    StatsQ position u = clip(W/s) n - 1/2 is farther than BR from a rounding boundary
-    (half-integer); during the phase, restore frozen weights after each optimizer step."""
+    """CGA (OFQ, Liu et al. 2023, Sec. 4.3): at the phase start, freeze every confident
+    weight; during the phase, restore frozen weights after each optimizer step."""
     del aux
     params, buffers = new_state.params, new_state.buffers
-    starting = old_state.step == self.cga_step
     in_phase = old_state.step >= self.cga_step
-    n = 2 ** (self.q.weight_bits - 1)
     for path in self.linears:
-      bpath = path + ("hooks", 0, "cga_frozen")
+      frozen = self._frozen(old_state, path)
+      buffers = _set(buffers, path + ("hooks", 0, "cga_frozen"), frozen)
       old_w = _get(old_state.params, path + ("kernel",))
-      s = 2 * jnp.mean(jnp.abs(old_w), axis=0, keepdims=True)
-      u = jnp.clip(old_w / jnp.where(s > 0, s, 1.0), -1.0, 1.0 - 1e-6) * n - 0.5
-      confident = (jnp.abs(u - (jnp.floor(u) + 0.5)) > self.q.cga_br).astype(jnp.float32)
-      frozen = jnp.where(starting, confident, _get(buffers, bpath))
-      buffers = _set(buffers, bpath, frozen)
       new_w = _get(params, path + ("kernel",))
       params = _set(params, path + ("kernel",),
                     jnp.where(in_phase & (frozen > 0), old_w, new_w))
@@ -125,11 +134,11 @@ class QuantExtension(Extension):
 
   def _cga_grads(self, grads, state):
     """CGA: frozen weights get no gradient (so they neither enter the global-norm clip nor
-    the Adam moments); the mask is zero before the phase starts."""
+    the Adam moments), from the phase's first step on."""
     for path in self.linears:
-      frozen = _get(state.buffers, path + ("hooks", 0, "cga_frozen"))
       g = _get(grads, path + ("kernel",))
-      grads = _set(grads, path + ("kernel",), jnp.where(frozen > 0, jnp.zeros_like(g), g))
+      grads = _set(grads, path + ("kernel",),
+                   jnp.where(self._frozen(state, path) > 0, jnp.zeros_like(g), g))
     return grads
 
   def grad_hooks(self):
@@ -154,13 +163,9 @@ class QuantExtension(Extension):
     return quest_rotated(wh, self.q.weight_bits, axis=0, trust=self.q.trust)[1]["trusted"]
 
   def _qk_product(self, params, attn_path):
-    """QKR's W_qk as Attention.qk_product builds it (before quantization)."""
-    h, kv = self.heads
-    wq = _get(params, attn_path + ("q", "kernel"))
-    wk = _get(params, attn_path + ("k", "kernel"))
-    d, e = wq.shape[0], wq.shape[1] // h
-    wk_DxHxE = jnp.repeat(wk.reshape(d, kv, e), h // kv, axis=1)
-    return jnp.einsum("dhe,fhe->dhf", wq.reshape(d, h, e), wk_DxHxE).reshape(d, h * d)
+    """QKR's W_qk as the attention builds it (before quantization)."""
+    return qk_product(_get(params, attn_path + ("q", "kernel")),
+                      _get(params, attn_path + ("k", "kernel")), *self.heads)
 
   def eval_params_metrics(self, params) -> dict:
     weights = [(_layer_type(p), _get(params, p + ("kernel",)), p + ("hooks", 0, "step"))
