@@ -593,24 +593,31 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_t, stats, g):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: Config, q, k, v, segment_ids):
-  out_t, _ = _forward(cfg, q, k, v, segment_ids)
-  return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len]
+def custom_vjp_attention(forward, backward):
+  """attention(cfg, q, k, v, segment_ids) -> [B, Tq, H, D] with a custom VJP, from
+  forward(cfg, q, k, v, seg) -> (out [B, H, Tq_pad, D], stats) and
+  backward(cfg.backward(), q, k, v, seg, out, stats, g) -> (dq, dk, dv). Shared by these
+  kernels and the streaming TPU kernels (tpu_streaming.py)."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def attention(cfg, q, k, v, segment_ids):
+    out_t, _ = forward(cfg, q, k, v, segment_ids)
+    return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len]
+
+  def attention_fwd(cfg, q, k, v, segment_ids):
+    out_t, stats = forward(cfg, q, k, v, segment_ids)
+    return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len], (q, k, v, segment_ids, out_t, stats)
+
+  def attention_bwd(cfg, res, g):
+    q, k, v, segment_ids, out_t, stats = res
+    dq, dk, dv = backward(cfg.backward(), q, k, v, segment_ids, out_t, stats, g)
+    return dq, dk, dv, None
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention
 
 
-def _attention_fwd(cfg, q, k, v, segment_ids):
-  out_t, stats = _forward(cfg, q, k, v, segment_ids)
-  return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len], (q, k, v, segment_ids, out_t, stats)
-
-
-def _attention_bwd(cfg, res, g):
-  q, k, v, segment_ids, out_t, stats = res
-  dq, dk, dv = _backward(cfg.backward(), q, k, v, segment_ids, out_t, stats, g)
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = custom_vjp_attention(_forward, _backward)
 
 
 def default_block(length: int, preferred: int = 128) -> int:

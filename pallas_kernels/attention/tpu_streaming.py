@@ -635,24 +635,7 @@ def _backward(cfg, q, k, v, segment_ids, out_t, stats, g):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, segment_ids):
-  out_t, _ = _forward(cfg, q, k, v, segment_ids)
-  return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len]
-
-
-def _attention_fwd(cfg, q, k, v, segment_ids):
-  out_t, stats = _forward(cfg, q, k, v, segment_ids)
-  return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len], (q, k, v, segment_ids, out_t, stats)
-
-
-def _attention_bwd(cfg, res, g):
-  q, k, v, segment_ids, out_t, stats = res
-  dq, dk, dv = _backward(cfg.backward(), q, k, v, segment_ids, out_t, stats, g)
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = K.custom_vjp_attention(_forward, _backward)
 
 
 # ---------------------------------------------------------------------------------------
