@@ -234,17 +234,35 @@ def test_oscillation_tracking_counts_code_flips_only():
                                        for b in blk["ffn"].values()))
 
 
-def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
-  """From the CGA start on, confident weights (farther than BR from a StatsQ rounding
-  boundary) keep their values bit-exactly through AdamW steps (momentum and weight decay
-  would move them) and get zero gradients; the low-confidence ones keep training."""
+def test_cga_freezes_clipped_weights_and_keeps_interior_boundaries_trainable():
+  """OFQ's criterion: only interior rounding boundaries u = i + 1/2 (-n <= i <= n-2) make a
+  weight low-confidence; clipped weights (|W| >= s = 2 mean|W|) sit at the clip ends, which
+  are no boundary, so they are frozen (the old criterion kept every clipped weight training)."""
+  from effjax.train.quant_extension import cga_confident
+  bits, br = 2, 0.01  # n = 2: boundaries at W/s = -0.5, 0, 0.5 (u = -1.5, -0.5, 0.5)
+  # One output column; s = 2 mean|W| = 1.0 exactly for these values (mean |W| = 0.5).
+  w = jnp.array([-1.2, 1.1, 0.0, 0.5, -0.5, 0.25, 0.3, -0.15], jnp.float32)[:, None]
+  assert float(2 * jnp.mean(jnp.abs(w))) == pytest.approx(1.0, rel=1e-6)
+  conf = np.asarray(cga_confident(w, bits, br))[:, 0]
+  #                    clip- clip+  0    .5   -.5  .25  .3   -.15
+  np.testing.assert_array_equal(conf, [1, 1, 0, 0, 0, 1, 1, 1])
+  # Gaussian kernels at BR 0.005: about 1% low-confidence (OFQ: 0.8%), never ~12%.
+  g = jax.random.normal(jax.random.PRNGKey(0), (256, 384))
+  for b in (2, 3, 4):
+    trainable = 1 - float(jnp.mean(cga_confident(g, b, 0.005)))
+    assert 0.002 < trainable < 0.03, (b, trainable)
+    clipped = jnp.abs(g) >= 2 * jnp.mean(jnp.abs(g), axis=0, keepdims=True)
+    assert float(jnp.mean(cga_confident(g, b, 0.005)[clipped])) == 1.0
+
+
+def _cga_run(steps=6):
   from effjax.optim import make_optimizer
   from effjax.train.extensions import build_extensions
   from effjax.train.state import TrainState
   from effjax.train.step import make_train_step
   cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
                    "--config.quant.weight_bits=2", "--config.quant.act_bits=8",
-                   "--config.quant.cga_start=0.1", "--config.quant.cga_br=0.05",
+                   "--config.quant.cga_start=0.1", "--config.quant.cga_br=0.1",
                    "--config.optim.weight_decay=0.1", "--config.train.steps=20"])
   m = models.build(cfg, 257)
   tx, schedule = make_optimizer(cfg, m.specs)
@@ -259,31 +277,51 @@ def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
                      opt_state=tx.init(m.initial_params), buffers=m.initial_buffers,
                      rng=jax.random.PRNGKey(0))
   import optax
-  kernels, first_moments = [], []
-  for _ in range(5):  # CGA starts after step 2 (0.1 x 20)
+  kernels, masks, first_moments = [m.initial_params["blocks"][0]["ffn"]["up"]["kernel"]], [], []
+  for _ in range(steps):  # CGA starts with the third step (0.1 x 20 = step index 2)
     state, _ = step_fn(state, batch)
     kernels.append(state.params["blocks"][0]["ffn"]["up"]["kernel"])
+    # The mask stored by the step is the one that step used.
+    masks.append(np.asarray(state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["cga_frozen"]) > 0)
     adam = [x for x in jax.tree.leaves(state.opt_state,
                                        is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
             if isinstance(x, optax.ScaleByAdamState)]
     first_moments.append(adam[0].mu["blocks"][0]["ffn"]["up"]["kernel"])
-  frozen = state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["cga_frozen"] > 0
-  assert 0.5 < float(frozen.mean()) < 1.0  # most weights frozen, some still training
-  # kernels[k] is the state after step k + 1; the phase starts with the third step (the
-  # one taking state.step == 2 to 3), so from kernels[2] on frozen weights keep kernels[1].
-  for later in kernels[2:]:
-    np.testing.assert_array_equal(np.asarray(later)[np.asarray(frozen)],
-                                  np.asarray(kernels[1])[np.asarray(frozen)])
-  assert float(jnp.abs(kernels[4] - kernels[1])[~frozen].max()) > 0
-  # Their gradients are zeroed too, from the phase's first step: Adam's first moment only
-  # decays, mu <- b1 mu (exact).
-  b1 = cfg.optim.b1
-  for k in (2, 3, 4):
-    np.testing.assert_array_equal(np.asarray(first_moments[k])[np.asarray(frozen)],
-                                  np.asarray(b1 * first_moments[k - 1])[np.asarray(frozen)])
+  return cfg, exts, state, [np.asarray(k) for k in kernels], masks, first_moments
+
+
+def test_cga_frozen_weights_are_bit_exact_across_adamw_steps():
+  """In the CGA phase, the weights frozen for a step keep their values bit-exactly through
+  AdamW (momentum and weight decay would move them) and get zero gradients; the
+  low-confidence ones keep training."""
+  cfg, _, _, kernels, masks, first_moments = _cga_run()
+  # kernels[k + 1] is the state after step k; masks[k] the mask step k used.
+  assert not masks[0].any() and not masks[1].any()  # before the phase nothing is frozen
+  for k in range(2, len(masks)):
+    frozen = masks[k]
+    assert 0.5 < frozen.mean() < 1.0  # most weights frozen, some still training
+    np.testing.assert_array_equal(kernels[k + 1][frozen], kernels[k][frozen])
+    assert np.abs(kernels[k + 1] - kernels[k])[~frozen].max() > 0
+    # Their gradients are zeroed too: Adam's first moment only decays, mu <- b1 mu (exact).
+    np.testing.assert_array_equal(np.asarray(first_moments[k])[frozen],
+                                  np.asarray(cfg.optim.b1 * first_moments[k - 1])[frozen])
   # Before the phase the same (later frozen) weights still moved.
-  assert not np.array_equal(np.asarray(kernels[1])[np.asarray(frozen)],
-                            np.asarray(kernels[0])[np.asarray(frozen)])
+  assert not np.array_equal(kernels[2][masks[2]], kernels[1][masks[2]])
+
+
+def test_cga_mask_is_recomputed_every_step_and_the_trainable_set_only_shrinks():
+  """OFQ's annealing: the mask follows the current weights at every step of the phase (a
+  weight that leaves the boundary band freezes where it is), so the trainable set shrinks
+  monotonically, and the eval metric reports the trainable fraction."""
+  _, exts, state, _, masks, _ = _cga_run(steps=8)
+  phase = masks[2:]
+  for before, after in zip(phase, phase[1:]):
+    assert not (before & ~after).any()  # once frozen, stays frozen
+  assert any((after & ~before).any() for before, after in zip(phase, phase[1:])), \
+      "the mask never changed after the phase start: it is not recomputed"
+  quant = next(e for e in exts if e.name == "quant")
+  trainable = quant.eval_buffer_metrics(state.buffers)["quant/cga_trainable"]
+  assert 0 < trainable < 0.5
 
 
 @pytest.mark.parametrize("method, extra", [

@@ -6,6 +6,7 @@ eval metrics per layer type (qkv, attn_out, mlp):
   quant/trusted/<type>         QuEST: fraction of weights inside the trust region
   quant/osc/<type>             fraction of weights whose flip EMA exceeds OSC_THRESHOLD
                                (StatsQ / LSQ weights)
+  quant/cga_trainable          CGA: fraction of quantized weights still training
 
 Oscillation (Nagel et al. 2022; OFQ, Liu et al. 2023): after every optimizer step each
 weight's integer code is compared with the previous one; a change in the opposite
@@ -66,6 +67,19 @@ def _linear_paths(params, layers, qkr: bool = False) -> list[tuple]:
   return found
 
 
+def cga_confident(w_IxO, bits: int, br: float):
+  """CGA's confident weights (1.0) of a kernel [fan_in, out]. With the StatsQ position
+  u = clip(W/s) n - 1/2 (s = 2 mean|W| per output unit, n = 2^(bits-1)), the rounding
+  boundaries are the interior half-integers i + 1/2, -n <= i <= n - 2; a weight within
+  `br` of one is low-confidence and keeps training (OFQ `freeze_outside_boundary_weight_idx`).
+  The clip ends are no boundary, so clipped weights are confident."""
+  n = 2 ** (bits - 1)
+  s = 2 * jnp.mean(jnp.abs(w_IxO), axis=0, keepdims=True)
+  u = jnp.clip(w_IxO / jnp.where(s > 0, s, 1.0), -1.0, 1.0 - 1e-6) * n - 0.5
+  boundary = jnp.clip(jnp.floor(u) + 0.5, -n + 0.5, n - 1.5)
+  return (jnp.abs(u - boundary) > br).astype(jnp.float32)
+
+
 class QuantExtension(Extension):
   name = "quant"
 
@@ -102,24 +116,19 @@ class QuantExtension(Extension):
           "osc_ema": ema, "osc_started": jnp.ones_like(b["osc_started"])})
     return new_state.replace(buffers=buffers)
 
-  def _confident(self, w):
-    """CGA's confident weights (1.0): StatsQ position u = clip(W/s) n - 1/2 farther than BR
-    from a rounding boundary (half-integer)."""
-    n = 2 ** (self.q.weight_bits - 1)
-    s = 2 * jnp.mean(jnp.abs(w), axis=0, keepdims=True)
-    u = jnp.clip(w / jnp.where(s > 0, s, 1.0), -1.0, 1.0 - 1e-6) * n - 0.5
-    return (jnp.abs(u - (jnp.floor(u) + 0.5)) > self.q.cga_br).astype(jnp.float32)
-
   def _frozen(self, state, path):
-    """The freeze mask for the step that `state` starts: set from the weights at the
-    phase's first step, the checkpointed buffer after it (all zeros before the phase)."""
+    """The freeze mask for the step that `state` starts. In the phase it is recomputed from
+    the current weights at every step (OFQ recomputes it every iteration), and a weight
+    once frozen stays frozen: a weight that leaves the boundary band freezes where it is,
+    so the trainable set only shrinks (the annealing). All zeros before the phase."""
     mask = _get(state.buffers, path + ("hooks", 0, "cga_frozen"))
-    return jnp.where(state.step == self.cga_step,
-                     self._confident(_get(state.params, path + ("kernel",))), mask)
+    now = jnp.maximum(mask, cga_confident(_get(state.params, path + ("kernel",)), self.q.weight_bits,
+                                                self.q.cga_br))
+    return jnp.where(state.step >= self.cga_step, now, mask)
 
   def _cga(self, new_state, old_state, aux):
-    """CGA (OFQ, Liu et al. 2023, Sec. 4.3): at the phase start, freeze every confident
-    weight; during the phase, restore frozen weights after each optimizer step."""
+    """CGA (OFQ, Liu et al. 2023, Sec. 4.3): during the phase, the weights frozen for this
+    step (`_frozen`) are restored after the optimizer step, and the mask is stored."""
     del aux
     params, buffers = new_state.params, new_state.buffers
     in_phase = old_state.step >= self.cga_step
@@ -184,10 +193,16 @@ class QuantExtension(Extension):
     return out
 
   def eval_buffer_metrics(self, buffers) -> dict:
+    out = {}
+    if self.cga_step:  # before the phase the mask is all zeros: everything trains
+      frozen = [_get(buffers, p + ("hooks", 0, "cga_frozen")) for p in self.linears]
+      out["quant/cga_trainable"] = 1.0 - float(sum(jnp.sum(f) for f in frozen)) / sum(
+          f.size for f in frozen)
     fracs: dict = {}
     for path in self.tracked:
       ema = _get(buffers, path + ("hooks", 0, "osc_ema"))
       fracs.setdefault(_layer_type(path), []).append(
           (jnp.sum(ema > OSC_THRESHOLD), ema.size))
-    return {f"quant/osc/{k}": float(sum(n for n, _ in v)) / sum(s for _, s in v)
-            for k, v in fracs.items()}
+    out.update({f"quant/osc/{k}": float(sum(n for n, _ in v)) / sum(s for _, s in v)
+                for k, v in fracs.items()})
+    return out
