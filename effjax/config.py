@@ -151,7 +151,8 @@ class OptimConfig:
   no_decay_roles: tuple = _field(("vector",), doc="parameter roles that get no weight decay")
   wd_rule: str = _field("none", ("none", "mup", "layerwise", "power_lines"),
                         "weight-decay scaling rule across widths (TECHNIQUES.md 6.2)")
-  wd_exponent: float = _field(1.0, doc="layerwise rule: lambda_2 = lambda * (d / d0)^e")
+  wd_exponent: float = _field(0.5, doc="layerwise rule: lambda_2 = lambda * (d / d0)^e; Fan et "
+                              "al. 2025: e = 1/2 (e = 1 is the mup rule on every matrix)")
   wd_tau: float = _field(0.0, doc="power_lines: target AdamW timescale tau = B/(lr*wd*D) "
                          "(fraction of training); sets wd from lr, batch and steps when > 0")
 

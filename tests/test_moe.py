@@ -123,6 +123,26 @@ def test_balance_losses_at_perfect_balance():
   np.testing.assert_allclose(aux["loss/moe_seq_aux"], 1e-4 * (8 / 1) * (1 / 8), rtol=1e-5)
 
 
+def test_top1_lbl_matches_the_authors_formula_at_the_routed_expert():
+  """Sigma-MoE's top-1 LBL (authors' Megatron code): P = softmax(z / tau), loss =
+  alpha N sum_i mean_t(P)_i^2 / mean_t P[t, e(t)], with e(t) the routed expert and both
+  terms from the same tau-scaled probabilities (not max softmax(z) at tau = 1)."""
+  layer = _layer(balance="top1_lbl", router="softmax", top_k=1)
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 16, 16))
+  layer.router[...] = jax.random.normal(jax.random.PRNGKey(8), layer.router[...].shape)
+  _, aux = layer(x)
+  z = np.asarray(x.reshape(-1, 16) @ layer.router[...], np.float64)
+  tau, n = 0.1, 8
+  p = np.exp((z - z.max(-1, keepdims=True)) / tau)
+  p /= p.sum(-1, keepdims=True)
+  routed = np.argmax(z, axis=-1)  # softmax router, no bias: top-1 = argmax of the logits
+  want = 1e-2 * n * np.sum(p.mean(0) ** 2) / p[np.arange(len(z)), routed].mean()
+  np.testing.assert_allclose(float(aux["loss/moe_top1_lbl"]), want, rtol=1e-4)
+  q = np.exp(z - z.max(-1, keepdims=True))
+  old = 1e-2 * n * np.sum(p.mean(0) ** 2) / (q / q.sum(-1, keepdims=True)).max(-1).mean()
+  assert abs(old - want) > 0.05 * want  # the test tells the two denominators apart
+
+
 def test_topk_schedule_parses_and_switches():
   cfg = MoEConfig(num_experts=8, top_k=1, topk_schedule="0.25:4:0.3")
   switch, before, after = topk_schedule(cfg, 8, 1000)

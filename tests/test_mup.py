@@ -37,6 +37,25 @@ def test_per_role_multipliers_follow_the_rules():
   assert set(jax.tree.leaves(lr)) == {1.0}
 
 
+def test_layerwise_rule_gives_fan_et_al_hidden_lr_times_wd():
+  """Fan et al. 2025: eta_2 ~ 1/d and lambda_2 ~ sqrt(d), so the hidden matrices' per-step
+  decay eta*lambda falls as d^-1/2 from the base width: 1e-3, 7.1e-4, 5.0e-4 at widths
+  64, 128, 256 (the mup rule keeps it at 1e-3; e = 1 made layerwise equal to it)."""
+  got = {}
+  for rule in ("layerwise", "mup"):
+    for width in (64, 128, 256):
+      cfg = _cfg("--config.model.param=mup", f"--config.model.d_model={width}",
+                 "--config.model.base_width=64", f"--config.model.n_heads={width // 16}",
+                 "--config.train.lr=1e-2", "--config.optim.weight_decay=0.1",
+                 f"--config.optim.wd_rule={rule}")
+      lr, wd = multipliers_from_roles(cfg, models.build(cfg, 257).specs)
+      got[rule, width] = cfg.train.lr * lr["blocks"][0]["attn"]["q"]["kernel"] * \
+          base_weight_decay(cfg) * wd["blocks"][0]["attn"]["q"]["kernel"]
+  np.testing.assert_allclose([got["layerwise", w] for w in (64, 128, 256)],
+                             [1e-3, 1e-3 / 2 ** 0.5, 5e-4], rtol=1e-6)
+  np.testing.assert_allclose([got["mup", w] for w in (64, 128, 256)], [1e-3] * 3, rtol=1e-6)
+
+
 def test_mup_init_and_output_multiplier():
   base = _cfg("--config.model.param=mup", "--config.model.d_model=32", "--config.model.base_width=32")
   wide = _cfg("--config.model.param=mup", "--config.model.d_model=128", "--config.model.base_width=32",

@@ -207,9 +207,10 @@ class MoE(nnx.Module):
       f_BxE = sel_TxE.reshape(b, l, e).sum(axis=1) * e / (k * l)
       p_BxE = probs_TxE.reshape(b, l, e).mean(axis=1)
       aux["loss/moe_seq_aux"] = cfg.seq_aux_coef * jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
-    if "top1_lbl" in methods:  # Sigma-MoE: N sum_i fhat_i^2 / pbar_top1
-      fhat_E = jax.nn.softmax(logits_TxE / cfg.top1_lbl_tau, axis=-1).mean(axis=0)
-      pbar = jnp.max(jax.nn.softmax(logits_TxE, axis=-1), axis=-1).mean()
+    if "top1_lbl" in methods:  # Sigma-MoE: N sum_i fhat_i^2 / pbar, both from softmax(z/tau)
+      tempered_TxE = jax.nn.softmax(logits_TxE / cfg.top1_lbl_tau, axis=-1)
+      fhat_E = tempered_TxE.mean(axis=0)
+      pbar = jnp.sum(tempered_TxE * sel_TxE, axis=-1).mean()  # at the routed expert(s)
       aux["loss/moe_top1_lbl"] = cfg.top1_lbl_coef * e * jnp.sum(fhat_E ** 2) / pbar
 
     mean_c = jnp.mean(counts_E)

@@ -8,7 +8,9 @@ width multiplier m = d_model / base_width:
 Weight-decay rules (TECHNIQUES.md 6.2) for decoupled AdamW decay lambda:
   none         lambda for decayed roles
   mup          lambda x m for matrix-like roles (keeps lr x lambda constant)
-  layerwise    lambda x m^e for matrix-like roles, 0 for vectors (Fan et al. 2025)
+  layerwise    lambda x m^e for matrix-like roles, 0 for the rest (Fan et al. 2025,
+               arXiv 2510.15262: lambda_2 ~ sqrt(d) with eta_2 ~ 1/d, so e = 1/2 by default
+               and eta_2 lambda_2 ~ d^-1/2; e = 1 equals the mup rule on every matrix)
   power_lines  lambda from a target timescale tau = B / (lr lambda D) (Bergsma et al. 2025)
 """
 
