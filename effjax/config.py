@@ -66,7 +66,9 @@ class MoEConfig:
   route_scale: float = _field(1.0, doc="gate multiplier (DeepSeek-V3 uses 2.5)")
   balance: str = _field("none", doc="'+'-joined subset of none, aux, seq_aux, global_aux, alf, "
                         "top1_lbl (e.g. alf+seq_aux)")
-  aux_coef: float = _field(1e-2, doc="alpha of the Switch / global-batch balance loss")
+  aux_coef: float = _field(1e-2, doc="alpha of the Switch / global-batch balance loss "
+                           "(global_aux: f from the counts of the whole data-parallel batch of "
+                           "one micro-batch; not synchronised across micro-batches)")
   seq_aux_coef: float = _field(1e-4, doc="alpha of the sequence-wise balance loss")
   top1_lbl_coef: float = _field(1e-2, doc="alpha of the top-1 LBL (Sigma-MoE)")
   top1_lbl_tau: float = _field(0.1, doc="softmax temperature of the top-1 LBL")

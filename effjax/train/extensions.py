@@ -5,6 +5,8 @@ An extension may contribute
     projections, restores): `hooks()`; gradient hooks before the optimizer: `grad_hooks()`;
   * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
     returns hashable model kwargs; the trainer compiles one step per distinct phase;
+  * metrics computed inside the jitted step from the step's aux, after the 'stat/*' arrays
+    are summed over micro-batches: `step_metrics(aux)` (overrides same-named metrics);
   * metrics computed from eval-set stats: `eval_metrics(stats)`;
   * end-of-run artifacts (plots): `on_end(workdir, eval_stats)`.
 """
@@ -21,6 +23,11 @@ class Extension:
   def grad_hooks(self) -> list:
     """(grads, state) -> grads, applied before the optimizer (effjax/train/step.py)."""
     return []
+
+  def step_metrics(self, aux: dict) -> dict:
+    """Metrics from the whole step's aux (jnp scalars), e.g. statistics of summed counts."""
+    del aux
+    return {}
 
   def phase(self, step: int) -> dict:
     del step

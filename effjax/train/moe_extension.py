@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from effjax.models.moe import alf_bias_update, alf_rate, balance_methods, moe_layer_indices, \
@@ -39,6 +40,17 @@ class MoEExtension(Extension):
       return new_state.replace(buffers=buffers)
 
     return [alf_hook]
+
+  def step_metrics(self, aux):
+    """Batch MaxVio and empty experts over the whole step's tokens: with grad_accum > 1 the
+    model's per-call values would be means over micro-batches."""
+    out = {}
+    for i in self.layers:
+      counts = aux[f"stat/moe_counts/layer{i}"]
+      mean_c = jnp.mean(counts)
+      out[f"moe/maxvio/layer{i}"] = (jnp.max(counts) - mean_c) / mean_c
+      out[f"moe/zero_experts/layer{i}"] = jnp.sum(counts == 0).astype(jnp.float32)
+    return out
 
   def phase(self, step):
     if self.switch_step is None:

@@ -57,11 +57,13 @@ def _metric_name(key: str) -> str:
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_accum: int = 1,
                     hooks: Sequence[PostUpdateHook] = (), grad_hooks: Sequence[GradHook] = (),
-                    model_kwargs=None):
+                    metric_fns: Sequence[Callable[[dict], dict]] = (), model_kwargs=None):
   """Returns train_step(state, batch) -> (state, metrics). Micro-batches are scanned.
 
   'stat/*' aux arrays are summed over micro-batches (counts over the whole global
   batch), everything else is averaged; hooks see the stats, metrics do not.
+  metric_fns: aux -> {name: scalar} computed from the whole step's aux (e.g. MaxVio from
+  the summed counts, not the mean of per-micro-batch values); they override aux metrics.
   """
   grad_fn = jax.value_and_grad(make_loss_fn(model, model_kwargs), has_aux=True)
 
@@ -91,6 +93,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_a
     metrics = {"train/loss": nll, "train/total_loss": loss, "train/grad_norm": global_norm(grads),
                "train/lr": schedule(state.step), "train/param_norm": global_norm(params),
                **{_metric_name(k): v for k, v in aux.items() if not k.startswith("stat/")}}
+    for metric_fn in metric_fns:
+      metrics.update(metric_fn(aux))
     return new_state, metrics
 
   return train_step

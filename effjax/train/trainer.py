@@ -225,6 +225,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   extensions = build_extensions(config, model)
   hooks = [h for ext in extensions for h in ext.hooks()]
   grad_hooks = [h for ext in extensions for h in ext.grad_hooks()]
+  metric_fns = [ext.step_metrics for ext in extensions]
   token_bytes = jnp.asarray(tokenizer.token_byte_lengths, jnp.float32)
   token_bytes = jnp.pad(token_bytes, (0, dims.vocab - token_bytes.shape[0]))
   compiled, compile_times = {}, []
@@ -233,7 +234,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     if phase not in compiled:
       kwargs = dict(phase)
       fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
-                           grad_hooks=grad_hooks, model_kwargs=kwargs)
+                           grad_hooks=grad_hooks, metric_fns=metric_fns, model_kwargs=kwargs)
       t0 = time.perf_counter()
       with sharding.activation_sharding(mesh, rules):  # for sharding.constrain in model code
         step_c = jax.jit(fn, in_shardings=(state_shard, b_shard),
