@@ -47,6 +47,9 @@ class AttentionConfig:
                      "attention kernel implementation (pallas_kernels/attention/api.py)")
   qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
   log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
+  eval_score: str = _field("", ("", "softmax", "lssa", "lssar"),
+                           "score at evaluation and sampling ('' = score); e.g. score=lssa with "
+                           "eval_score=lssar applies the re-weighting at inference only")
   lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
   lssar_offset_rows: int = _field(3, doc="rows i <= this use offset O_i = 0")
   doc_mask: bool = _field(True, doc="restrict attention to the token's own packed document")

@@ -102,6 +102,34 @@ def test_model_trains_with_softplus_scores(tmp_path, score):
   assert losses[0] > 4.5 and losses[-1] < 3.8, losses  # ln(257) = 5.55 at init
 
 
+def test_eval_score_trains_lssa_and_evaluates_with_lssar_reweighting(tmp_path):
+  """model.attention.eval_score=lssar on an LSSA model (the re-weighting at inference only):
+  training is untouched (same train losses), evaluation runs the LSSAR model on the same
+  parameters (eval loss differs from plain LSSA evaluation)."""
+  from effjax.train import trainer
+  from effjax.train.metrics import read_metrics
+  common = ["--config=configs/tiny.py", "--config.model.attention.score=lssa",
+            "--config.model.attention.lssar_p=3", "--config.train.steps=10",
+            "--config.train.eval_every=10", "--config.train.log_every=1"]
+  rows = {}
+  for name, extra in (("plain", []), ("reweighted", ["--config.model.attention.eval_score=lssar"])):
+    cfg, _ = C.load(common + extra)
+    assert trainer.train(cfg, str(tmp_path / name), quiet=True).exit_code == 0
+    rows[name] = read_metrics(str(tmp_path / name / "metrics.jsonl"))
+  pick = lambda key, name: [r[key] for r in rows[name] if key in r]
+  assert pick("train/loss", "plain") == pick("train/loss", "reweighted")
+  assert pick("eval/loss", "plain")[-1] != pick("eval/loss", "reweighted")[-1]
+  # The eval model is the LSSAR model on the LSSA model's parameters.
+  cfg, _ = C.load(common + ["--config.model.attention.eval_score=lssar"])
+  lssa, lssar = models.build(cfg, 257), models.build(models.for_evaluation(cfg), 257)
+  assert models.for_evaluation(cfg).model.attention.score == "lssar"
+  ids = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 257)
+  want = _apply(lssar, ids)
+  got = lssar.apply(lssa.initial_params, lssa.initial_buffers, ids)[0]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert float(jnp.max(jnp.abs(_apply(lssa, ids) - want))) > 1e-4
+
+
 def test_remat_gives_the_same_loss_and_gradients_and_recomputes():
   """model.remat=true recomputes each block's activations in the backward pass: the loss and
   the gradients equal the plain model's, and the backward jaxpr contains the remat."""

@@ -18,7 +18,7 @@ from effjax.config import Config, resolve_mesh_shape
 from effjax.models.layers import Buffer
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
 
-__all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "build",
+__all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "build", "for_evaluation",
            "count_params", "ffn_params", "resolve_dims"]
 
 
@@ -73,6 +73,17 @@ class FunctionalModel:
             segment_ids_BxL=None, **kwargs) -> tuple[jax.Array, dict[str, Any]]:
     model = self.module(params, buffers)
     return model(ids_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL, **kwargs)
+
+
+def for_evaluation(config: Config) -> Config:
+  """The config evaluation and sampling run: model.attention.score replaced by eval_score
+  (same parameters; e.g. an LSSA-trained model evaluated with LSSAR re-weighting)."""
+  att = config.model.attention
+  if not att.eval_score or att.eval_score == att.score:
+    return config
+  model = dataclasses.replace(config.model,
+                              attention=dataclasses.replace(att, score=att.eval_score))
+  return dataclasses.replace(config, model=model)
 
 
 def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,

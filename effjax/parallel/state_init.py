@@ -84,6 +84,7 @@ class StatePlan:
   tx: optax.GradientTransformation
   schedule: object
   shardings: TrainState
+  eval_model: models.FunctionalModel  # model.attention.eval_score, else `model`
 
   def _args(self):
     return self.config, self.vocab, self.batch_groups, self.tx, self.shardings
@@ -102,5 +103,7 @@ def plan_state(config: Config, vocab: int, mesh, rules) -> StatePlan:
   groups = batch_shards(dict(mesh.shape), rules)
   model = abstract_model(config, vocab, groups)  # shapes only: no weights are computed
   tx, schedule = make_optimizer(config, model.specs)
+  eval_config = models.for_evaluation(config)
+  eval_model = model if eval_config is config else abstract_model(eval_config, vocab, groups)
   return StatePlan(config, vocab, groups, model, tx, schedule,
-                   state_shardings(model, tx, mesh, rules))
+                   state_shardings(model, tx, mesh, rules), eval_model)

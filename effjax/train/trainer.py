@@ -241,7 +241,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
                          out_shardings=(state_shard, repl), donate_argnums=(0,)).lower(
                              state, batch).compile()
       compile_times.append(time.perf_counter() - t0)
-      evl = jax.jit(make_eval_step(model, token_bytes, kwargs), out_shardings=repl)
+      evl = jax.jit(make_eval_step(plan.eval_model, token_bytes, kwargs), out_shardings=repl)
       top_k = kwargs.get("moe_top_k")
       fpt_phase = flops_lib.flops_per_token(
           dims, t.seq_len, tie_embeddings=config.model.tie_embeddings,
@@ -395,7 +395,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       params, buffers, rng = jax.device_get(
           jax.jit(lambda *x: x, out_shardings=repl)(params, buffers, rng))
   if exit_code == EXIT_OK and t.sample_tokens and is_main:
-    text = sample_text(model, params, buffers, tokenizer, prompt=t.sample_prompt,
+    text = sample_text(plan.eval_model, params, buffers, tokenizer, prompt=t.sample_prompt,
                        num_tokens=t.sample_tokens, seq_len=t.seq_len,
                        temperature=t.sample_temperature, rng=jax.random.fold_in(rng, step))
     with open(os.path.join(workdir, "sample.txt"), "w") as f:
