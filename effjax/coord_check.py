@@ -1,7 +1,8 @@
 """muP coordinate check (Yang et al. 2022, Tensor Programs V, section 7 / Fig. 5).
 
   python -m effjax.coord_check --config=configs/tiny.py --widths=64,128,256,512 --steps=5 \\
-      --out=DIR [--lr=1e-2] [--head-dim=16] [--config.key=value ...]
+      --out=DIR [--lr=1e-2] [--grow=heads --head-dim=16 | --grow=head_dim --heads=4]
+      [--config.key=value ...]
 
 For SP and muP: trains each width for a few Adam steps at a fixed, large lr on the same
 seed and data, and records the mean |activation| of every module output (embedding,
@@ -9,9 +10,11 @@ attention logits, attention output, MLP output, residual stream, output logits)
 before each update. Writes DIR/coord_check.json (values per width per step, and the
 fitted log-log slope against width at the last step) and DIR/coord_check.png. Under
 muP the curves are flat (slope ~ 0); growth with width (usually in the logits) marks
-standard parameterisation, or a muP bug. Heads grow with width (head_dim fixed);
-width multiplier m = width / widths[0]; the readout starts at zero in both
-parameterisations so the logits measure the update alone.
+standard parameterisation, or a muP bug. --grow=heads: heads grow with width at a fixed head_dim; --grow=head_dim:
+head_dim grows at a fixed number of heads, which exposes attention-scale bugs (1/sqrt(d_head)
+instead of alpha/d_head makes the attention logits grow). Width multiplier
+m = width / widths[0]; the readout starts at zero in both parameterisations so the
+logits measure the update alone. MoE (model.moe.*) is kept from the config.
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ def loglog_slope(widths, values) -> float:
   return float(np.polyfit(np.log2(widths), np.log2(np.maximum(values, 1e-30)), 1)[0])
 
 
-def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_dim: int,
-        verbose: bool = True) -> dict:
+def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_dim: int = 16,
+        verbose: bool = True, grow: str = "heads", heads: int = 4) -> dict:
+  """grow='heads': n_heads = width // head_dim; grow='head_dim': n_heads = heads,
+  head_dim = width // heads."""
   tokenizer = data_lib.load_tokenizer(base.data.tokenizer)
   corpus = data_lib.load_corpus(base.data.corpus, base.data.paths or None, tokenizer,
                                 val_percent=base.data.val_percent,
@@ -68,14 +73,15 @@ def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_
                                     batch_size=base.train.batch_size, seed=base.seed,
                                     eos_id=tokenizer.eos_id)
   batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
-  out = {"widths": widths, "steps": steps, "lr": lr, "head_dim": head_dim}
+  out = {"widths": widths, "steps": steps, "lr": lr, "grow": grow,
+         **({"head_dim": head_dim} if grow == "heads" else {"heads": heads})}
   for param in ("sp", "mup"):
     per_width = []
     for w in widths:
       cfg = config_lib.apply_overrides(base, {
-          "model": {"d_model": w, "n_heads": w // head_dim, "n_kv_heads": 0, "head_dim": 0,
-                    "mlp_dim": 0, "param": param, "base_width": widths[0],
-                    "zero_init_readout": True, "moe": {"num_experts": 0}},
+          "model": {"d_model": w, "n_heads": w // head_dim if grow == "heads" else heads,
+                    "n_kv_heads": 0, "head_dim": 0, "mlp_dim": 0, "param": param,
+                    "base_width": widths[0], "zero_init_readout": True},
           "train": {"lr": lr, "warmup_steps": 0, "schedule": "constant", "steps": steps,
                     "grad_accum": 1},
           "optim": {"weight_decay": 0.0, "grad_clip": 0.0}})
@@ -125,7 +131,9 @@ def main(argv=None) -> int:
   parser.add_argument("--widths", default="64,128,256,512")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--lr", type=float, default=1e-2)
-  parser.add_argument("--head-dim", type=int, default=16)
+  parser.add_argument("--grow", choices=("heads", "head_dim"), default="heads")
+  parser.add_argument("--head-dim", type=int, default=16, help="--grow=heads: fixed head dim")
+  parser.add_argument("--heads", type=int, default=4, help="--grow=head_dim: fixed head count")
   parser.add_argument("--out", required=True)
   args, rest = parser.parse_known_args(argv)
   try:
@@ -133,13 +141,16 @@ def main(argv=None) -> int:
     if unknown:
       raise config_lib.ConfigError(f"unknown arguments {unknown}")
     widths = [int(w) for w in args.widths.split(",")]
-    bad = [w for w in widths if w % args.head_dim]
+    unit, name = ((args.head_dim, "--head-dim") if args.grow == "heads"
+                  else (args.heads, "--heads"))
+    bad = [w for w in widths if w % unit]
     if bad:
-      raise config_lib.ConfigError(f"--widths {bad} are not multiples of --head-dim {args.head_dim}")
+      raise config_lib.ConfigError(f"--widths {bad} are not multiples of {name} {unit}")
   except (config_lib.ConfigError, ValueError) as e:
     print(f"coord_check: {e}", file=sys.stderr)
     return 2
-  result = run(base, widths, args.steps, args.lr, args.head_dim)
+  result = run(base, widths, args.steps, args.lr, args.head_dim, grow=args.grow,
+               heads=args.heads)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "coord_check.json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -21,7 +21,9 @@ def test_per_role_multipliers_follow_the_rules():
   lr, wd = multipliers_from_roles(cfg, model.specs)
   m = 4.0
   assert lr["blocks"][0]["attn"]["q"]["kernel"] == pytest.approx(1 / m)   # hidden: 1/m
-  assert lr["blocks"][0]["ffn"]["down"]["kernel"] == pytest.approx(1 / m)
+  # The down projection's fan_in is mlp_dim: 384 here, 128 at the base width (8/3 d rounded
+  # up to a multiple of 64), so its multiplier is the fan_in ratio 1/3, not 1/m.
+  assert lr["blocks"][0]["ffn"]["down"]["kernel"] == pytest.approx(128 / 384)
   assert lr["embed"]["table"] == 1.0 and lr["head"]["kernel"] == 1.0     # embedding, readout
   assert lr["final_norm"]["scale"] == 1.0                                  # vector
   assert wd["blocks"][0]["attn"]["q"]["kernel"] == pytest.approx(m)      # mup wd: x m
@@ -65,6 +67,45 @@ def test_mup_init_and_output_multiplier():
   assert sw / sb == pytest.approx(0.5, rel=0.1)  # variance ~ 1/fan_in: std x 1/sqrt(4)
 
 
+def test_output_like_matrices_get_the_output_rule_from_their_shapes():
+  """TP5 Table 3: a matrix whose fan_in grows with width but whose fan_out does not (the MoE
+  router d -> E; the up/gate projections of a fixed-size MLP) is output-like: init std
+  x 1/m (variance 1/fan_in^2), lr x 1/m. One whose fan_in is fixed (the down projection of a
+  fixed-size MLP) keeps init and lr. Hidden matrices: std x 1/sqrt(m), lr x 1/m. Found from
+  the shapes against the base-width model, not from names."""
+  def build(width):
+    cfg = _cfg("--config.model.param=mup", f"--config.model.d_model={width}",
+               "--config.model.base_width=32", f"--config.model.n_heads={width // 8}",
+               "--config.model.mlp_dim=64", "--config.model.moe.num_experts=4",
+               "--config.model.moe.top_k=1", "--config.model.moe.expert_dim=48",
+               "--config.model.moe.layers=1")
+    model = models.build(cfg, 257)
+    return model, multipliers_from_roles(cfg, model.specs)[0]
+
+  (base, _), (wide, lr) = build(32), build(256)
+  m = 8.0
+  std = lambda model, *path: float(np.std(_at(model.initial_params, path)))
+  ratio = lambda *path: std(wide, *path) / std(base, *path)
+  dense, moe = ("blocks", 0, "ffn"), ("blocks", 1, "ffn")
+  assert ratio(*dense, "up", "kernel") == pytest.approx(1 / m, rel=0.1)      # output-like
+  assert ratio(*dense, "down", "kernel") == pytest.approx(1.0, rel=0.1)      # fan_in fixed
+  assert ratio(*moe, "router") == pytest.approx(1 / m, rel=0.15)
+  assert ratio(*moe, "w_up") == pytest.approx(1 / m, rel=0.1)
+  assert ratio(*moe, "w_down") == pytest.approx(1.0, rel=0.1)
+  assert ratio("blocks", 0, "attn", "q", "kernel") == pytest.approx(m ** -0.5, rel=0.1)
+  assert _at(lr, dense + ("up", "kernel")) == pytest.approx(1 / m)
+  assert _at(lr, dense + ("down", "kernel")) == 1.0
+  assert _at(lr, moe + ("router",)) == pytest.approx(1 / m)
+  assert _at(lr, moe + ("w_down",)) == 1.0
+  assert _at(lr, ("embed", "table")) == 1.0
+
+
+def _at(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
 def test_power_lines_sets_wd_from_tau():
   cfg = _cfg("--config.optim.wd_rule=power_lines", "--config.optim.wd_tau=0.2",
              "--config.train.lr=0.01", "--config.train.steps=500")
@@ -82,6 +123,23 @@ def test_coordinate_check_slopes():
     assert abs(result["mup"][m]["slope"]) < 0.2, (m, result["mup"][m]["slope"])
   assert result["sp"]["logits"]["slope"] > 0.3
   assert result["sp"]["attn_logits"]["slope"] > 0.5
+
+
+def test_coordinate_check_growing_head_dim_catches_the_attention_scale():
+  """At a fixed head count with head_dim growing, SP's 1/sqrt(d_head) lets the attention
+  logits grow with width while muP's alpha/d_head keeps them flat; MoE FFNs (router and
+  experts under the shape-derived rules) stay flat too."""
+  base = _cfg("--config.train.batch_size=4", "--config.model.moe.num_experts=4",
+              "--config.model.moe.top_k=1", "--config.model.moe.layers=1")
+  result = coord_check.run(base, [32, 64, 128], steps=3, lr=1e-2, grow="head_dim", heads=2,
+                           verbose=False)
+  # Seen: muP slopes -0.45 (attention logits: the uncorrelated init part of q.k/d_head decays
+  # as d_head^-1/2, the learned part is flat) to -0.01, nothing grows; SP attention logits
+  # +1.7, logits +1.0.
+  for m in coord_check.MODULES:
+    assert result["mup"][m]["slope"] < 0.2, (m, result["mup"][m]["slope"])
+  assert result["sp"]["attn_logits"]["slope"] > 1.0
+  assert result["sp"]["logits"]["slope"] > 0.5
 
 
 def test_power_iteration_matches_svd_and_spectral_metrics_logged(tmp_path):

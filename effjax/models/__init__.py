@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 
 from effjax.config import Config, resolve_mesh_shape
+from effjax.models import mup
 from effjax.models.layers import Buffer
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
 
@@ -26,6 +27,8 @@ __all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "bui
 class ParamSpec:
   role: str
   axes: tuple
+  fan_in_mult: float = 1.0   # fan_in / fan_in at model.base_width (muP; effjax/models/mup.py)
+  fan_out_mult: float = 1.0
 
 
 def _is_var(x) -> bool:
@@ -34,6 +37,10 @@ def _is_var(x) -> bool:
 
 def _pure(state) -> dict:
   return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
+def _meta(variable, name: str, default):
+  return variable.get_metadata().get(name, default)
 
 
 def _axes(variable) -> tuple | None:
@@ -51,8 +58,9 @@ class FunctionalModel:
     self.graphdef, param_state, buffer_state = nnx.split(module, nnx.Param, Buffer)
     self._param_template = param_state
     self._buffer_template = buffer_state
-    self.specs = _pure(jax.tree.map(lambda v: ParamSpec(v.role, v.axes), param_state,
-                                    is_leaf=_is_var))
+    self.specs = _pure(jax.tree.map(
+        lambda v: ParamSpec(v.role, v.axes, _meta(v, "fan_in_mult", 1.0),
+                            _meta(v, "fan_out_mult", 1.0)), param_state, is_leaf=_is_var))
     # Buffers: logical axes where they were given (per-weight QAT state follows its kernel),
     # else None (replicated).
     self.buffer_specs = _pure(jax.tree.map(lambda v: ParamSpec("buffer", _axes(v)), buffer_state,
@@ -96,5 +104,12 @@ def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
     from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
     batch_groups = sharding.batch_shards(resolve_mesh_shape(config.mesh, jax.device_count()),
                                          sharding.rules_for(config.mesh))
-  return FunctionalModel(Transformer(config.model, dims, batch_groups=batch_groups,
-                                     rngs=nnx.Rngs(params=seed), quant=config.quant))
+  module = Transformer(config.model, dims, batch_groups=batch_groups,
+                       rngs=nnx.Rngs(params=seed), quant=config.quant)
+  if config.model.param == "mup" and config.model.base_width not in (0, config.model.d_model):
+    base_config = mup.base_model_config(config.model, dims.head_dim)
+    base_dims = resolve_dims(base_config, tokenizer_vocab)
+    base = nnx.eval_shape(lambda: Transformer(base_config, base_dims, batch_groups=batch_groups,
+                                              rngs=nnx.Rngs(params=seed), quant=config.quant))
+    mup.apply_width_rules(module, base)
+  return FunctionalModel(module)

@@ -76,8 +76,9 @@ def width_mult(config: ModelConfig) -> float:
 
 
 def hidden_init_std(config: ModelConfig) -> float:
-  """SP: init_std at every width. muP: variance proportional to 1/fan_in, i.e. init_std at
-  the base width and init_std / sqrt(m) at m times the base width."""
+  """A width-scaled std for values derived from hidden weights (QKR's quantizer init): SP
+  init_std; muP init_std / sqrt(m). The matrices themselves are rescaled per matrix after
+  construction from their shapes (effjax/models/mup.py)."""
   if config.param == "mup":
     return config.init_std / math.sqrt(width_mult(config))
   return config.init_std
@@ -95,19 +96,17 @@ class Block(nnx.Module):
                rngs: nnx.Rngs, quant=None):
     """quant: a QuantConfig (effjax/quant) hooking the block linears, or None."""
     from effjax.quant.hooks import linear_factory, qkr_hooks  # pylint: disable=g-import-not-at-top (cycle)
-    hidden_config = dataclasses.replace(config, init_std=hidden_init_std(config))
     self.attn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.attn = Attention(dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim,
                           config=config.attention, rope_theta=config.rope_theta,
-                          init_std=hidden_config.init_std, n_layers=dims.n_layers,
+                          init_std=config.init_std, n_layers=dims.n_layers,
                           norm_eps=config.norm_eps, scale=attention_scale(config, dims.head_dim),
                           zero_init_query=config.zero_init_query, rngs=rngs,
                           linear=linear_factory(quant, "qkv"),
                           out_linear=linear_factory(quant, "attn_out"),
                           use_rope=config.position == "rope",
                           qkr_hooks=qkr_hooks(quant, dims.d_model, dims.n_heads,
-                                              std=hidden_config.init_std, head_dim=dims.head_dim))
-    config = hidden_config
+                                              std=hidden_init_std(config), head_dim=dims.head_dim))
     self.ffn_norm = RMSNorm(dims.d_model, eps=config.norm_eps)
     self.ffn = make_ffn(config, dims, layer, batch_groups=batch_groups, rngs=rngs,
                         linear=linear_factory(quant, "mlp"))

@@ -27,8 +27,8 @@ def _is_spec(x) -> bool:
 def multipliers_from_roles(config: Config, specs: dict) -> tuple[dict, dict]:
   """(lr multipliers, weight-decay multipliers) per parameter, from its role
   (muP and the weight-decay rules: effjax/optim/scaling.py)."""
-  lr_mult = jax.tree.map(lambda s: scaling.lr_multiplier(s.role, config), specs, is_leaf=_is_spec)
-  wd_mult = jax.tree.map(lambda s: scaling.wd_multiplier(s.role, config), specs, is_leaf=_is_spec)
+  lr_mult = jax.tree.map(lambda s: scaling.lr_multiplier(s, config), specs, is_leaf=_is_spec)
+  wd_mult = jax.tree.map(lambda s: scaling.wd_multiplier(s, config), specs, is_leaf=_is_spec)
   return lr_mult, wd_mult
 
 

@@ -1,13 +1,14 @@
-"""Per-role lr and weight-decay multipliers: muP and weight-decay scaling rules.
+"""Per-parameter lr and weight-decay multipliers: muP and weight-decay scaling rules.
 
-muP for Adam (Yang et al. 2022, Tensor Programs V, Table 3 / TECHNIQUES.md 6.1), with
-width multiplier m = d_model / base_width:
-  embedding, vector (gains, biases), readout:  lr x 1
-  matrix-like (hidden, expert, router, atom):  lr x 1/m  (every such matrix's fan_in
-                                               grows with width, by the same m)
-Weight-decay rules (TECHNIQUES.md 6.2) for decoupled AdamW decay lambda:
+muP for Adam (Yang et al. 2022, Tensor Programs V, Table 3 / docs/mup.md), with width
+multiplier m = d_model / base_width and, per matrix, m_in = its fan_in over the base
+model's (ParamSpec.fan_in_mult, set from the shapes by effjax/models/mup.py):
+  vectors (gains, biases), readout:       lr x 1
+  matrices (hidden, output-like, expert,
+    router, atom, embedding):             lr x 1/m_in  (1 where fan_in does not grow)
+Weight-decay rules (docs/mup.md) for decoupled AdamW decay lambda:
   none         lambda for decayed roles
-  mup          lambda x m for matrix-like roles (keeps lr x lambda constant)
+  mup          lambda x m_in for matrix-like roles (keeps lr x lambda constant)
   layerwise    lambda x m^e for matrix-like roles, 0 for the rest (Fan et al. 2025,
                arXiv 2510.15262: lambda_2 ~ sqrt(d) with eta_2 ~ 1/d, so e = 1/2 by default
                and eta_2 lambda_2 ~ d^-1/2; e = 1 equals the mup rule on every matrix)
@@ -24,9 +25,10 @@ def width_mult(config) -> float:
   return config.model.d_model / base
 
 
-def lr_multiplier(role: str, config) -> float:
-  if config.model.param == "mup" and role in MATRIX_ROLES:
-    return 1.0 / width_mult(config)
+def lr_multiplier(spec, config) -> float:
+  """spec: the parameter's ParamSpec (role, fan_in_mult)."""
+  if config.model.param == "mup" and spec.role not in ("vector", "readout"):
+    return 1.0 / spec.fan_in_mult
   return 1.0
 
 
@@ -38,15 +40,14 @@ def base_weight_decay(config) -> float:
   return o.weight_decay
 
 
-def wd_multiplier(role: str, config) -> float:
-  o = config.optim
+def wd_multiplier(spec, config) -> float:
+  o, role = config.optim, spec.role
   if role in o.no_decay_roles:
     return 0.0
-  m = width_mult(config)
   if o.wd_rule == "mup" and role in MATRIX_ROLES:
-    return m
+    return spec.fan_in_mult if config.model.param == "mup" else width_mult(config)
   if o.wd_rule == "layerwise":
-    return m ** o.wd_exponent if role in MATRIX_ROLES else 0.0
+    return width_mult(config) ** o.wd_exponent if role in MATRIX_ROLES else 0.0
   return 1.0
 
 
