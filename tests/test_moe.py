@@ -185,7 +185,7 @@ def test_alf_bias_trains_checkpoints_and_resumes_bit_exactly(tmp_path, tiny_data
   import orbax.checkpoint as ocp
   raw = ck.manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   ck.close()
-  bias = np.asarray(raw["buffers"]["blocks"]["0"]["ffn"]["bias"])
+  bias = np.asarray(raw["buffers"]["blocks"]["layers"]["0"]["ffn"]["bias"])
   assert bias.shape == (8,) and np.abs(bias).max() > 0
   # sign rule with u = 0.01 over 5 steps: every entry is a multiple of 0.01, |b| <= 0.05
   np.testing.assert_allclose(bias / 0.01, np.round(bias / 0.01), atol=1e-4)

@@ -20,19 +20,19 @@ def test_per_role_multipliers_follow_the_rules():
   model = models.build(cfg, 257)
   lr, wd = multipliers_from_roles(cfg, model.specs)
   m = 4.0
-  assert lr["blocks"][0]["attn"]["q"]["kernel"] == pytest.approx(1 / m)   # hidden: 1/m
+  assert lr["blocks"]["layers"][0]["attn"]["q"]["kernel"] == pytest.approx(1 / m)   # hidden: 1/m
   # The down projection's fan_in is mlp_dim: 384 here, 128 at the base width (8/3 d rounded
   # up to a multiple of 64), so its multiplier is the fan_in ratio 1/3, not 1/m.
-  assert lr["blocks"][0]["ffn"]["down"]["kernel"] == pytest.approx(128 / 384)
+  assert lr["blocks"]["layers"][0]["ffn"]["down"]["kernel"] == pytest.approx(128 / 384)
   assert lr["embed"]["table"] == 1.0 and lr["head"]["kernel"] == 1.0     # embedding, readout
   assert lr["final_norm"]["scale"] == 1.0                                  # vector
-  assert wd["blocks"][0]["attn"]["q"]["kernel"] == pytest.approx(m)      # mup wd: x m
+  assert wd["blocks"]["layers"][0]["attn"]["q"]["kernel"] == pytest.approx(m)      # mup wd: x m
   assert wd["final_norm"]["scale"] == 0.0
   lw = _cfg("--config.model.d_model=128", "--config.model.base_width=32",
             "--config.optim.wd_rule=layerwise", "--config.optim.wd_exponent=0.5",
             "--config.optim.no_decay_roles=")
   _, wd = multipliers_from_roles(lw, models.build(lw, 257).specs)
-  assert wd["blocks"][0]["ffn"]["up"]["kernel"] == pytest.approx(2.0)    # m^0.5
+  assert wd["blocks"]["layers"][0]["ffn"]["up"]["kernel"] == pytest.approx(2.0)    # m^0.5
   assert wd["final_norm"]["scale"] == 0.0                                  # vectors: 0
   sp = _cfg()
   lr, wd = multipliers_from_roles(sp, models.build(sp, 257).specs)
@@ -51,8 +51,8 @@ def test_layerwise_rule_gives_fan_et_al_hidden_lr_times_wd():
                  "--config.train.lr=1e-2", "--config.optim.weight_decay=0.1",
                  f"--config.optim.wd_rule={rule}")
       lr, wd = multipliers_from_roles(cfg, models.build(cfg, 257).specs)
-      got[rule, width] = cfg.train.lr * lr["blocks"][0]["attn"]["q"]["kernel"] * \
-          base_weight_decay(cfg) * wd["blocks"][0]["attn"]["q"]["kernel"]
+      got[rule, width] = cfg.train.lr * lr["blocks"]["layers"][0]["attn"]["q"]["kernel"] * \
+          base_weight_decay(cfg) * wd["blocks"]["layers"][0]["attn"]["q"]["kernel"]
   np.testing.assert_allclose([got["layerwise", w] for w in (64, 128, 256)],
                              [1e-3, 1e-3 / 2 ** 0.5, 5e-4], rtol=1e-6)
   np.testing.assert_allclose([got["mup", w] for w in (64, 128, 256)], [1e-3] * 3, rtol=1e-6)
@@ -62,8 +62,8 @@ def test_mup_init_and_output_multiplier():
   base = _cfg("--config.model.param=mup", "--config.model.d_model=32", "--config.model.base_width=32")
   wide = _cfg("--config.model.param=mup", "--config.model.d_model=128", "--config.model.base_width=32",
               "--config.model.n_heads=16")
-  sb = np.std(models.build(base, 257).initial_params["blocks"][0]["ffn"]["up"]["kernel"])
-  sw = np.std(models.build(wide, 257).initial_params["blocks"][0]["ffn"]["up"]["kernel"])
+  sb = np.std(models.build(base, 257).initial_params["blocks"]["layers"][0]["ffn"]["up"]["kernel"])
+  sw = np.std(models.build(wide, 257).initial_params["blocks"]["layers"][0]["ffn"]["up"]["kernel"])
   assert sw / sb == pytest.approx(0.5, rel=0.1)  # variance ~ 1/fan_in: std x 1/sqrt(4)
 
 
@@ -86,13 +86,13 @@ def test_output_like_matrices_get_the_output_rule_from_their_shapes():
   m = 8.0
   std = lambda model, *path: float(np.std(_at(model.initial_params, path)))
   ratio = lambda *path: std(wide, *path) / std(base, *path)
-  dense, moe = ("blocks", 0, "ffn"), ("blocks", 1, "ffn")
+  dense, moe = ("blocks", "layers", 0, "ffn"), ("blocks", "layers", 1, "ffn")
   assert ratio(*dense, "up", "kernel") == pytest.approx(1 / m, rel=0.1)      # output-like
   assert ratio(*dense, "down", "kernel") == pytest.approx(1.0, rel=0.1)      # fan_in fixed
   assert ratio(*moe, "router") == pytest.approx(1 / m, rel=0.15)
   assert ratio(*moe, "w_up") == pytest.approx(1 / m, rel=0.1)
   assert ratio(*moe, "w_down") == pytest.approx(1.0, rel=0.1)
-  assert ratio("blocks", 0, "attn", "q", "kernel") == pytest.approx(m ** -0.5, rel=0.1)
+  assert ratio("blocks", "layers", 0, "attn", "q", "kernel") == pytest.approx(m ** -0.5, rel=0.1)
   assert _at(lr, dense + ("up", "kernel")) == pytest.approx(1 / m)
   assert _at(lr, dense + ("down", "kernel")) == 1.0
   assert _at(lr, moe + ("router",)) == pytest.approx(1 / m)

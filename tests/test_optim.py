@@ -14,9 +14,9 @@ def test_no_decay_on_vector_params_by_default():
   cfg, _ = C.load(["--config=configs/tiny.py"])
   model = models.build(cfg, 257)
   _, wd = multipliers_from_roles(cfg, model.specs)
-  assert wd["blocks"][0]["attn_norm"]["scale"] == 0.0
+  assert wd["blocks"]["layers"][0]["attn_norm"]["scale"] == 0.0
   assert wd["final_norm"]["scale"] == 0.0
-  assert wd["blocks"][0]["attn"]["q"]["kernel"] == 1.0
+  assert wd["blocks"]["layers"][0]["attn"]["q"]["kernel"] == 1.0
   assert wd["embed"]["table"] == 1.0
 
 

@@ -172,12 +172,13 @@ def test_model_quantization_error_shrinks_with_bits_and_half_equals_full():
 def test_half_and_full_hadamard_linears_agree():
   from flax import nnx
   from effjax.models.layers import Linear
-  from effjax.quant.hooks import QuestHook
+  from effjax.quant.hooks import make_hooks
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 256))
   out = {}
   for mode in ("full", "half"):
-    hook = QuestHook(256, weight_bits=3, act_bits=3, trust=None, hadamard=mode)
-    out[mode] = Linear(256, 64, rngs=nnx.Rngs(params=0), hooks=[hook])(x)
+    q = C.QuantConfig(method="quest", weight_bits=3, act_bits=3, hadamard=mode)
+    hooks = make_hooks(q, 256, 64, std=0.05, axes=("embed", "mlp"))
+    out[mode] = Linear(256, 64, rngs=nnx.Rngs(params=0), hooks=hooks)(x)
   np.testing.assert_allclose(out["full"], out["half"], rtol=1e-4, atol=1e-5)
 
 
@@ -205,6 +206,7 @@ def test_quant_config_errors_name_the_key():
 def test_oscillation_tracking_counts_code_flips_only():
   """A weight pushed back and forth across a StatsQ boundary accumulates flips in its EMA;
   weights whose codes never change stay at 0 (TECHNIQUES.md 5.2)."""
+  from effjax.models.index import set_path
   from effjax.train.quant_extension import OSC_MOMENTUM, QuantExtension
   from effjax.train.state import TrainState
   cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
@@ -214,23 +216,21 @@ def test_oscillation_tracking_counts_code_flips_only():
   ext = QuantExtension(cfg, m)
   (track,) = ext.hooks()
   params = m.initial_params
-  w = params["blocks"][0]["ffn"]["up"]["kernel"]
+  w = params["blocks"]["layers"][0]["ffn"]["up"]["kernel"]
   s = 2 * float(jnp.mean(jnp.abs(w[:, 0])))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=(), buffers=m.initial_buffers,
                      rng=jax.random.PRNGKey(0))
   for t in range(10):  # the 2-bit grid has a boundary at 0: w[0, 0] = +-1e-3 s alternates codes
     kernel = w.at[0, 0].set((-1) ** t * 1e-3 * s)
-    params = {**params, "blocks": {**params["blocks"], 0: {**params["blocks"][0], "ffn": {
-        **params["blocks"][0]["ffn"], "up": {**params["blocks"][0]["ffn"]["up"],
-                                             "kernel": kernel}}}}}
+    params = set_path(params, ("blocks", "layers", 0, "ffn", "up", "kernel"), kernel)
     state = track(state.replace(params=params), state, {})
-  ema = state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["osc_ema"]
+  ema = state.buffers["blocks"]["layers"][0]["ffn"]["up"]["weight_quant"]["osc_ema"]
   flips = 8  # calls 3..10: the first sets the code, the second sets the direction
   assert float(ema[0, 0]) == pytest.approx(1 - (1 - OSC_MOMENTUM) ** flips, rel=1e-5)
   assert float(jnp.sum(ema)) == pytest.approx(float(ema[0, 0]), rel=1e-6)
   frac = ext.eval_buffer_metrics(state.buffers)["quant/osc/mlp"]
-  assert frac == pytest.approx(1 / sum(b["hooks"][0]["osc_ema"].size for blk in
-                                       state.buffers["blocks"].values()
+  assert frac == pytest.approx(1 / sum(b["weight_quant"]["osc_ema"].size for blk in
+                                       state.buffers["blocks"]["layers"].values()
                                        for b in blk["ffn"].values()))
 
 
@@ -277,16 +277,16 @@ def _cga_run(steps=6):
                      opt_state=tx.init(m.initial_params), buffers=m.initial_buffers,
                      rng=jax.random.PRNGKey(0))
   import optax
-  kernels, masks, first_moments = [m.initial_params["blocks"][0]["ffn"]["up"]["kernel"]], [], []
+  kernels, masks, first_moments = [m.initial_params["blocks"]["layers"][0]["ffn"]["up"]["kernel"]], [], []
   for _ in range(steps):  # CGA starts with the third step (0.1 x 20 = step index 2)
     state, _ = step_fn(state, batch)
-    kernels.append(state.params["blocks"][0]["ffn"]["up"]["kernel"])
+    kernels.append(state.params["blocks"]["layers"][0]["ffn"]["up"]["kernel"])
     # The mask stored by the step is the one that step used.
-    masks.append(np.asarray(state.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]["cga_frozen"]) > 0)
+    masks.append(np.asarray(state.buffers["blocks"]["layers"][0]["ffn"]["up"]["weight_quant"]["cga_frozen"]) > 0)
     adam = [x for x in jax.tree.leaves(state.opt_state,
                                        is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
             if isinstance(x, optax.ScaleByAdamState)]
-    first_moments.append(adam[0].mu["blocks"][0]["ffn"]["up"]["kernel"])
+    first_moments.append(adam[0].mu["blocks"]["layers"][0]["ffn"]["up"]["kernel"])
   return cfg, exts, state, [np.asarray(k) for k in kernels], masks, first_moments
 
 
@@ -337,14 +337,13 @@ def test_export_round_trip_gives_the_qat_model(tmp_path, method, extra):
   """Integer codes + scales written and loaded back dequantized, run with
   quant.weights_on_grid=true, give the QAT model's loss (codes fit in int8)."""
   from effjax.quant import export
-  from effjax.train.quant_extension import QuantExtension
   args = ["--config=configs/tiny.py", "--config.model.d_model=64", f"--config.quant.method={method}",
           *extra]
   cfg, _ = C.load(args)
   m = models.build(cfg, 257)
   params = jax.tree.map(lambda x: x * 1.3 + 0.01, m.initial_params)  # not the init values
   path = str(tmp_path / "q.npz")
-  meta = export.export(cfg, params, path, QuantExtension(cfg, m).linears)
+  meta = export.export(cfg, params, path, m.index)
   assert meta["kernels"] and all(k.endswith("kernel") for k in meta["kernels"])
   loaded, _ = export.load(path)
   cfg_grid, _ = C.load(args + ["--config.quant.weights_on_grid=true"])
@@ -364,14 +363,18 @@ def test_export_round_trip_gives_the_qat_model(tmp_path, method, extra):
 # ----------------------------------------------------------------------------- QKR
 
 
-def _attention_pair(n_heads, n_kv, qkr_hooks):
+def _attention_pair(n_heads, n_kv, qk_hooks):
   """A QKR attention and a plain one with the same weights (absolute positions, no RoPE)."""
   from flax import nnx
   from effjax.models.attention import Attention
+  from effjax.models.layers import plain_linear
+  from effjax.models.qkr import QKRAttention
   kw = dict(config=C.AttentionConfig(), rope_theta=1e4, init_std=0.3, n_layers=2, norm_eps=1e-6,
             use_rope=False)
-  plain = Attention(32, n_heads, n_kv, 8, rngs=nnx.Rngs(params=1), **kw)
-  qkr = Attention(32, n_heads, n_kv, 8, rngs=nnx.Rngs(params=1), qkr_hooks=qkr_hooks, **kw)
+  plain = Attention(32, n_heads, n_kv, 8, linear=plain_linear(nnx.Rngs(params=1)), **kw)
+  rngs = nnx.Rngs(params=1)
+  qkr = QKRAttention(32, n_heads, n_kv, 8, linear=plain_linear(rngs),
+                     plain_linear=plain_linear(rngs), qk_hooks=qk_hooks, **kw)
   return plain, qkr
 
 
@@ -379,7 +382,7 @@ def _attention_pair(n_heads, n_kv, qkr_hooks):
 def test_qkr_without_quantization_equals_q_dot_k(n_heads, n_kv):
   """QKR computes scores as (x W_q W_k^T) . x: with identity quantizers the attention output
   equals the usual softmax(q k^T) v (GQA included), and the product is W_q^h W_k^hT."""
-  plain, qkr = _attention_pair(n_heads, n_kv, [])
+  plain, qkr = _attention_pair(n_heads, n_kv, {})
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 12, 32))
   pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
   np.testing.assert_array_equal(np.asarray(plain.q.kernel[...]), np.asarray(qkr.q.kernel[...]))
@@ -396,9 +399,10 @@ def test_qkr_without_quantization_equals_q_dot_k(n_heads, n_kv):
 def test_qkr_quantizes_the_product_not_the_factors():
   """With StatsQ 2-bit QKR the per-head product sits on a 4-level grid per output column,
   while W_q and W_k stay full precision; QKR with RoPE or QK-norm is refused by name."""
-  from effjax.quant.hooks import qkr_hooks
+  from effjax.quant.hooks import make_hooks
   q_cfg = C.QuantConfig(method="statsq", weight_bits=2, act_bits=0, qkr=True)
-  _, qkr = _attention_pair(4, 2, qkr_hooks(q_cfg, 32, 4, std=0.3, head_dim=8))
+  _, qkr = _attention_pair(4, 2, make_hooks(q_cfg, 32, 4 * 32, std=0.3 * 0.3 * 8 ** 0.5,
+                                            axes=("embed", "heads"), derived=True))
   w = np.asarray(qkr.qk_product())
   assert max(len(np.unique(w[:, j])) for j in range(w.shape[1])) == 4
   assert len(np.unique(np.asarray(qkr.q.kernel[...]))) > 100

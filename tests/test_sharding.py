@@ -75,8 +75,8 @@ SCRIPT = textwrap.dedent("""
                       "--config.mesh.tensor=2", "--config.quant.method=statsq",
                       "--config.quant.act_bits=8", "--config.quant.cga_start=0.5"], num_devices=8)
     qplan = state_init.plan_state(qcfg, vocab, mesh, rules)
-    up = qplan.shardings.buffers["blocks"][0]["ffn"]["up"]["hooks"][0]
-    kernel = qplan.shardings.params["blocks"][0]["ffn"]["up"]["kernel"]
+    up = qplan.shardings.buffers["blocks"]["layers"][0]["ffn"]["up"]["weight_quant"]
+    kernel = qplan.shardings.params["blocks"]["layers"][0]["ffn"]["up"]["kernel"]
     for name in ("osc_ema", "osc_code", "cga_frozen"):
       assert up[name].spec == kernel.spec and not up[name].is_fully_replicated, (name, up[name])
     assert up["osc_started"].is_fully_replicated

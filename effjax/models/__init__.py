@@ -16,11 +16,15 @@ from flax import nnx
 
 from effjax.config import Config, resolve_mesh_shape
 from effjax.models import mup
-from effjax.models.layers import Buffer
+from effjax.models.builder import Builder
+from effjax.models.index import ModelIndex
+from effjax.models.layers import Buffer, Tag
+from effjax.models.stack import Context
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
 
-__all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "build", "for_evaluation",
-           "count_params", "ffn_params", "resolve_dims"]
+__all__ = ["Buffer", "Context", "Dims", "FunctionalModel", "ModelIndex", "ParamSpec", "Tag",
+           "Transformer", "build", "for_evaluation", "count_params", "ffn_params", "probes",
+           "resolve_dims"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +54,31 @@ def _axes(variable) -> tuple | None:
     return None
 
 
+PROBE_PREFIX = "probe_"
+
+
+def probes(module) -> dict:
+  """Values sown as nnx.Intermediate 'probe_<name>' by tagged modules, as aux
+  'act/<name>[/layer<i>]'."""
+  out = {}
+  for _, node in nnx.iter_graph(module):
+    tag = getattr(node, "tag", None) if isinstance(node, nnx.Module) else None
+    if not isinstance(tag, Tag):
+      continue
+    for name, value in vars(node).items():
+      if isinstance(value, nnx.Intermediate) and name.startswith(PROBE_PREFIX):
+        suffix = "" if tag.layer is None else f"/layer{tag.layer}"
+        out[f"act/{name[len(PROBE_PREFIX):]}{suffix}"] = value.get_value()[-1]
+  return out
+
+
 class FunctionalModel:
-  """A Transformer split into (graphdef, params, buffers) with a pure apply."""
+  """A Transformer split into (graphdef, params, buffers) with a pure apply, and the model
+  index of its tagged modules."""
 
   def __init__(self, module: Transformer):
     self.dims = module.dims
+    self.index = ModelIndex(module)
     self.graphdef, param_state, buffer_state = nnx.split(module, nnx.Param, Buffer)
     self._param_template = param_state
     self._buffer_template = buffer_state
@@ -78,9 +102,21 @@ class FunctionalModel:
     return nnx.merge(self.graphdef, p, b)
 
   def apply(self, params: dict, buffers: dict, ids_BxL, *, positions_BxL=None,
-            segment_ids_BxL=None, **kwargs) -> tuple[jax.Array, dict[str, Any]]:
+            segment_ids_BxL=None, **context) -> tuple[jax.Array, dict[str, Any]]:
+    """context: the fields of models.Context (moe_top_k, probe); probes come back in aux."""
+    ctx = Context(**context)
     model = self.module(params, buffers)
-    return model(ids_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL, **kwargs)
+    logits, aux = model(ids_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                        ctx=ctx)
+    if ctx.probe:
+      aux = {**aux, **probes(model)}
+    return logits, aux
+
+  def node(self, module, path: tuple):
+    """The submodule of a merged `module` at an index path."""
+    for key in path:
+      module = module[key] if isinstance(key, int) else getattr(module, key)
+    return module
 
 
 def for_evaluation(config: Config) -> Config:
@@ -104,12 +140,12 @@ def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
     from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
     batch_groups = sharding.batch_shards(resolve_mesh_shape(config.mesh, jax.device_count()),
                                          sharding.rules_for(config.mesh))
-  module = Transformer(config.model, dims, batch_groups=batch_groups,
-                       rngs=nnx.Rngs(params=seed), quant=config.quant)
+  module = Builder(config, dims, batch_groups=batch_groups, rngs=nnx.Rngs(params=seed)).model()
   if config.model.param == "mup" and config.model.base_width not in (0, config.model.d_model):
-    base_config = mup.base_model_config(config.model, dims.head_dim)
-    base_dims = resolve_dims(base_config, tokenizer_vocab)
-    base = nnx.eval_shape(lambda: Transformer(base_config, base_dims, batch_groups=batch_groups,
-                                              rngs=nnx.Rngs(params=seed), quant=config.quant))
+    base_config = dataclasses.replace(
+        config, model=mup.base_model_config(config.model, dims.head_dim))
+    base_dims = resolve_dims(base_config.model, tokenizer_vocab)
+    base = nnx.eval_shape(lambda: Builder(base_config, base_dims, batch_groups=batch_groups,
+                                          rngs=nnx.Rngs(params=seed)).model())
     mup.apply_width_rules(module, base)
   return FunctionalModel(module)

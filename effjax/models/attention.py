@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import AttentionConfig
-from effjax.models.layers import Linear, RMSNorm
+from effjax.models.layers import RMSNorm
 
 
 def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -81,78 +81,37 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
                           segment_ids=segment_ids_BxL, implementation=config.impl, **options)
 
 
-def qk_product(wq_DxHE: jax.Array, wk_DxKE: jax.Array, n_heads: int, n_kv_heads: int):
-  """QKR (OFQ, Liu et al. 2023, Sec. 4.3): W_qk [d_model, heads * d_model] whose column
-  block h is W_q^h W_k^{g(h)}T, g(h) the GQA group of q head h."""
-  d, head_dim = wq_DxHE.shape[0], wq_DxHE.shape[1] // n_heads
-  wq_DxHxE = wq_DxHE.reshape(d, n_heads, head_dim)
-  wk_DxHxE = jnp.repeat(wk_DxKE.reshape(d, n_kv_heads, head_dim), n_heads // n_kv_heads, axis=1)
-  return jnp.einsum("dhe,fhe->dhf", wq_DxHxE, wk_DxHxE).reshape(d, n_heads * d)
-
-
 class Attention(nnx.Module):
-  """GQA self-attention: q/k/v/o projections (hooked Linears), RoPE, optional QK-norm.
+  """GQA self-attention: q/k/v/o projections (from the builder's projection factory), RoPE,
+  optional QK-norm; the score function and kernel are chosen in `attend`.
 
-  qkr_hooks (a list, possibly empty): QKR (OFQ, Liu et al. 2023, Sec. 4.3). The scores
-  q_i . k_j = x_i W_q^h (x_j W_k^h)^T = (x_i W_qk^h) . x_j are computed through the per-head
-  product W_qk^h = W_q^h W_k^hT [d_model, d_model], which the hooks quantize (with the
-  input x) instead of W_q and W_k; needs absolute positions (RoPE would sit between q
-  and k) and runs the XLA softmax reference.
+  linear(kind, d_in, d_out, *, axes, std, zero_init=False) -> Linear: the projection
+  factory; kind is "qkv" for q/k/v and "attn_out" for o.
   """
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                config: AttentionConfig, rope_theta: float, init_std: float, n_layers: int,
-               norm_eps: float, rngs: nnx.Rngs, scale: float | None = None,
-               zero_init_query: bool = False, linear=Linear, out_linear=None,
-               use_rope: bool = True, qkr_hooks=None):
+               norm_eps: float, linear, scale: float | None = None,
+               zero_init_query: bool = False, use_rope: bool = True):
     self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
     self.config, self.rope_theta, self.use_rope = config, rope_theta, use_rope
     self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    self.qkr = qkr_hooks is not None
-    if self.qkr:
-      if use_rope or config.qk_norm:
-        raise ValueError("QKR needs absolute positions (use_rope=False) and no QK-norm")
-      self.qk_hooks = nnx.List(qkr_hooks) if hasattr(nnx, "List") else list(qkr_hooks)
-    qk_linear = Linear if self.qkr else linear  # under QKR only the product is quantized
-    self.q = qk_linear(d_model, n_heads * head_dim, rngs=rngs, axes=("embed", "heads"),
-                       std=init_std, zero_init=zero_init_query)
-    self.k = qk_linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
-                       std=init_std)
-    self.v = linear(d_model, n_kv_heads * head_dim, rngs=rngs, axes=("embed", "kv_heads"),
-                    std=init_std)
+    self.q = linear("qkv", d_model, n_heads * head_dim, axes=("embed", "heads"), std=init_std,
+                    zero_init=zero_init_query, slot="q")
+    self.k = linear("qkv", d_model, n_kv_heads * head_dim, axes=("embed", "kv_heads"),
+                    std=init_std, slot="k")
+    self.v = linear("qkv", d_model, n_kv_heads * head_dim, axes=("embed", "kv_heads"),
+                    std=init_std, slot="v")
     # Output projection init scaled by 1/sqrt(2 * n_layers) (GPT-2 residual scaling).
-    self.o = (out_linear or linear)(n_heads * head_dim, d_model, rngs=rngs,
-                                    axes=("heads", "embed"),
-                                    std=init_std / math.sqrt(2 * n_layers))
+    self.o = linear("attn_out", n_heads * head_dim, d_model, axes=("heads", "embed"),
+                    std=init_std / math.sqrt(2 * n_layers), slot="o")
     if config.qk_norm:
       self.q_norm = RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim")
       self.k_norm = RMSNorm(head_dim, eps=norm_eps, axis_name="head_dim")
     else:
       self.q_norm = self.k_norm = None
 
-  def qk_product(self) -> jax.Array:
-    """QKR's W_qk (see qk_product below), quantized by the hooks per output column over the
-    fan-in, like a Linear kernel."""
-    w = qk_product(self.q.kernel[...], self.k.kernel[...], self.n_heads, self.n_kv_heads)
-    for hook in self.qk_hooks:
-      w = hook.weight(w)
-    return w
-
-  def _qkr_qkv(self, x_BxLxD):
-    """QKR: queries x W_qk^h [B, L, H, d_model]; keys the (quantized) inputs themselves."""
-    b, l, d = x_BxLxD.shape
-    xq_BxLxD = x_BxLxD
-    for hook in self.qk_hooks:
-      xq_BxLxD = hook.input(xq_BxLxD)
-    w_DxHxD = self.qk_product().astype(xq_BxLxD.dtype).reshape(d, self.n_heads, d)
-    q = jnp.einsum("bld,dhf->blhf", xq_BxLxD, w_DxHxD)
-    k = jnp.broadcast_to(xq_BxLxD[:, :, None, :], (b, l, self.n_kv_heads, d))
-    v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
-    return q, k, v
-
   def _qkv(self, x_BxLxD, positions_BxL):
-    if self.qkr:
-      return self._qkr_qkv(x_BxLxD)
     b, l, _ = x_BxLxD.shape
     q = self.q(x_BxLxD).reshape(b, l, self.n_heads, self.head_dim)
     k = self.k(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
@@ -166,19 +125,17 @@ class Attention(nnx.Module):
   def logit_scale_probe(self, x_BxLxD, positions_BxL) -> jax.Array:
     """Mean |scaled q.k| over causal pairs (coordinate checks only; recomputes q and k)."""
     q, k, _ = self._qkv(x_BxLxD, positions_BxL)
-    k = jnp.repeat(k, self.n_heads // self.n_kv_heads, axis=2)
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
     causal = jnp.tril(jnp.ones(logits.shape[-2:], bool))
     return jnp.sum(jnp.abs(logits) * causal) / (jnp.sum(causal) * logits.shape[0] * logits.shape[1])
 
+  def _attend(self, q, k, v, positions_BxL, segment_ids_BxL):
+    return attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
+                  positions_BxL=positions_BxL, scale=self.scale)
+
   def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None):
     b, l, _ = x_BxLxD.shape
     q, k, v = self._qkv(x_BxLxD, positions_BxL)
-    if self.qkr:  # q, k are d_model wide: the XLA reference (config validation says so)
-      log_n = positions_BxL + 1 if self.config.log_n_scale else None
-      out = xla_softmax_attention(q, k, v, segment_ids_BxL=segment_ids_BxL, scale=self.scale,
-                                  log_n_positions_BxL=log_n)
-    else:
-      out = attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
-                   positions_BxL=positions_BxL, scale=self.scale)
+    out = self._attend(q, k, v, positions_BxL, segment_ids_BxL)
     return self.o(out.reshape(b, l, self.n_heads * self.head_dim))

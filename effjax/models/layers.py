@@ -16,7 +16,8 @@ and input hooks (activation quantizers): see `LinearHook`.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,17 @@ def normal_init(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tag:
+  """What a module is, set by the model builder: `kind` (qkv, attn_out, mlp, qk, moe, block,
+  model, ...), the `layer` it belongs to (None: not per layer) and its `slot` name. The model
+  index (effjax/models/index.py) is built from tags, so techniques find their state by what
+  it is, not by where it sits in the parameter tree."""
+  kind: str
+  layer: int | None = None
+  slot: str = ""
+
+
 class LinearHook(nnx.Module):
   """Hook interface for `Linear`: transform the weight and/or the input.
 
@@ -62,17 +74,28 @@ class LinearHook(nnx.Module):
 
 
 class Linear(nnx.Module):
-  """y = hooks.input(x) @ hooks.weight(W) (+ b). W is stored (in, out), fp32."""
+  """y = hooks.input(x) @ hooks.weight(W) (+ b). W is stored (in, out), fp32.
+
+  hooks: named LinearHooks, applied in order (e.g. {"weight_quant": ..., "input_quant": ...});
+  each is an attribute of that name, so its state has a stable name in the parameter tree.
+  """
 
   def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, role: str = "hidden",
                axes: tuple[str | None, str | None] = ("embed", "mlp"), std: float | None = None,
                use_bias: bool = False, zero_init: bool = False,
-               hooks: Sequence[LinearHook] = ()):
+               hooks: Mapping[str, LinearHook] | None = None, tag: Tag | None = None):
     std = d_in ** -0.5 if std is None else std
     w = jnp.zeros((d_in, d_out), jnp.float32) if zero_init else normal_init(rngs, (d_in, d_out), std)
     self.kernel = make_param(w, role, axes)
     self.bias = make_param(jnp.zeros((d_out,), jnp.float32), "vector", axes[1:]) if use_bias else None
-    self.hooks = nnx.List(hooks) if hasattr(nnx, "List") else list(hooks)
+    self.tag = tag
+    self.hook_names = tuple(hooks or ())
+    for name, hook in (hooks or {}).items():
+      setattr(self, name, hook)
+
+  @property
+  def hooks(self) -> list[LinearHook]:
+    return [getattr(self, name) for name in self.hook_names]
 
   def effective_weight(self) -> jax.Array:
     w = self.kernel[...]
@@ -88,6 +111,16 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y
+
+
+def plain_linear(rngs: nnx.Rngs):
+  """A projection factory (kind, d_in, d_out, *, slot, **Linear kwargs) -> Linear without
+  hooks or tags (the builder's factory adds both)."""
+
+  def make(kind, d_in, d_out, *, slot="", **kwargs):
+    del kind, slot
+    return Linear(d_in, d_out, rngs=rngs, **kwargs)
+  return make
 
 
 class Embed(nnx.Module):

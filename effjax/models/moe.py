@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import MoEConfig
-from effjax.models.layers import Buffer, make_param, normal_init
+from effjax.models.layers import Buffer, Tag, make_param, normal_init, plain_linear
 from effjax.models.mlp import SwiGLU
 
 BALANCE_CHOICES = ("none", "aux", "seq_aux", "global_aux", "alf", "top1_lbl")
@@ -134,9 +134,12 @@ class MoE(nnx.Module):
   """Routed fine-grained SwiGLU experts (+ optional shared experts) in the FFN slot."""
 
   def __init__(self, d_model: int, cfg: MoEConfig, *, expert_dim: int, init_std: float,
-               n_layers: int, batch_groups: int = 1, rngs: nnx.Rngs):
+               n_layers: int, batch_groups: int = 1, rngs: nnx.Rngs, shared_linear=None,
+               tag: Tag | None = None):
+    """shared_linear: the projection factory for the shared experts (a SwiGLU); tag: the
+    builder's (kind "moe", layer i), which the model index and ctx.moe_top_k use."""
     e, f = cfg.num_experts, expert_dim
-    self.cfg, self.batch_groups = cfg, batch_groups
+    self.cfg, self.batch_groups, self.tag = cfg, batch_groups, tag
     self.methods = balance_methods(cfg)
     self.router = make_param(normal_init(rngs, (d_model, e), init_std), "router",
                              ("embed", "experts"))
@@ -149,10 +152,14 @@ class MoE(nnx.Module):
                              ("experts", "mlp", "embed"))
     self.bias = Buffer(jnp.zeros((e,), jnp.float32))  # ALF-LB, updated outside autodiff
     self.shared = (SwiGLU(d_model, cfg.num_shared * f, init_std=init_std, n_layers=n_layers,
-                          rngs=rngs) if cfg.num_shared else None)
+                          linear=shared_linear or plain_linear(rngs)) if cfg.num_shared else None)
 
-  def __call__(self, x_BxLxD: jax.Array, *, top_k: int | None = None):
+  def __call__(self, x_BxLxD: jax.Array, ctx=None, *, top_k: int | None = None):
+    """top_k: this call's k (default ctx.moe_top_k[layer] when the context sets a per-layer
+    schedule, else model.moe.top_k)."""
     cfg, methods = self.cfg, self.methods
+    if top_k is None and ctx is not None and ctx.moe_top_k and self.tag is not None:
+      top_k = ctx.moe_top_k[self.tag.layer]
     k = top_k or cfg.top_k
     b, l, d = x_BxLxD.shape
     e = cfg.num_experts

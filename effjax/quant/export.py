@@ -1,7 +1,7 @@
 """Quantized export (issue 6): integer weight codes + scales for every quantized block linear,
 everything else in fp32, and the convention needed to turn codes back into weights.
 
-  meta = export(config, params, "w4a4.npz", QuantExtension(config, model).linears)
+  meta = export(config, params, "w4a4.npz", model.index)
   params_deq, meta = load("w4a4.npz")   # then build with quant.weights_on_grid=true
 
 Per kernel W [in, out] (rows = output units over fan-in, TECHNIQUES.md 5):
@@ -23,82 +23,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.quant import lsq
-from effjax.quant.hadamard import block_hadamard, hadamard_block_size
-from effjax.quant.quest import ALPHA
-from effjax.quant.statsq import statsq_codes
-
-
-def _flat(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
+from effjax.models.index import flatten, unflatten
+from effjax.quant import methods
+from effjax.quant.hooks import WEIGHT
 
 
 def _key(path) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _unflat(flat: dict) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return tree
-
-
-def quantize_kernel(quant, w, step=None) -> dict:
-  """{'codes': int8 [in, out], 'scale': fp32, **convention} for one kernel."""
+def quantize_kernel(quantizer, w, state=None) -> dict:
+  """{'codes', 'scale', 'block', 'offset'} of one kernel, from its quantizer object."""
   w = jnp.asarray(w, jnp.float32)
-  bits = quant.weight_bits
-  if quant.method == "quest":
-    hadamard = "full" if quant.hadamard == "auto" else quant.hadamard
-    block = hadamard_block_size(w.shape[0]) if hadamard != "none" else 0
-    wh = block_hadamard(w, block, 0) if block else w
-    sigma = jnp.sqrt(jnp.mean(wh * wh, axis=0, keepdims=True))
-    s = ALPHA[bits] * sigma
-    if bits == 1:
-      codes, scale = jnp.where(wh >= 0, 0, -1), 2 * s  # (k + 1/2) 2s = +-s
-    else:
-      scale = 2 * s / (2 ** bits - 1)
-      codes = jnp.clip(jnp.floor(jnp.clip(wh, -s, s) / jnp.where(scale > 0, scale, 1.0)),
-                       -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    return {"codes": codes, "scale": scale, "block": block, "offset": 0.5}
-  if quant.method == "statsq":
-    codes, s = statsq_codes(w, bits)
-    return {"codes": codes, "scale": s / 2 ** (bits - 1), "block": 0, "offset": 0.5}
-  q_n, q_p = lsq.lsq_range(bits)
-  st = jnp.abs(step) + 1e-8
-  return {"codes": jnp.round(jnp.clip(w / st, -q_n, q_p)), "scale": st, "block": 0,
-          "offset": 0.0}
+  codes, scale = quantizer.codes(w, state or {})
+  return {"codes": codes, "scale": scale, "block": quantizer.block(w.shape[0]),
+          "offset": quantizer.offset}
 
 
 def dequantize(entry: dict, rotate_back: bool = True) -> np.ndarray:
   """Weights from codes; rotate_back=False keeps QuEST values in the rotated basis (what a
   quant.hadamard=half model multiplies with)."""
-  w = (np.asarray(entry["codes"], np.float32) + entry["offset"]) * np.asarray(entry["scale"])
-  if entry["block"] and rotate_back:
-    return np.asarray(block_hadamard(jnp.asarray(w), entry["block"], 0))
-  return w
+  return np.asarray(methods.dequantize(entry["codes"], entry["scale"], entry["offset"],
+                                       entry["block"], rotate_back))
 
 
-def export(config, params, path: str, quantized_paths) -> dict:
-  """Writes `path` (.npz) with codes/scales of the quantized kernels and fp32 for the rest;
-  returns the metadata (also stored in the file under '__meta__')."""
-  flat = _flat(jax.device_get(params))
+def export(config, params, path: str, index) -> dict:
+  """Writes `path` (.npz) with codes/scales of the quantized kernels (the model index's
+  quantized linears) and fp32 for the rest; returns the metadata (also stored in the file
+  under '__meta__')."""
+  flat = flatten(jax.device_get(params))
   arrays, meta = {}, {"quant": {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in vars(config.quant).items()},
                       "kernels": {}, "hadamard": "block Sylvester / sqrt(block) along fan-in "
                                                  "(axis 0); weight = H @ rotated values"}
-  for lin in quantized_paths:
-    kpath = lin + ("kernel",)
-    step = flat.get(lin + ("hooks", 0, "step")) if config.quant.method == "lsq" else None
-    entry = quantize_kernel(config.quant, flat.pop(kpath), step)
+  for linear in index.quantized():
+    kpath = linear.at("kernel")
+    step = flat.get(linear.at(WEIGHT, "step"))
+    entry = quantize_kernel(linear.quantizer, flat.pop(kpath),
+                            None if step is None else {"step": step})
     arrays[_key(kpath) + "#codes"] = np.asarray(entry["codes"], np.int8)
     arrays[_key(kpath) + "#scale"] = np.asarray(entry["scale"], np.float32)
     meta["kernels"][_key(kpath)] = {"block": int(entry["block"]), "offset": entry["offset"],
@@ -121,7 +83,7 @@ def load(path: str) -> tuple[dict, dict]:
       flat[tuple(k["path"])] = dequantize({"codes": f[key + "#codes"],
                                            "scale": f[key + "#scale"], "block": k["block"],
                                            "offset": k["offset"]}, rotate_back=not half)
-  return _unflat({p: jnp.asarray(v) for p, v in flat.items()}), meta
+  return unflatten({p: jnp.asarray(v) for p, v in flat.items()}), meta
 
 
 # ----------------------------------------------------------------------------- command line
@@ -150,7 +112,6 @@ def main(argv=None) -> int:
   from effjax import models  # pylint: disable=g-import-not-at-top
   from effjax.parallel import make_mesh, sharding, state_init  # pylint: disable=g-import-not-at-top
   from effjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from effjax.train.quant_extension import QuantExtension  # pylint: disable=g-import-not-at-top
   from effjax.train.trainer import load_data  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description="Quantized export of a QAT run")
@@ -190,7 +151,7 @@ def main(argv=None) -> int:
   ckpt.close()
   qat = plan.model
   out = args.out or os.path.join(args.workdir, "quantized.npz")
-  meta = export(config, state.params, out, QuantExtension(config, qat).linears)
+  meta = export(config, state.params, out, qat.index)
   print(f"export: step {step} -> {out} ({os.path.getsize(out) / 2**20:.2f} MiB; "
         f"{len(meta['kernels'])} quantized kernels as int8 codes + scales)", file=sys.stderr)
   on_grid = dataclasses.replace(config, quant=dataclasses.replace(config.quant,

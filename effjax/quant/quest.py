@@ -15,6 +15,30 @@ ALPHA = {1: 0.797885, 2: 1.493535, 3: 2.051068, 4: 2.513931, 5: 2.916094, 6: 3.2
 ONE_BIT_CLIP = 1.3  # the 1-bit runs used a plain clip mask |x| <= 1.3 s instead of trust
 
 
+def _grid(xh, bits: int, axis: int):
+  """(codes k, step, sigma, clip s) of QuEST's grid; level value (k + 1/2) step."""
+  if bits not in ALPHA:
+    raise ValueError(f"QuEST bits must be 1-8; got {bits}")
+  sigma = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(xh * xh, axis=axis, keepdims=True)))
+  s = ALPHA[bits] * sigma
+  if bits == 1:  # levels +-s: k in {-1, 0}, step 2 s
+    return jnp.where(jax.lax.stop_gradient(xh) >= 0, 0.0, -1.0), 2 * s, sigma, s
+  levels = 2 ** bits
+  step = 2 * s / (levels - 1)
+  # Nearest half-integer multiple of the step: floor(x / step) + 1/2, in [-2^(b-1), 2^(b-1)).
+  k = jnp.clip(jnp.floor(jnp.clip(jax.lax.stop_gradient(xh), -s, s)
+                         / jnp.where(step > 0, step, 1.0)), -(levels // 2), levels // 2 - 1)
+  return k, step, sigma, s
+
+
+def quest_codes(xh: jax.Array, bits: int, *, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """QuEST's grid on rotated values xh (fp32), rows along `axis`: integer codes k in
+  [-2^(b-1), 2^(b-1)) and the step (no gradient), level value (k + 1/2) step. The clip is
+  s = alpha_b sigma, sigma = sqrt(mean(xh^2)) per row, step = 2 s / (2^b - 1)."""
+  k, step, _, _ = _grid(xh.astype(jnp.float32), bits, axis)
+  return k, step
+
+
 def quest_rotated(xh: jax.Array, bits: int, *, axis: int = -1, trust: float | None = None
                   ) -> tuple[jax.Array, dict]:
   """QuEST steps 2-6 on already-rotated values xh (fp32), rows along `axis`.
@@ -24,22 +48,13 @@ def quest_rotated(xh: jax.Array, bits: int, *, axis: int = -1, trust: float | No
   MSE and the trusted fraction, without gradient. trust: factor on the default trust
   radius T = alpha_b / (2^b - 1) sigma (half a grid step); None means 1.
   """
-  if bits not in ALPHA:
-    raise ValueError(f"QuEST bits must be 1-8; got {bits}")
   xh = xh.astype(jnp.float32)
-  sigma = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(xh * xh, axis=axis, keepdims=True)))
-  s = ALPHA[bits] * sigma
+  k, step, sigma, s = _grid(xh, bits, axis)
+  q = (k + 0.5) * step
   if bits == 1:
-    q = jnp.where(xh >= 0, s, -s)
     mask = jnp.abs(xh) <= ONE_BIT_CLIP * s
   else:
-    levels = 2 ** bits
-    step = 2 * s / (levels - 1)
-    # Nearest half-integer multiple of the step: floor(x / step) + 1/2, in [-2^(b-1), 2^(b-1)).
-    k = jnp.clip(jnp.floor(jnp.clip(xh, -s, s) / jnp.where(step > 0, step, 1.0)),
-                 -(levels // 2), levels // 2 - 1)
-    q = (k + 0.5) * step
-    radius = (1.0 if trust is None else trust) * ALPHA[bits] / (levels - 1) * sigma
+    radius = (1.0 if trust is None else trust) * ALPHA[bits] / (2 ** bits - 1) * sigma
     mask = jnp.abs(q - xh) <= radius
   masked = xh * mask
   y = q + (masked - jax.lax.stop_gradient(masked))  # forward exactly q, gradient the mask

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.models.moe import alf_bias_update, alf_rate, balance_methods, moe_layer_indices, \
-    topk_schedule
+from effjax.models.index import get_path, set_path
+from effjax.models.moe import alf_bias_update, alf_rate, balance_methods, topk_schedule
 from effjax.train.extensions import Extension
 
 
@@ -20,23 +19,25 @@ class MoEExtension(Extension):
   def __init__(self, config, model):
     self.cfg = config.model.moe
     self.total_steps = config.train.steps
-    self.layers = moe_layer_indices(self.cfg, model.dims.n_layers)
+    self.moe = model.index.of("moe")  # the MoE layers, wherever the builder put them
+    self.layers = [e.tag.layer for e in self.moe]
     self.switch_step, self.k_before, self.k_after = topk_schedule(
         self.cfg, model.dims.n_layers, config.train.steps)
 
   def hooks(self):
     if "alf" not in balance_methods(self.cfg):
       return []
-    cfg, layers, total = self.cfg, self.layers, self.total_steps
+    cfg, moe, total = self.cfg, self.moe, self.total_steps
 
     def alf_hook(new_state, old_state, aux):
       """Once per optimizer step, outside autodiff, from counts over the whole global batch."""
-      buffers = jax.tree.map(lambda x: x, new_state.buffers)
+      buffers = new_state.buffers
       rate = alf_rate(cfg, old_state.step, total)
-      for i in layers:
-        counts = aux[f"stat/moe_counts/layer{i}"]
-        ffn = buffers["blocks"][i]["ffn"]
-        ffn["bias"] = alf_bias_update(ffn["bias"], counts, rate=rate, rule=cfg.bias_update)
+      for entry in moe:
+        counts = aux[f"stat/moe_counts/layer{entry.tag.layer}"]
+        bias = get_path(buffers, entry.at("bias"))
+        buffers = set_path(buffers, entry.at("bias"),
+                           alf_bias_update(bias, counts, rate=rate, rule=cfg.bias_update))
       return new_state.replace(buffers=buffers)
 
     return [alf_hook]

@@ -1,0 +1,116 @@
+"""The model builder: the one place that reads technique config sections and assembles the
+model from slots.
+
+  embedding      token table (+ learned absolute positions)
+  stack          PlainStack of blocks (remat optional); MoR / scanned stacks plug in here
+  attention      Attention, or QKRAttention under quant.qkr
+  ffn            SwiGLU, or MoE in the layers model.moe.layers names
+  projections    `linear(kind, d_in, d_out, *, axes, std, slot)`: every block linear comes
+                 from this factory, which tags it (kind, layer, slot) and attaches the
+                 quantizer hooks of quant.* for the kinds in quant.layers
+
+Modules receive built parts and never see the config sections they do not run. Parameters
+are created in a fixed order (embedding, positions, per layer: q, k, v, o, FFN; final
+norm, head), so a seed gives the same weights as before the builder existed.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from effjax.config import Config
+from effjax.models.attention import Attention
+from effjax.models.layers import Embed, Linear, RMSNorm, Tag
+from effjax.models.mlp import SwiGLU
+from effjax.models.moe import MoE, moe_layer_indices
+from effjax.models.qkr import QKRAttention
+from effjax.models.stack import Block, PlainStack
+from effjax.models.transformer import (Dims, Transformer, attention_scale, expert_dim,
+                                       hidden_init_std, width_mult)
+from effjax.quant.hooks import make_hooks
+
+
+class Builder:
+  """Builds a Transformer for `config` (dims resolved; batch_groups: data-parallel batch
+  shards for per-shard balance losses)."""
+
+  def __init__(self, config: Config, dims: Dims, *, batch_groups: int, rngs: nnx.Rngs):
+    self.config, self.model_config, self.dims = config, config.model, dims
+    self.batch_groups, self.rngs = batch_groups, rngs
+    self.quant = config.quant if config.quant.method != "none" else None
+    self.moe_layers = moe_layer_indices(config.model.moe, dims.n_layers)
+
+  # ---- projections
+  def linear_for(self, layer: int | None):
+    """The projection factory for `layer`: (kind, d_in, d_out, *, axes, std, slot, ...)."""
+
+    def make(kind: str, d_in: int, d_out: int, *, axes, std=None, slot: str = "", **kwargs):
+      hooks = None
+      if self.quant is not None and kind in self.quant.layers:
+        hooks = make_hooks(self.quant, d_in, d_out, std=d_in ** -0.5 if std is None else std,
+                           axes=axes)
+      return Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
+                    tag=Tag(kind, layer, slot), **kwargs)
+    return make
+
+  def plain_linear_for(self, layer: int | None):
+    def make(kind: str, d_in: int, d_out: int, *, axes, slot: str = "", **kwargs):
+      return Linear(d_in, d_out, rngs=self.rngs, axes=axes, tag=Tag(kind, layer, slot), **kwargs)
+    return make
+
+  # ---- slots
+  def attention(self, layer: int):
+    c, d = self.model_config, self.dims
+    kwargs = dict(config=c.attention, rope_theta=c.rope_theta, init_std=c.init_std,
+                  n_layers=d.n_layers, norm_eps=c.norm_eps, scale=attention_scale(c, d.head_dim),
+                  zero_init_query=c.zero_init_query, use_rope=c.position == "rope",
+                  linear=self.linear_for(layer))
+    args = (d.d_model, d.n_heads, d.n_kv_heads, d.head_dim)
+    if self.quant is not None and self.quant.qkr and "qkv" in self.quant.layers:
+      std = hidden_init_std(c)
+      std_qk = std * std * d.head_dim ** 0.5  # entries of a product of two std-`std` matrices
+      qk_hooks = make_hooks(self.quant, d.d_model, d.n_heads * d.d_model, std=std_qk,
+                            axes=("embed", "heads"), derived=True)
+      attn = QKRAttention(*args, plain_linear=self.plain_linear_for(layer), qk_hooks=qk_hooks,
+                          **kwargs)
+      attn.tag = Tag("qk", layer, "attn")
+      return attn
+    return Attention(*args, **kwargs)
+
+  def ffn(self, layer: int):
+    c, d = self.model_config, self.dims
+    if layer in self.moe_layers:
+      return MoE(d.d_model, c.moe, expert_dim=expert_dim(c, d), init_std=c.init_std,
+                 n_layers=d.n_layers, batch_groups=self.batch_groups, rngs=self.rngs,
+                 shared_linear=self.plain_linear_for(layer), tag=Tag("moe", layer, "ffn"))
+    return SwiGLU(d.d_model, d.mlp_dim, init_std=c.init_std, n_layers=d.n_layers,
+                  linear=self.linear_for(layer))
+
+  def block(self, layer: int) -> Block:
+    attn = self.attention(layer)
+    ffn = self.ffn(layer)
+    return Block(attn, ffn, d_model=self.dims.d_model, eps=self.model_config.norm_eps,
+                 tag=Tag("block", layer))
+
+  def stack(self):
+    return PlainStack([self.block(i) for i in range(self.dims.n_layers)],
+                      remat=self.model_config.remat)
+
+  def model(self) -> Transformer:
+    c, d, rngs = self.model_config, self.dims, self.rngs
+    embed = Embed(d.vocab, d.d_model, rngs=rngs, std=c.init_std)
+    # Learned absolute positions (GPT-2 style), e.g. for QKR, which cannot go with RoPE.
+    positions = Embed(c.max_positions, d.d_model, rngs=rngs, std=c.init_std,
+                      axes=(None, "embed")) if c.position == "learned" else None
+    stack = self.stack()
+    final_norm = RMSNorm(d.d_model, eps=c.norm_eps)
+    head = None if c.tie_embeddings else Linear(
+        d.d_model, d.vocab, rngs=rngs, role="readout", axes=("embed", "vocab"),
+        std=c.init_std, zero_init=c.zero_init_readout, tag=Tag("readout"))
+    # muP readout: logits = alpha_out * (W h) / m, W width-independent (or zero) at lr x 1;
+    # the tied form applies the same multiplier to h E^T.
+    output_mult = c.output_mult / (width_mult(c) if c.param == "mup" else 1.0)
+    return Transformer(dims=d, embed=embed, positions=positions, stack=stack,
+                       final_norm=final_norm, head=head, output_mult=output_mult,
+                       compute_dtype=c.compute_dtype, doc_mask=c.attention.doc_mask,
+                       max_positions=c.max_positions)
