@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from effjax import checks  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax.parallel import (batch_sharding, make_mesh, replicated,  # pylint: disable=g-import-not-at-top
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
 
   devices = jax.devices() if cpu else _tpu_devices(args.topology, args.chip, args.num_slices)
   try:
-    config, _ = config_lib.load(["--config=" + args.config, *overrides],
-                                num_devices=len(devices))
+    config, _ = checks.load(["--config=" + args.config, *overrides], num_devices=len(devices),
+                            platform=devices[0].platform)
     dcn = math.prod(getattr(config.mesh.dcn, a) for a in sharding.MESH_AXES)
     if args.num_slices > 1 and dcn != args.num_slices:
       raise config_lib.ConfigError(

@@ -124,12 +124,13 @@ def test_cli_bad_data_names_the_file(tmp_path):
 _SHARDED = r"""
 import json, sys
 import jax
-from effjax import config as C
+from effjax import checks
 from effjax.train import trainer
-cfg, _ = C.load(["--config=configs/tiny.py", "--config.train.steps=6", "--config.train.log_every=1",
-                 "--config.train.eval_every=6", "--config.model.d_model=64",
-                 "--config.model.n_heads=4", "--config.model.n_kv_heads=2"] + sys.argv[2:],
-                num_devices=jax.device_count())
+cfg, _ = checks.load(["--config=configs/tiny.py", "--config.train.steps=6",
+                      "--config.train.log_every=1", "--config.train.eval_every=6",
+                      "--config.model.d_model=64", "--config.model.n_heads=4",
+                      "--config.model.n_kv_heads=2"] + sys.argv[2:],
+                     num_devices=jax.device_count())
 r = trainer.train(cfg, sys.argv[1], quiet=True)
 print(json.dumps({"devices": jax.device_count(), "exit": r.exit_code}))
 """

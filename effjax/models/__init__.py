@@ -14,9 +14,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from effjax.config import Config, resolve_mesh_shape
+from effjax.config import Config
 from effjax.models.layers import Buffer
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
+from effjax.parallel import sharding
 
 __all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "build",
            "count_params", "ffn_params", "resolve_dims"]
@@ -82,8 +83,8 @@ def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
   dims = resolve_dims(config.model, tokenizer_vocab)
   seed = config.seed if seed is None else seed
   if batch_groups is None:
-    from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
-    batch_groups = sharding.batch_shards(resolve_mesh_shape(config.mesh, jax.device_count()),
-                                         sharding.rules_for(config.mesh))
+    batch_groups = sharding.batch_shards(
+        sharding.resolve_mesh_shape(config.mesh, jax.device_count()),
+        sharding.rules_for(config.mesh))
   return FunctionalModel(Transformer(config.model, dims, batch_groups=batch_groups,
                                      rngs=nnx.Rngs(params=seed), quant=config.quant))

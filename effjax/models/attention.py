@@ -16,6 +16,9 @@ from flax import nnx
 from effjax.config import AttentionConfig
 from effjax.models.layers import Linear, RMSNorm
 
+# The platform each named Pallas implementation runs on (model.attention.impl).
+KERNEL_PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
+
 
 def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2)."""

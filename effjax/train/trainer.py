@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
@@ -176,7 +177,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   `stop_at` behaves like a preemption at that step (checkpoint, EXIT_INTERRUPTED):
   used to test exact resume, and to run a long config in chunks.
   """
-  config = config_lib.validate(config, jax.device_count())
+  config = checks.validate(config, jax.device_count())  # the CLI checked each section only
   t = config.train
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
