@@ -18,6 +18,7 @@ from effjax.config import Config
 from effjax.models.layers import Buffer
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
 from effjax.parallel import sharding
+from effjax.resolve import resolve
 
 __all__ = ["Buffer", "Dims", "FunctionalModel", "ParamSpec", "Transformer", "build",
            "count_params", "ffn_params", "resolve_dims"]
@@ -79,7 +80,9 @@ class FunctionalModel:
 def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
           batch_groups: int | None = None) -> FunctionalModel:
   """batch_groups: batch shards (for per-shard balance losses); default from mesh.* and the
-  'batch' rule of mesh.rules, as the trainer computes it."""
+  'batch' rule of mesh.rules, as the trainer computes it. An `auto` the caller has not
+  resolved for its target devices (effjax.resolve) is resolved for the local ones."""
+  config = resolve(config, jax.devices())
   dims = resolve_dims(config.model, tokenizer_vocab)
   seed = config.seed if seed is None else seed
   if batch_groups is None:
