@@ -10,7 +10,7 @@ import pytest
 from effjax import config as C
 from effjax import models
 from effjax.resolve import changes, resolve
-from tests.conftest import TINY
+from tests.conftest import TINY, run_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,3 +91,12 @@ def test_tpu_program_is_built_on_a_cpu_host():
   host = export(cfg)  # models.build resolves for the local (CPU) devices
   assert "bf16" not in host and "tpu_custom_call" not in host and "ragged_dot" not in host
 
+
+def test_compile_check_resolves_for_its_topology():
+  """compile_check resolves for the topology's devices and says what auto became (here
+  cpu:2; a TPU topology needs libtpu, and resolves as in the tests above)."""
+  proc = run_module(["-m", "effjax.compile_check", "--config=" + TINY, "--topology=cpu:2",
+                     *MOE], env_extra={"JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert ("resolved for cpu: model.compute_dtype=float32, model.attention.impl=xla, "
+          "model.moe.renormalize=true, model.moe.dispatch=blocks") in proc.stderr

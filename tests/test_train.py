@@ -52,6 +52,10 @@ def test_loss_falls_and_workdir_contract(tmp_path, tiny_data):
   for name in ("config.json", "run_info.json", "loss.png", "sample.txt"):
     assert os.path.exists(os.path.join(tmp_path, name)), name
   assert C.from_dict(json.load(open(os.path.join(tmp_path, "config.json")))) == cfg
+  assert cfg.model.compute_dtype == "auto"  # config.json keeps auto; run_info says what it became
+  resolved = json.load(open(os.path.join(tmp_path, "run_info.json")))["resolved"]
+  assert resolved == {"model.attention.impl": "xla", "model.compute_dtype": "float32",
+                      "model.head_dim": 8, "model.mlp_dim": 128, "model.vocab_size": 384}
   assert os.listdir(os.path.join(tmp_path, "checkpoints"))
 
 
