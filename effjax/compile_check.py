@@ -12,6 +12,9 @@ always available): the same sharding plan, with XLA's CPU memory figures.
 Multi-slice: --num_slices=N joins N copies of the TPU topology over DCN; set mesh.dcn.* to
 match (e.g. --config.mesh.dcn.data=N). Only shapes are built (no weights are computed) and
 the step is lowered with the mesh and shardings the trainer would use; nothing is executed.
+Each `auto` is resolved for the topology's devices (effjax/resolve.py), not this host's:
+for a TPU topology the step computes in bfloat16 with the TPU attention kernels and
+ragged_dot MoE dispatch, as on the pod; the choices are printed.
 """
 
 from __future__ import annotations
@@ -86,8 +89,10 @@ def main(argv=None) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from effjax import checks  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from effjax import resolve as resolve_lib  # pylint: disable=g-import-not-at-top
   from effjax.parallel import (batch_sharding, make_mesh, replicated,  # pylint: disable=g-import-not-at-top
                                sharding, state_init)
   from effjax.train.extensions import build_extensions, merged_phase  # pylint: disable=g-import-not-at-top
@@ -95,8 +100,8 @@ def main(argv=None) -> int:
 
   devices = jax.devices() if cpu else _tpu_devices(args.topology, args.chip, args.num_slices)
   try:
-    config, _ = config_lib.load(["--config=" + args.config, *overrides],
-                                num_devices=len(devices))
+    config, _ = checks.load(["--config=" + args.config, *overrides], num_devices=len(devices),
+                            platform=devices[0].platform)
     dcn = math.prod(getattr(config.mesh.dcn, a) for a in sharding.MESH_AXES)
     if args.num_slices > 1 and dcn != args.num_slices:
       raise config_lib.ConfigError(
@@ -107,6 +112,12 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as e:
     print(f"compile_check: config error: {e}", file=sys.stderr)
     return 2
+  resolved = resolve_lib.resolve(config, devices)  # for the topology, not this host
+  fixed = resolve_lib.changes(config, resolved)
+  print(f"compile_check: resolved for {devices[0].platform}: "
+        + (", ".join(f"{k}={v}" for k, v in fixed.items()) or "nothing to resolve"),
+        file=sys.stderr, flush=True)
+  config = resolved
   t = config.train
   vocab = data_lib.load_tokenizer(config.data.tokenizer,
                                   eos_token=config.data.eos_token or None).vocab_size

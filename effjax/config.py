@@ -2,12 +2,17 @@
 
 A config file is a Python file with `get_config()` returning a (possibly partial)
 `ml_collections.ConfigDict` or nested dict; it is applied on top of the defaults
-below, then `--config.section.key=value` overrides are applied, and the result is
-validated. Every error is a `ConfigError` that names the key (and the valid
-choices, or the closest valid key for a typo).
+below, then `--config.section.key=value` overrides are applied, and each section
+checks itself (its `check` method). Every error is a `ConfigError` that names the
+key (and the valid choices, or the closest valid key for a typo).
 
-Sections are frozen dataclasses, so a resolved `Config` is hashable and can be
-closed over by jitted functions.
+This module is a leaf: it imports nothing from effjax. Checks that need the package
+(MoE layer specs, mesh rules and device counts, parameter roles, kernels on the target
+platform) are in effjax/checks.py; effjax/resolve.py fixes each `auto` for the target
+devices.
+
+Sections are frozen dataclasses, so a `Config` is hashable and can be closed over by
+jitted functions.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ class AttentionConfig:
                       "attention score function (TECHNIQUES.md 3.2)")
   impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
                               "interpret", "interpret_mgpu", "interpret_tpu"),
-                     "attention kernel implementation (pallas_kernels/attention/api.py)")
+                     "attention kernel implementation (pallas_kernels/attention/api.py); "
+                     "auto: see effjax/resolve.py")
   qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
   log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
   eval_score: str = _field("", ("", "softmax", "lssa", "lssar"),
@@ -53,6 +59,13 @@ class AttentionConfig:
   lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
   lssar_offset_rows: int = _field(3, doc="rows i <= this use offset O_i = 0")
   doc_mask: bool = _field(True, doc="restrict attention to the token's own packed document")
+
+  def check(self, config: Config) -> None:
+    del config
+    if self.log_n_scale and (self.score != "softmax" or self.impl not in ("auto", "xla")):
+      raise ConfigError(f"model.attention.log_n_scale=true is the softmax + log-n baseline: it "
+                        f"needs model.attention.score=softmax (got {self.score}) and impl auto or "
+                        f"xla (got {self.impl}); the Pallas kernels do not scale logits by log n.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +103,23 @@ class MoEConfig:
                          "(auto: ragged_dot on TPU/GPU, blocks on CPU)")
   block_size: int = _field(64, doc="token block size of the 'blocks' grouped matmul")
 
+  def check(self, config: Config) -> None:
+    """The numeric rules; the mini-languages (balance, layers, topk_schedule) are parsed by
+    effjax/models/moe.py and checked in effjax/checks.py."""
+    del config
+    if not self.num_experts:
+      return
+    if self.num_experts < 0 or not 1 <= self.top_k <= self.num_experts:
+      raise ConfigError(f"model.moe.top_k ({self.top_k}) must be between 1 and "
+                        f"model.moe.num_experts ({self.num_experts}).")
+    for key, value in {"model.moe.num_shared": self.num_shared,
+                       "model.moe.expert_dim": self.expert_dim,
+                       "model.moe.block_size": self.block_size - 1}.items():
+      if value < 0:
+        raise ConfigError(f"{key} must be >= 0 (block_size >= 1); got {value}.")
+    if not 0 <= self.bias_freeze <= 1:
+      raise ConfigError(f"model.moe.bias_freeze must be in [0, 1]; got {self.bias_freeze}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -108,7 +138,8 @@ class ModelConfig:
   norm_eps: float = 1e-6
   init_std: float = _field(0.02, doc="std of embedding and hidden-matrix init")
   compute_dtype: str = _field("auto", ("auto", "float32", "bfloat16"),
-                              "auto: bfloat16 on TPU/GPU, float32 on CPU")
+                              "auto: bfloat16 on TPU/GPU, float32 on CPU (the target "
+                              "devices, effjax/resolve.py)")
   remat: bool = _field(False, doc="rematerialise each block in the backward pass")
   param: str = _field("sp", ("sp", "mup"), "standard parameterisation or muP (TECHNIQUES.md 6.1)")
   base_width: int = _field(0, doc="muP proxy width d0 (0: d_model, i.e. width multiplier 1)")
@@ -118,6 +149,33 @@ class ModelConfig:
   zero_init_readout: bool = _field(False, doc="initialise the untied LM head at zero")
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+  def check(self, config: Config) -> None:
+    positive = {"model.d_model": self.d_model, "model.n_layers": self.n_layers,
+                "model.n_heads": self.n_heads}
+    _check_sign(positive, {"model.vocab_size": self.vocab_size,
+                           "model.n_kv_heads": self.n_kv_heads,
+                           "model.head_dim": self.head_dim, "model.mlp_dim": self.mlp_dim})
+    if self.head_dim == 0 and self.d_model % self.n_heads:
+      raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
+                        f"({self.n_heads}), or set model.head_dim explicitly.")
+    n_kv = self.n_kv_heads or self.n_heads
+    if self.n_heads % n_kv:
+      raise ConfigError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
+                        f"({n_kv}).")
+    head_dim = self.head_dim or self.d_model // self.n_heads
+    if head_dim % 2 and self.position == "rope":
+      raise ConfigError(f"head dimension ({head_dim}, from model.d_model / model.n_heads or "
+                        f"model.head_dim) must be even for RoPE.")
+    seq_len = config.train.seq_len
+    if self.position == "rope" and self.max_positions:
+      raise ConfigError(f"model.max_positions={self.max_positions} sizes the learned position "
+                        f"table: it needs model.position=learned (this is rope).")
+    if self.position == "learned" and self.max_positions and self.max_positions < seq_len:
+      raise ConfigError(f"model.max_positions ({self.max_positions}) is smaller than "
+                        f"train.seq_len ({seq_len}); set it >= seq_len or 0 (= seq_len).")
+    self.attention.check(config)
+    self.moe.check(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +201,32 @@ class TrainConfig:
   profile_steps: tuple = _field((), doc="e.g. 20,25: capture a jax.profiler trace of steps [20, 25)")
   plot: bool = True
   log_spectral: bool = _field(True, doc="log the top singular value per matrix type at each eval")
+
+  def check(self, config: Config) -> None:
+    del config
+    _check_sign({"train.steps": self.steps, "train.batch_size": self.batch_size,
+                 "train.seq_len": self.seq_len, "train.grad_accum": self.grad_accum,
+                 "train.eval_every": self.eval_every, "train.log_every": self.log_every,
+                 "train.checkpoint_every": self.checkpoint_every,
+                 "train.keep_checkpoints": self.keep_checkpoints},
+                {"train.warmup_steps": self.warmup_steps, "train.eval_batches": self.eval_batches,
+                 "train.sample_tokens": self.sample_tokens})
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
+                        f"train.grad_accum ({self.grad_accum}).")
+    if self.lr <= 0:
+      raise ConfigError(f"train.lr must be positive; got {self.lr}.")
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ConfigError(f"train.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}.")
+    if not 0 < self.decay_fraction <= 1:
+      raise ConfigError(f"train.decay_fraction must be in (0, 1]; got {self.decay_fraction}.")
+    if self.warmup_steps > self.steps:
+      raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.steps "
+                        f"({self.steps}).")
+    p = self.profile_steps
+    if p and (len(p) != 2 or not all(isinstance(s, int) for s in p) or p[0] >= p[1]):
+      raise ConfigError(f"train.profile_steps must be 'START,STOP' with START < STOP; got "
+                        f"{p!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +256,13 @@ class DataConfig:
   token_dtype: str = _field("uint16", ("uint16", "uint32"), "dtype of pre-tokenised shards")
   cache_dir: str = _field("", doc="'' = ~/.cache/effjax/corpora")
 
+  def check(self, config: Config) -> None:
+    del config
+    if self.corpus in ("text", "tokens") and not self.paths:
+      raise ConfigError(f"data.corpus={self.corpus} needs data.paths (files or globs).")
+    if not 0 <= self.val_percent < 100:
+      raise ConfigError(f"data.val_percent must be in [0, 100); got {self.val_percent}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
@@ -194,6 +285,49 @@ class QuantConfig:
                                     "boundary keep training, the others are frozen")
   qkr: bool = _field(False, doc="OFQ query-key reparameterisation: quantize the per-head "
                                 "W_q W_k^T instead of W_q and W_k (needs model.position=learned)")
+
+  def check(self, config: Config) -> None:
+    if self.method == "none" and not self.qkr:
+      return
+    valid_layers = ("qkv", "attn_out", "mlp")
+    bad = [x for x in self.layers if x not in valid_layers]
+    if bad or not self.layers:
+      raise ConfigError(f"quant.layers has {bad or 'nothing'}; valid: {', '.join(valid_layers)}.")
+    low = 2 if self.method == "lsq" else 1
+    if not low <= self.weight_bits <= 8:
+      raise ConfigError(f"quant.weight_bits must be in [{low}, 8] for quant.method="
+                        f"{self.method}; got {self.weight_bits}.")
+    act_low = 1 if self.method == "quest" else 2  # LSQ inputs need Q_p = 2^(b-1) - 1 >= 1
+    if self.act_bits and not act_low <= self.act_bits <= 8:
+      raise ConfigError(f"quant.act_bits must be 0 or in [{act_low}, 8] for quant.method="
+                        f"{self.method}; got {self.act_bits}.")
+    if self.method != "quest" and self.hadamard not in ("auto", "none"):
+      raise ConfigError(f"quant.hadamard={self.hadamard} applies to quant.method=quest only; "
+                        f"set --config.quant.hadamard=none for {self.method}.")
+    if self.trust <= 0:
+      raise ConfigError(f"quant.trust must be > 0 (a factor on half a grid step); got "
+                        f"{self.trust}.")
+    if self.cga_start and (self.method != "statsq" or not 0 < self.cga_start < 1
+                           or self.cga_br <= 0):
+      raise ConfigError(f"quant.cga_start={self.cga_start} needs quant.method=statsq, a fraction "
+                        f"in (0, 1) and quant.cga_br > 0 (got method={self.method}, cga_br="
+                        f"{self.cga_br}).")
+    if self.qkr:
+      a = config.model.attention
+      problems = [msg for bad, msg in (
+          (self.method == "none", "quant.method is none (nothing to quantize)"),
+          ("qkv" not in self.layers, "quant.layers lacks qkv"),
+          (config.model.position != "learned",
+           f"model.position={config.model.position} (RoPE sits between q and k; use learned)"),
+          (a.qk_norm, "model.attention.qk_norm is on (the norm sits between q and k)"),
+          (a.score != "softmax", f"model.attention.score={a.score} (QKR is softmax-only)"),
+          (a.impl not in ("auto", "xla"), f"model.attention.impl={a.impl} (QKR runs the XLA "
+                                          "reference: use auto or xla)")) if bad]
+      if problems:
+        raise ConfigError("quant.qkr=true cannot run here: " + "; ".join(problems) + ".")
+    if config.model.moe.num_experts and "mlp" in self.layers:
+      raise ConfigError("quant.layers includes mlp but model.moe.num_experts > 0: MoE expert "
+                        "weights are not quantized yet; drop mlp from quant.layers.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,193 +559,39 @@ def parse_override_args(argv: list[str]) -> tuple[Optional[str], dict[str, str],
 # ----------------------------------------------------------------------------- validation
 
 
-def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Mesh axis sizes with a single -1 filled in; the product must equal num_devices."""
-  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
-  free = [k for k, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise ConfigError(f"Only one mesh axis may be -1; got {', '.join('mesh.' + k for k in free)}.")
-  for k, v in sizes.items():
-    if v == 0 or v < -1:
-      raise ConfigError(f"mesh.{k} must be a positive size or -1; got {v}.")
-  fixed = 1
-  for k, v in sizes.items():
-    if v != -1:
-      fixed *= v
-  if free:
-    if num_devices % fixed:
-      raise ConfigError(
-          f"mesh.fsdp x mesh.tensor x mesh.expert x mesh.data (fixed part = {fixed}) does not "
-          f"divide the device count {num_devices}.")
-    sizes[free[0]] = num_devices // fixed
-  product = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["expert"]
-  if product != num_devices:
-    raise ConfigError(
-        f"mesh.data x mesh.fsdp x mesh.tensor x mesh.expert = {sizes['data']} x {sizes['fsdp']} x "
-        f"{sizes['tensor']} x {sizes['expert']} = {product}, but there are {num_devices} devices.")
-  return sizes
-
-
-def _validate_quant(config: Config) -> None:
-  q = config.quant
-  valid_layers = ("qkv", "attn_out", "mlp")
-  bad = [x for x in q.layers if x not in valid_layers]
-  if bad or not q.layers:
-    raise ConfigError(f"quant.layers has {bad or 'nothing'}; valid: {', '.join(valid_layers)}.")
-  low = 2 if q.method == "lsq" else 1
-  if not low <= q.weight_bits <= 8:
-    raise ConfigError(f"quant.weight_bits must be in [{low}, 8] for quant.method={q.method}; "
-                      f"got {q.weight_bits}.")
-  act_low = 1 if q.method == "quest" else 2  # LSQ inputs need Q_p = 2^(b-1) - 1 >= 1
-  if q.act_bits and not act_low <= q.act_bits <= 8:
-    raise ConfigError(f"quant.act_bits must be 0 or in [{act_low}, 8] for quant.method="
-                      f"{q.method}; got {q.act_bits}.")
-  if q.method != "quest" and q.hadamard not in ("auto", "none"):
-    raise ConfigError(f"quant.hadamard={q.hadamard} applies to quant.method=quest only; set "
-                      f"--config.quant.hadamard=none for {q.method}.")
-  if q.trust <= 0:
-    raise ConfigError(f"quant.trust must be > 0 (a factor on half a grid step); got {q.trust}.")
-  if q.cga_start and (q.method != "statsq" or not 0 < q.cga_start < 1 or q.cga_br <= 0):
-    raise ConfigError(f"quant.cga_start={q.cga_start} needs quant.method=statsq, a fraction in "
-                      f"(0, 1) and quant.cga_br > 0 (got method={q.method}, cga_br={q.cga_br}).")
-  if q.qkr:
-    a = config.model.attention
-    problems = [msg for bad, msg in (
-        (q.method == "none", "quant.method is none (nothing to quantize)"),
-        ("qkv" not in q.layers, "quant.layers lacks qkv"),
-        (config.model.position != "learned",
-         f"model.position={config.model.position} (RoPE sits between q and k; use learned)"),
-        (a.qk_norm, "model.attention.qk_norm is on (the norm sits between q and k)"),
-        (a.score != "softmax", f"model.attention.score={a.score} (QKR is softmax-only)"),
-        (a.impl not in ("auto", "xla"), f"model.attention.impl={a.impl} (QKR runs the XLA "
-                                        "reference: use auto or xla)")) if bad]
-    if problems:
-      raise ConfigError("quant.qkr=true cannot run here: " + "; ".join(problems) + ".")
-  if config.model.moe.num_experts and "mlp" in q.layers:
-    raise ConfigError("quant.layers includes mlp but model.moe.num_experts > 0: MoE expert "
-                      "weights are not quantized yet; drop mlp from quant.layers.")
-
-
-def validate(config: Config, num_devices: Optional[int] = None) -> Config:
-  """Cross-key checks. Raises ConfigError naming the keys involved."""
-  m, t = config.model, config.train
-  positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-              "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
-              "train.grad_accum": t.grad_accum, "train.eval_every": t.eval_every,
-              "train.log_every": t.log_every, "train.checkpoint_every": t.checkpoint_every,
-              "train.keep_checkpoints": t.keep_checkpoints}
+def _check_sign(positive: dict, nonneg: dict) -> None:
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f"{key} must be positive; got {value}.")
-  nonneg = {"model.vocab_size": m.vocab_size, "model.n_kv_heads": m.n_kv_heads,
-            "model.head_dim": m.head_dim, "model.mlp_dim": m.mlp_dim,
-            "train.warmup_steps": t.warmup_steps, "train.eval_batches": t.eval_batches,
-            "train.sample_tokens": t.sample_tokens}
   for key, value in nonneg.items():
     if value < 0:
       raise ConfigError(f"{key} must be >= 0; got {value}.")
-  if m.head_dim == 0 and m.d_model % m.n_heads:
-    raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads "
-                      f"({m.n_heads}), or set model.head_dim explicitly.")
-  n_kv = m.n_kv_heads or m.n_heads
-  if m.n_heads % n_kv:
-    raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({n_kv}).")
-  head_dim = m.head_dim or m.d_model // m.n_heads
-  if head_dim % 2 and m.position == "rope":
-    raise ConfigError(f"head dimension ({head_dim}, from model.d_model / model.n_heads or "
-                      f"model.head_dim) must be even for RoPE.")
-  if t.batch_size % t.grad_accum:
-    raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
-                      f"({t.grad_accum}).")
-  if t.lr <= 0:
-    raise ConfigError(f"train.lr must be positive; got {t.lr}.")
-  if not 0 <= t.min_lr_ratio <= 1:
-    raise ConfigError(f"train.min_lr_ratio must be in [0, 1]; got {t.min_lr_ratio}.")
-  if not 0 < t.decay_fraction <= 1:
-    raise ConfigError(f"train.decay_fraction must be in (0, 1]; got {t.decay_fraction}.")
-  if t.warmup_steps > t.steps:
-    raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps}).")
-  if t.profile_steps and (len(t.profile_steps) != 2 or not all(isinstance(s, int) for s in t.profile_steps)
-                          or t.profile_steps[0] >= t.profile_steps[1]):
-    raise ConfigError(f"train.profile_steps must be 'START,STOP' with START < STOP; got "
-                      f"{t.profile_steps!r}.")
-  if config.data.corpus in ("text", "tokens") and not config.data.paths:
-    raise ConfigError(f"data.corpus={config.data.corpus} needs data.paths (files or globs).")
-  if not 0 <= config.data.val_percent < 100:
-    raise ConfigError(f"data.val_percent must be in [0, 100); got {config.data.val_percent}.")
-  unknown_roles = set(config.optim.no_decay_roles) - set(ROLES)
-  if unknown_roles:
-    raise ConfigError(f"optim.no_decay_roles has unknown roles {sorted(unknown_roles)}; valid "
-                      f"roles: {', '.join(ROLES)}.")
-  if m.moe.num_experts:
-    _validate_moe(config)
-  if m.position == "rope" and m.max_positions:
-    raise ConfigError(f"model.max_positions={m.max_positions} sizes the learned position table: "
-                      f"it needs model.position=learned (this is rope).")
-  if m.position == "learned" and m.max_positions and m.max_positions < t.seq_len:
-    raise ConfigError(f"model.max_positions ({m.max_positions}) is smaller than train.seq_len "
-                      f"({t.seq_len}); set it >= seq_len or 0 (= seq_len).")
-  if config.quant.method != "none" or config.quant.qkr:
-    _validate_quant(config)
-  from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
-  rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part
-  a = m.attention
-  if a.log_n_scale and (a.score != "softmax" or a.impl not in ("auto", "xla")):
-    raise ConfigError(f"model.attention.log_n_scale=true is the softmax + log-n baseline: it needs "
-                      f"model.attention.score=softmax (got {a.score}) and impl auto or xla (got "
-                      f"{a.impl}); the Pallas kernels do not scale logits by log n.")
-  if a.impl in ("pallas_gpu", "pallas_mgpu", "pallas_tpu"):
-    import jax  # pylint: disable=g-import-not-at-top
-    needs = "tpu" if a.impl == "pallas_tpu" else "gpu"
-    if jax.default_backend() != needs:
-      raise ConfigError(f"model.attention.impl={a.impl} needs a {needs.upper()} backend; this is "
-                        f"{jax.default_backend()!r}. Valid here: auto, xla, interpret, "
-                        f"interpret_mgpu, interpret_tpu.")
-  if num_devices is not None:
-    sizes = resolve_mesh_shape(config.mesh, num_devices)
-    sharding.dcn_sizes(config.mesh, sizes)
-    batch_shards = sharding.batch_shards(sizes, rules)
-    micro = t.batch_size // t.grad_accum
-    if micro % batch_shards:
-      raise ConfigError(
-          f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
-          f"the batch shards (mesh axes of the 'batch' rule: {rules['batch']}) = {batch_shards}.")
-  if m.position == "learned" and not m.max_positions:  # resolve 0 = train.seq_len
-    config = dataclasses.replace(config, model=dataclasses.replace(m, max_positions=t.seq_len))
+
+
+def validate(config: Config) -> Config:
+  """Runs each section's `check` (ConfigError names the keys involved) and fills
+  model.max_positions = 0 with train.seq_len for learned positions.
+
+  Checks that need the package (MoE layer specs, mesh rules and device counts, parameter
+  roles, attention kernels on the target platform) are in effjax/checks.py, which runs
+  these first.
+  """
+  for f in dataclasses.fields(config):
+    section = getattr(config, f.name)
+    if hasattr(section, "check"):
+      section.check(config)
+  m = config.model
+  if m.position == "learned" and not m.max_positions:
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        m, max_positions=config.train.seq_len))
   return config
 
 
-def _validate_moe(config: Config) -> None:
-  from effjax.models import moe as moe_lib  # pylint: disable=g-import-not-at-top
-  e = config.model.moe
-  if e.num_experts < 0 or not 1 <= e.top_k <= e.num_experts:
-    raise ConfigError(f"model.moe.top_k ({e.top_k}) must be between 1 and model.moe.num_experts "
-                      f"({e.num_experts}).")
-  for key, value in {"model.moe.num_shared": e.num_shared, "model.moe.expert_dim": e.expert_dim,
-                     "model.moe.block_size": e.block_size - 1}.items():
-    if value < 0:
-      raise ConfigError(f"{key} must be >= 0 (block_size >= 1); got {value}.")
-  try:
-    moe_lib.balance_methods(e)
-    moe_lib.topk_schedule(e, config.model.n_layers, config.train.steps)
-  except ValueError as err:
-    raise ConfigError(str(err)) from None
-  if e.topk_schedule and int(e.topk_schedule.split(":")[1]) > e.num_experts:
-    raise ConfigError(f"model.moe.topk_schedule asks for k above model.moe.num_experts "
-                      f"({e.num_experts}).")
-  if not 0 <= e.bias_freeze <= 1:
-    raise ConfigError(f"model.moe.bias_freeze must be in [0, 1]; got {e.bias_freeze}.")
-
-
-# Parameter roles (the one role map; see effjax/models/layers.py and effjax/optim).
-ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "atom", "coeff")
-
-
-def load(argv: list[str], default_path: Optional[str] = None,
-         num_devices: Optional[int] = None) -> tuple[Config, list[str]]:
-  """Config from command-line args: --config=FILE and --config.key=value overrides."""
+def load(argv: list[str], default_path: Optional[str] = None) -> tuple[Config, list[str]]:
+  """Config from command-line args: --config=FILE and --config.key=value overrides, checked
+  section by section (effjax.checks.load adds the package's and the devices' checks)."""
   path, overrides, rest = parse_override_args(argv)
   path = path or default_path
   config = load_config_file(path) if path else Config()
   config = apply_overrides(config, overrides)
-  return validate(config, num_devices), rest
+  return validate(config), rest

@@ -28,6 +28,7 @@ import sys
 import jax
 import numpy as np
 
+from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
@@ -85,7 +86,7 @@ def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_
           "train": {"lr": lr, "warmup_steps": 0, "schedule": "constant", "steps": steps,
                     "grad_accum": 1},
           "optim": {"weight_decay": 0.0, "grad_clip": 0.0}})
-      per_width.append(activation_trace(config_lib.validate(cfg), batches, tokenizer.vocab_size))
+      per_width.append(activation_trace(checks.validate(cfg), batches, tokenizer.vocab_size))
       if verbose:
         print(f"[coord_check] {param} width {w}: logits "
               f"{per_width[-1]['logits'][-1]:.3g}, attn_logits "
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True)
   args, rest = parser.parse_known_args(argv)
   try:
-    base, unknown = config_lib.load(rest, default_path=None)
+    base, unknown = checks.load(rest)
     if unknown:
       raise config_lib.ConfigError(f"unknown arguments {unknown}")
     widths = [int(w) for w in args.widths.split(",")]

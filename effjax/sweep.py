@@ -23,6 +23,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from effjax import checks
 from effjax import config as config_lib
 
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     base = config_lib.load_config_file(config_path) if config_path else config_lib.Config()
     base = config_lib.apply_overrides(base, overrides)
     for assignment in runs:
-      config_lib.validate(config_lib.apply_overrides(base, assignment))
+      checks.validate(config_lib.apply_overrides(base, assignment))
   except config_lib.ConfigError as e:
     print(f"sweep: config error: {e}", file=sys.stderr)
     return 2

@@ -1,12 +1,16 @@
-"""Config loading, overrides and validation errors (issue 2, Config)."""
+"""Config loading, overrides and validation errors (issue 2, Config); config.py as a leaf
+with the package's checks in effjax/checks.py (issue 12)."""
 
+import ast
 import json
 import os
 
 import pytest
 
+from effjax import checks
 from effjax import config as C
-from tests.conftest import TINY, run_module
+from effjax.parallel import sharding
+from tests.conftest import REPO, TINY, run_module
 
 
 def test_overrides_set_typed_values():
@@ -55,18 +59,19 @@ def test_bad_choice_lists_valid_choices():
 ])
 def test_inconsistent_combinations_name_keys(overrides, keys):
   with pytest.raises(C.ConfigError) as e:
-    C.load(overrides)
+    checks.load(overrides)  # section checks (config.py) and the package's (MoE specs)
   for k in keys:
     assert k in str(e.value)
 
 
 def test_mesh_product_must_match_devices():
-  cfg, _ = C.load(["--config.mesh.fsdp=2", "--config.mesh.data=-1"], num_devices=8)
-  assert C.resolve_mesh_shape(cfg.mesh, 8) == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
+  cfg, _ = checks.load(["--config.mesh.fsdp=2", "--config.mesh.data=-1"], num_devices=8)
+  assert sharding.resolve_mesh_shape(cfg.mesh, 8) == {"data": 4, "fsdp": 2, "tensor": 1,
+                                                      "expert": 1}
   with pytest.raises(C.ConfigError, match="mesh.data x mesh.fsdp"):
-    C.load(["--config.mesh.data=1", "--config.mesh.fsdp=4"], num_devices=8)
+    checks.load(["--config.mesh.data=1", "--config.mesh.fsdp=4"], num_devices=8)
   with pytest.raises(C.ConfigError, match="mesh"):
-    C.load(["--config.mesh.fsdp=3"], num_devices=8)
+    checks.load(["--config.mesh.fsdp=3"], num_devices=8)
 
 
 def test_config_file_errors(tmp_path):
@@ -108,6 +113,55 @@ def test_attention_impl_and_log_n_combinations_are_checked():
             "--config.model.attention.impl=interpret"])
   for impl in ("pallas_gpu", "pallas_mgpu", "pallas_tpu"):
     with pytest.raises(C.ConfigError, match=f"impl={impl} needs a"):
-      C.load(["--config=" + TINY, f"--config.model.attention.impl={impl}"])
-  cfg, _ = C.load(["--config=" + TINY, "--config.model.attention.impl=interpret_mgpu"])
+      checks.load(["--config=" + TINY, f"--config.model.attention.impl={impl}"])
+  cfg, _ = checks.load(["--config=" + TINY, "--config.model.attention.impl=interpret_mgpu"])
   assert cfg.model.attention.impl == "interpret_mgpu"
+
+
+def test_kernel_platform_is_the_target_devices():
+  """A named kernel is checked against the platform it will run on (compile_check passes
+  the topology's), not against this host's backend."""
+  cfg = C.apply_overrides(C.Config(), {"model.attention.impl": "pallas_tpu"})
+  assert checks.validate(cfg, platform="tpu").model.attention.impl == "pallas_tpu"
+  with pytest.raises(C.ConfigError, match="impl=pallas_tpu needs a TPU backend; this is 'gpu'"):
+    checks.validate(cfg, platform="gpu")
+  cfg = C.apply_overrides(C.Config(), {"model.attention.impl": "pallas_mgpu"})
+  assert checks.validate(cfg, platform="gpu").model.attention.impl == "pallas_mgpu"
+
+
+def _effjax_imports(path):
+  """Every module a file imports from effjax or pallas_kernels, function bodies included."""
+  found = []
+  for node in ast.walk(ast.parse(open(path).read())):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      names = [node.module or ""] if node.level == 0 else ["(relative)"]
+    found += [n for n in names if n.split(".")[0] in ("effjax", "pallas_kernels", "(relative)")]
+  return found
+
+
+def test_config_module_is_a_leaf():
+  assert _effjax_imports(os.path.join(REPO, "effjax", "config.py")) == []
+  assert _effjax_imports(os.path.join(REPO, "effjax", "checks.py"))  # the helper sees imports
+  assert not hasattr(C, "ROLES") and not hasattr(C, "resolve_mesh_shape")
+
+
+def test_each_section_checks_itself_and_the_package_checks_the_rest():
+  """Section rules run in config.validate (C.load); rules that need the package (roles,
+  MoE specs, mesh rules) run in checks.validate, with the same messages as before."""
+  with pytest.raises(C.ConfigError, match="model.moe.top_k"):
+    C.MoEConfig(num_experts=4, top_k=5).check(C.Config())
+  with pytest.raises(C.ConfigError, match="train.grad_accum"):
+    C.load(["--config.train.batch_size=10", "--config.train.grad_accum=4"])
+  with pytest.raises(C.ConfigError, match="quant.trust"):
+    C.load(["--config.quant.method=quest", "--config.quant.trust=0"])
+  bad_roles = ["--config.optim.no_decay_roles=vector,bias"]
+  C.load(bad_roles)  # roles belong to models/layers.py: not checked by the leaf
+  with pytest.raises(C.ConfigError, match=r"optim.no_decay_roles has unknown roles \['bias'\]"):
+    checks.load(bad_roles)
+  bad_rules = ["--config.mesh.rules=mlp=model"]
+  C.load(bad_rules)
+  with pytest.raises(C.ConfigError, match="mesh.rules"):
+    checks.load(bad_rules)

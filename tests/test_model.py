@@ -8,7 +8,7 @@ import pytest
 
 from effjax import config as C
 from effjax import models
-from effjax.config import ROLES
+from effjax.models.layers import ROLES
 from effjax.models.attention import xla_softmax_attention
 
 

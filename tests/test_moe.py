@@ -219,12 +219,14 @@ def test_topk_schedule_switches_inside_a_run(tmp_path, tiny_data):
 _EP = r"""
 import json, sys
 import jax
-from effjax import config as C
+from effjax import checks
 from effjax.train import trainer
-cfg, _ = C.load(["--config=configs/tiny.py", "--config.train.steps=5", "--config.train.log_every=1",
-                 "--config.train.eval_every=5", "--config.model.moe.num_experts=8",
-                 "--config.model.moe.top_k=2", "--config.model.moe.balance=alf+global_aux",
-                 "--config.model.moe.block_size=16"] + sys.argv[2:], num_devices=jax.device_count())
+cfg, _ = checks.load(["--config=configs/tiny.py", "--config.train.steps=5",
+                      "--config.train.log_every=1", "--config.train.eval_every=5",
+                      "--config.model.moe.num_experts=8", "--config.model.moe.top_k=2",
+                      "--config.model.moe.balance=alf+global_aux",
+                      "--config.model.moe.block_size=16"] + sys.argv[2:],
+                     num_devices=jax.device_count())
 print(json.dumps({"exit": trainer.train(cfg, sys.argv[1], quiet=True).exit_code}))
 """
 

@@ -181,7 +181,7 @@ def test_compile_check_without_libtpu_says_what_is_missing():
 
 
 def test_sharding_rules_come_from_config():
-  from effjax import config as C
+  from effjax import checks, config as C
   from effjax.parallel import sharding
   rules = sharding.rules_from_string("mlp=fsdp, embed=none, batch=data+fsdp+tensor")
   assert rules["mlp"] == "fsdp" and rules["embed"] is None
@@ -192,9 +192,9 @@ def test_sharding_rules_come_from_config():
   assert sharding.logical_to_spec(("embed", "mlp"), (8, 16), mesh) == P("fsdp", "tensor")
   assert sharding.logical_to_spec(("embed", "mlp"), (8, 16), mesh, rules) == P(None, "fsdp")
   with pytest.raises(C.ConfigError, match="mesh.rules.*LOGICAL one of"):
-    C.load(["--config=configs/tiny.py", "--config.mesh.rules=mpl=fsdp"])
+    checks.load(["--config=configs/tiny.py", "--config.mesh.rules=mpl=fsdp"])
   with pytest.raises(C.ConfigError, match="mesh.rules.*data, fsdp, tensor, expert"):
-    C.load(["--config=configs/tiny.py", "--config.mesh.rules=mlp=model"])
+    checks.load(["--config=configs/tiny.py", "--config.mesh.rules=mlp=model"])
   r = _run([sys.executable, "-m", "effjax.compile_check", "--config=configs/tiny.py",
             "--topology=cpu:8", "--config.mesh.data=1", "--config.mesh.fsdp=8",
             "--config.mesh.rules=mlp=fsdp,embed=none"], env=dict(os.environ, JAX_PLATFORMS="cpu"))

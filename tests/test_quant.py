@@ -426,7 +426,7 @@ def test_model_with_learned_positions_and_qkr_trains(tmp_path):
   assert losses[-1] < losses[0] - 0.5, losses
   last_eval = [r for r in rows if "quant/weight_rel_mse/qk" in r][-1]
   assert 0 < last_eval["quant/weight_rel_mse/qk"] < 0.1  # 4-bit error, relative
-  m = models.build(C.validate(cfg, 1), 257)
+  m = models.build(C.validate(cfg), 257)
   assert m.initial_params["positions"]["table"].shape == (cfg.train.seq_len, cfg.model.d_model)
   assert m.specs["positions"]["table"].role == "embedding"
 

@@ -14,13 +14,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from effjax import config as C, models
+    from effjax import checks, config as C, models
     from effjax.optim import make_optimizer
     from effjax.parallel import sharding, state_init
 
     assert jax.device_count() == 8
-    cfg, _ = C.load(["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=4",
-                     "--config.mesh.tensor=2"], num_devices=8)
+    cfg, _ = checks.load(["--config=configs/tiny.py", "--config.mesh.data=1",
+                          "--config.mesh.fsdp=4", "--config.mesh.tensor=2"], num_devices=8)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.rules_for(cfg.mesh)
     vocab = 257
 
@@ -71,9 +71,10 @@ SCRIPT = textwrap.dedent("""
 
     # 2b. Per-weight QAT buffers (oscillation EMAs, the CGA mask) are sharded like their
     #     kernel; scalar buffers stay replicated.
-    qcfg, _ = C.load(["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=4",
-                      "--config.mesh.tensor=2", "--config.quant.method=statsq",
-                      "--config.quant.act_bits=8", "--config.quant.cga_start=0.5"], num_devices=8)
+    qcfg, _ = checks.load(["--config=configs/tiny.py", "--config.mesh.data=1",
+                           "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                           "--config.quant.method=statsq", "--config.quant.act_bits=8",
+                           "--config.quant.cga_start=0.5"], num_devices=8)
     qplan = state_init.plan_state(qcfg, vocab, mesh, rules)
     up = qplan.shardings.buffers["blocks"]["layers"][0]["ffn"]["up"]["weight_quant"]
     kernel = qplan.shardings.params["blocks"]["layers"][0]["ffn"]["up"]["kernel"]
@@ -85,8 +86,9 @@ SCRIPT = textwrap.dedent("""
     for dcn, match in ((["--config.mesh.dcn.fsdp=3"], "mesh.dcn.fsdp (3) must be >= 1 and divide"),
                        (["--config.mesh.dcn.fsdp=2"], "asks for 2 slices")):
       try:
-        bad, _ = C.load(["--config=configs/tiny.py", "--config.mesh.data=1",
-                         "--config.mesh.fsdp=4", "--config.mesh.tensor=2", *dcn], num_devices=8)
+        bad, _ = checks.load(["--config=configs/tiny.py", "--config.mesh.data=1",
+                              "--config.mesh.fsdp=4", "--config.mesh.tensor=2", *dcn],
+                             num_devices=8)
         sharding.make_mesh(bad.mesh)
       except C.ConfigError as e:
         assert match in str(e), str(e)

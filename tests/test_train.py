@@ -52,6 +52,10 @@ def test_loss_falls_and_workdir_contract(tmp_path, tiny_data):
   for name in ("config.json", "run_info.json", "loss.png", "sample.txt"):
     assert os.path.exists(os.path.join(tmp_path, name)), name
   assert C.from_dict(json.load(open(os.path.join(tmp_path, "config.json")))) == cfg
+  assert cfg.model.compute_dtype == "auto"  # config.json keeps auto; run_info says what it became
+  resolved = json.load(open(os.path.join(tmp_path, "run_info.json")))["resolved"]
+  assert resolved == {"model.attention.impl": "xla", "model.compute_dtype": "float32",
+                      "model.head_dim": 8, "model.mlp_dim": 128, "model.vocab_size": 384}
   assert os.listdir(os.path.join(tmp_path, "checkpoints"))
 
 
@@ -124,12 +128,13 @@ def test_cli_bad_data_names_the_file(tmp_path):
 _SHARDED = r"""
 import json, sys
 import jax
-from effjax import config as C
+from effjax import checks
 from effjax.train import trainer
-cfg, _ = C.load(["--config=configs/tiny.py", "--config.train.steps=6", "--config.train.log_every=1",
-                 "--config.train.eval_every=6", "--config.model.d_model=64",
-                 "--config.model.n_heads=4", "--config.model.n_kv_heads=2"] + sys.argv[2:],
-                num_devices=jax.device_count())
+cfg, _ = checks.load(["--config=configs/tiny.py", "--config.train.steps=6",
+                      "--config.train.log_every=1", "--config.train.eval_every=6",
+                      "--config.model.d_model=64", "--config.model.n_heads=4",
+                      "--config.model.n_kv_heads=2"] + sys.argv[2:],
+                     num_devices=jax.device_count())
 r = trainer.train(cfg, sys.argv[1], quiet=True)
 print(json.dumps({"devices": jax.device_count(), "exit": r.exit_code}))
 """

@@ -18,6 +18,7 @@ import time
 
 import jax
 
+from effjax import checks
 from effjax import config as config_lib
 from effjax.train import trainer
 from effjax.train.metrics import read_metrics
@@ -53,8 +54,8 @@ def run_variants(base_config: config_lib.Config, variants: list[Variant], runs_d
   data = None
   records = []
   for i, v in enumerate(variants):
-    cfg = config_lib.validate(config_lib.apply_overrides(base_config, v.overrides),
-                              jax.device_count())
+    cfg = checks.validate(config_lib.apply_overrides(base_config, v.overrides),
+                          jax.device_count())
     workdir = os.path.join(runs_dir, v.name)
     if only is None or v.name in only:
       data = data or trainer.load_data(cfg)

@@ -14,13 +14,15 @@ from typing import Any
 import jax
 from flax import nnx
 
-from effjax.config import Config, resolve_mesh_shape
+from effjax.config import Config
 from effjax.models import mup
 from effjax.models.builder import Builder
 from effjax.models.index import ModelIndex
 from effjax.models.layers import Buffer, Tag
 from effjax.models.stack import Context
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
+from effjax.parallel import sharding
+from effjax.resolve import resolve
 
 __all__ = ["Buffer", "Context", "Dims", "FunctionalModel", "ModelIndex", "ParamSpec", "Tag",
            "Transformer", "build", "for_evaluation", "count_params", "ffn_params", "probes",
@@ -133,13 +135,15 @@ def for_evaluation(config: Config) -> Config:
 def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
           batch_groups: int | None = None) -> FunctionalModel:
   """batch_groups: batch shards (for per-shard balance losses); default from mesh.* and the
-  'batch' rule of mesh.rules, as the trainer computes it."""
+  'batch' rule of mesh.rules, as the trainer computes it. An `auto` the caller has not
+  resolved for its target devices (effjax.resolve) is resolved for the local ones."""
+  config = resolve(config, jax.devices())
   dims = resolve_dims(config.model, tokenizer_vocab)
   seed = config.seed if seed is None else seed
   if batch_groups is None:
-    from effjax.parallel import sharding  # pylint: disable=g-import-not-at-top (cycle)
-    batch_groups = sharding.batch_shards(resolve_mesh_shape(config.mesh, jax.device_count()),
-                                         sharding.rules_for(config.mesh))
+    batch_groups = sharding.batch_shards(
+        sharding.resolve_mesh_shape(config.mesh, jax.device_count()),
+        sharding.rules_for(config.mesh))
   module = Builder(config, dims, batch_groups=batch_groups, rngs=nnx.Rngs(params=seed)).model()
   if config.model.param == "mup" and config.model.base_width not in (0, config.model.d_model):
     base_config = dataclasses.replace(

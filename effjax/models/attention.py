@@ -16,6 +16,9 @@ from flax import nnx
 from effjax.config import AttentionConfig
 from effjax.models.layers import RMSNorm
 
+# The platform each named Pallas implementation runs on (model.attention.impl).
+KERNEL_PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
+
 
 def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2)."""
@@ -64,11 +67,14 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
   """
   d = q_BxLxHxD.shape[-1]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
-  # Softmax on the fused XLA path when asked for, for the log-n baseline (no kernel scales
-  # by log n), and under auto on CPU (no kernel there); auto elsewhere goes to the kernels'
-  # dispatch, which picks the backend's Pallas kernel or falls back to the reference.
-  xla = config.impl == "xla" or config.log_n_scale or (config.impl == "auto"
-                                                      and jax.default_backend() == "cpu")
+  # effjax.resolve sets impl for the target devices: xla on CPU, 'auto:tpu' / 'auto:gpu'
+  # (the kernels' dispatch picks that platform's Pallas kernel or falls back to the
+  # reference); an unresolved auto takes the XLA path. Softmax runs on the fused XLA path
+  # when asked for and for the log-n baseline (no kernel scales by log n).
+  impl, _, platform = config.impl.partition(":")
+  if impl == "auto" and not platform:
+    impl = "xla"
+  xla = impl == "xla" or config.log_n_scale
   if config.score == "softmax" and xla:
     log_n = positions_BxL + 1 if config.log_n_scale else None
     return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
@@ -78,7 +84,8 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
   if config.score == "lssar":
     options = dict(p=config.lssar_p, reweight_offset_rows=config.lssar_offset_rows)
   return kernel_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, causal=True, score=config.score,
-                          segment_ids=segment_ids_BxL, implementation=config.impl, **options)
+                          segment_ids=segment_ids_BxL, implementation=impl,
+                          platform=platform or KERNEL_PLATFORMS.get(impl), **options)
 
 
 class Attention(nnx.Module):

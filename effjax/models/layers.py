@@ -3,7 +3,7 @@
 The role map is the single source of truth for per-parameter treatment: the
 optimizer derives lr / weight-decay multipliers from roles (effjax/optim), the
 sharding rules derive placements from logical axes (effjax/parallel), and weight
-constraints pick matrices by role. Roles are listed in `effjax.config.ROLES`:
+constraints pick matrices by role. Roles are listed in `ROLES` below:
 
   embedding  token embedding table            hidden  matrices inside blocks
   readout    LM head (untied)                 vector  gains, biases
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effjax.config import ROLES
+# Parameter roles: the one role map (the optimizer, sharding and constraints read it).
+ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "atom", "coeff")
 
 
 class Buffer(nnx.Variable):

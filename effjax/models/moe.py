@@ -187,10 +187,7 @@ class MoE(nnx.Module):
       order = jnp.argsort(flat_e, stable=True)
       xs = x_TxD[order // k]
       group_sizes = counts_E.astype(jnp.int32)
-      dispatch = cfg.dispatch
-      if dispatch == "auto":
-        dispatch = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
-      if dispatch == "ragged_dot":
+      if cfg.dispatch == "ragged_dot":  # effjax.resolve fixes auto; unresolved: blocks
         ys = grouped_swiglu_ragged(xs, *w, group_sizes)
       else:
         ys = grouped_swiglu_blocks(xs, *w, group_sizes, cfg.block_size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -52,8 +51,9 @@ def resolve_dims(config: ModelConfig, tokenizer_vocab: int | None = None) -> Dim
 
 
 def resolve_compute_dtype(name: str):
+  """effjax.resolve fixes auto for the target devices; unresolved, float32."""
   if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.float32
   return jnp.dtype(name)
 
 

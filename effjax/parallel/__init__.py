@@ -5,8 +5,9 @@ effjax/parallel/state_init.py (imported on its own: it depends on models and tra
 """
 from effjax.parallel.sharding import (DEFAULT_RULES, activation_sharding, batch_sharding,
                                       batch_shards, constrain, logical_to_spec, make_mesh,
-                                      param_shardings, process_batch_slot, replicated, rules_for)
+                                      param_shardings, process_batch_slot, replicated,
+                                      resolve_mesh_shape, rules_for)
 
 __all__ = ["DEFAULT_RULES", "activation_sharding", "batch_sharding", "batch_shards", "constrain",
            "logical_to_spec", "make_mesh", "param_shardings", "process_batch_slot", "replicated",
-           "rules_for"]
+           "resolve_mesh_shape", "rules_for"]

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from effjax.config import ConfigError, MeshConfig, resolve_mesh_shape
+from effjax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -83,6 +83,33 @@ def batch_shards(sizes: dict, rules=None) -> int:
 
 
 # ----------------------------------------------------------------------------- mesh
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with a single -1 filled in; the product must equal num_devices."""
+  sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ConfigError(f"Only one mesh axis may be -1; got {', '.join('mesh.' + k for k in free)}.")
+  for k, v in sizes.items():
+    if v == 0 or v < -1:
+      raise ConfigError(f"mesh.{k} must be a positive size or -1; got {v}.")
+  fixed = 1
+  for k, v in sizes.items():
+    if v != -1:
+      fixed *= v
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"mesh.fsdp x mesh.tensor x mesh.expert x mesh.data (fixed part = {fixed}) does not "
+          f"divide the device count {num_devices}.")
+    sizes[free[0]] = num_devices // fixed
+  product = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["expert"]
+  if product != num_devices:
+    raise ConfigError(
+        f"mesh.data x mesh.fsdp x mesh.tensor x mesh.expert = {sizes['data']} x {sizes['fsdp']} x "
+        f"{sizes['tensor']} x {sizes['expert']} = {product}, but there are {num_devices} devices.")
+  return sizes
 
 
 def dcn_sizes(config: MeshConfig, sizes: dict) -> dict[str, int]:

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
   import dataclasses  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  from effjax import checks  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax import models  # pylint: disable=g-import-not-at-top
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
       config.model.attention, impl="auto"))
   config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1), model=model_config)
   try:
-    config = config_lib.validate(config, 1)
+    config = checks.validate(config, 1)
   except config_lib.ConfigError as e:
     return fail(f"{config_path}: {e}")
   bundle = load_data(config)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   default = os.path.join(repo, "configs", "quickstart.py")
   try:
-    config, rest = config_lib.load(argv, default_path=default, num_devices=jax.device_count())
+    config, rest = config_lib.load(argv, default_path=default)  # trainer.train checks the rest
   except config_lib.ConfigError as e:
     print(f"effjax: config error: {e}", file=sys.stderr)
     return 2

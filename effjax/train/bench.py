@@ -23,6 +23,7 @@ import time
 
 import jax
 
+from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
@@ -40,8 +41,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--out", default="results/perf/trainer.md")
   args, overrides = parser.parse_known_args(argv)
-  config, _ = config_lib.load(["--config=" + args.config, *overrides],
-                              num_devices=jax.device_count())
+  config, _ = checks.load(["--config=" + args.config, *overrides],
+                          num_devices=jax.device_count())
   steps = args.steps
   config = config_lib.apply_overrides(config, {
       "train": {"steps": steps, "warmup_steps": min(config.train.warmup_steps, steps),

@@ -20,6 +20,7 @@ import tempfile
 
 import jax
 
+from effjax import checks
 from effjax import config as config_lib
 from effjax.train import trainer
 from effjax.train.metrics import read_metrics
@@ -46,8 +47,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--out", default="results/perf/mfu.md")
   args, overrides = parser.parse_known_args(argv)
-  base, _ = config_lib.load(["--config=" + args.config, *overrides],
-                            num_devices=jax.device_count())
+  base, _ = checks.load(["--config=" + args.config, *overrides], num_devices=jax.device_count())
   base = config_lib.apply_overrides(base, {"train": {"steps": args.steps}})
   data = trainer.load_data(base)
   rows, notes = [], []
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
       cfg = config_lib.apply_overrides(base, {"model": {"attention": {"score": score,
                                                                        "impl": impl}}})
       try:
-        config_lib.validate(cfg, jax.device_count())
+        checks.validate(cfg, jax.device_count())
         r = _run(cfg, data)
       except Exception as e:  # pylint: disable=broad-except  (report and go on)
         notes.append(f"{score}/{impl}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")

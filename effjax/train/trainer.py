@@ -7,7 +7,8 @@ wrapper. Behaviour the rest of effjax relies on:
   * SIGTERM / Ctrl-C save a checkpoint and exit with EXIT_INTERRUPTED;
   * a non-finite loss stops the run with EXIT_NONFINITE, keeping the last good
     checkpoint (no checkpoint is written after the bad step);
-  * only process 0 writes metrics, plots and the resolved config.
+  * only process 0 writes metrics, plots and the config (the user's, `auto` included;
+    what `auto` became for this run's devices is run_info.json's "resolved").
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
+from effjax import resolve as resolve_lib
 from effjax.optim import make_optimizer, scaling
 from effjax.parallel import batch_sharding, make_mesh, replicated, sharding, state_init
 from effjax.train import flops as flops_lib
@@ -176,7 +179,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   `stop_at` behaves like a preemption at that step (checkpoint, EXIT_INTERRUPTED):
   used to test exact resume, and to run a long config in chunks.
   """
-  config = config_lib.validate(config, jax.device_count())
+  config = checks.validate(config, jax.device_count())  # the CLI checked each section only
   t = config.train
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
@@ -187,6 +190,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   data = data or load_data(config)
   tokenizer, corpus = data.tokenizer, data.corpus
   mesh = make_mesh(config.mesh)
+  # `auto` fixed once for the mesh's devices; config.json keeps the user's config.
+  user_config, config = config, resolve_lib.resolve(config, mesh.devices.flat)
   rules = sharding.rules_for(config.mesh)
   plan = state_init.plan_state(config, tokenizer.vocab_size, mesh, rules)  # shapes only
   model, tx, schedule, state_shard = plan.model, plan.tx, plan.schedule, plan.shardings
@@ -202,7 +207,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
 
   os.makedirs(workdir, exist_ok=True)
   if is_main:
-    _write_config(workdir, config, say)
+    _write_config(workdir, user_config, say)
 
   # ---- state: restore the latest checkpoint into this mesh's shardings, or initialise
   # directly into them (each device computes its own shards)
@@ -271,7 +276,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
       "weight_decay": scaling.base_weight_decay(config),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "mesh": dict(mesh.shape), "jax_version": jax.__version__, "commit": _git_commit(),
-      "command": " ".join(sys.argv),
+      "command": " ".join(sys.argv), "resolved": _resolved(user_config, config, dims),
   }
   if is_main:
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
@@ -425,6 +430,19 @@ def _evaluate(eval_fn, state: TrainState, eval_data: list) -> tuple[dict, dict]:
   sums = jax.device_get(sums)
   stats = {k: np.asarray(v) for k, v in sums.items() if k.startswith("stat/")}
   return {k: float(v) for k, v in summarize_eval(sums).items()}, stats
+
+
+def _resolved(user_config: config_lib.Config, config: config_lib.Config, dims) -> dict:
+  """What `auto` and 0 became in this run: effjax.resolve's choices for the devices, and
+  the model dimensions derived from the tokenizer and model.d_model."""
+  m = user_config.model
+  derived = {"model.vocab_size": (m.vocab_size, dims.vocab),
+             "model.n_kv_heads": (m.n_kv_heads, dims.n_kv_heads),
+             "model.head_dim": (m.head_dim, dims.head_dim),
+             "model.mlp_dim": (m.mlp_dim, dims.mlp_dim)}
+  out = resolve_lib.changes(user_config, config)
+  out.update({k: v for k, (given, v) in derived.items() if not given})
+  return dict(sorted(out.items()))
 
 
 def _write_config(workdir: str, config: config_lib.Config, say) -> None:

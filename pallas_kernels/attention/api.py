@@ -116,7 +116,7 @@ def _auto(backend: str, q, k, gpu_problem, mgpu_problem, tpu_problem):
 def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_ids=None,
               implementation: str = "auto", q_offset: int = 0, scale: float | None = None,
               p: float = 15.0, reweight_offset_rows: int = 3, block_q: int | None = None,
-              block_k: int | None = None):
+              block_k: int | None = None, platform: str | None = None):
   """Attention with softmax / LSSA / LSSAR scores (TECHNIQUES.md 3.2).
 
   q: [B, Tq, H, D]; k, v: [B, Tk, K, D] (GQA when K divides H). Returns [B, Tq, H, D].
@@ -126,11 +126,14 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
     sequences; pallas_tpu / interpret_tpu: default tpu_streaming.TPU_FWD / TPU_BWD, and on
     TPU multiples of 128 unless one block covers the whole sequence). For
     pallas_mgpu / interpret_mgpu: the forward's blocks (64, 128 or 256; default 64 x 128).
+  platform: the platform the call is compiled for, 'cpu', 'gpu' or 'tpu' (default: this
+    host's backend); `auto` and the named kernels' checks go by it, so a caller lowering for
+    other devices (effjax.compile_check for a TPU topology from a CPU host) passes theirs.
   """
   _check_args(q, k, v, score=score, implementation=implementation, segment_ids=segment_ids,
               q_offset=q_offset, block_q=block_q, block_k=block_k, p=p,
               reweight_offset_rows=reweight_offset_rows)
-  backend = jax.default_backend()
+  backend = platform or jax.default_backend()
   gpu_problem = kernel.gpu_supports(q, k) if backend == "gpu" else "not a GPU backend"
   for name, needs in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"), ("pallas_mgpu", "gpu")):
     if implementation == name and backend != needs:

@@ -1,0 +1,94 @@
+"""Config checks that need the package, run after each section's own (`config.validate`).
+
+config.py is a leaf; what it cannot know is checked here, above models and parallel:
+  * model.moe: the balance, layers and topk_schedule mini-languages (models/moe.py);
+  * optim.no_decay_roles: the parameter roles (models/layers.py);
+  * mesh.rules, and given a device count the mesh shape, its DCN split and the batch
+    shards (parallel/sharding.py);
+  * model.attention.impl: a named Pallas kernel needs its platform on the target devices.
+Entry points call `load` (command line) or `validate` (a Config); a ConfigError names the
+keys involved and the CLIs exit 2 on it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from effjax import config as config_lib
+from effjax.config import Config, ConfigError
+from effjax.models import moe as moe_lib
+from effjax.models.attention import KERNEL_PLATFORMS
+from effjax.models.layers import ROLES
+from effjax.parallel import sharding
+
+
+def _check_roles(config: Config) -> None:
+  unknown = set(config.optim.no_decay_roles) - set(ROLES)
+  if unknown:
+    raise ConfigError(f"optim.no_decay_roles has unknown roles {sorted(unknown)}; valid "
+                      f"roles: {', '.join(ROLES)}.")
+
+
+def _check_moe(config: Config) -> None:
+  e = config.model.moe
+  if not e.num_experts:
+    return
+  try:
+    moe_lib.balance_methods(e)
+    moe_lib.topk_schedule(e, config.model.n_layers, config.train.steps)
+  except ValueError as err:
+    raise ConfigError(str(err)) from None
+  if e.topk_schedule and int(e.topk_schedule.split(":")[1]) > e.num_experts:
+    raise ConfigError(f"model.moe.topk_schedule asks for k above model.moe.num_experts "
+                      f"({e.num_experts}).")
+
+
+def _check_platform(config: Config, platform: Optional[str]) -> None:
+  impl = config.model.attention.impl
+  needs = KERNEL_PLATFORMS.get(impl)
+  if not needs:
+    return
+  # Only here is a backend started (a sweep's parent process must not take the TPU).
+  platform = platform or jax.devices()[0].platform
+  if platform != needs:
+    raise ConfigError(f"model.attention.impl={impl} needs a {needs.upper()} backend; this is "
+                      f"{platform!r}. Valid here: auto, xla, interpret, interpret_mgpu, "
+                      f"interpret_tpu.")
+
+
+def _check_mesh(config: Config, num_devices: int, rules: dict) -> None:
+  sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  sharding.dcn_sizes(config.mesh, sizes)
+  shards = sharding.batch_shards(sizes, rules)
+  micro = config.train.batch_size // config.train.grad_accum
+  if micro % shards:
+    raise ConfigError(
+        f"The micro-batch (train.batch_size / train.grad_accum = {micro}) must be divisible by "
+        f"the batch shards (mesh axes of the 'batch' rule: {rules['batch']}) = {shards}.")
+
+
+def _check(config: Config, num_devices: Optional[int], platform: Optional[str]) -> Config:
+  _check_roles(config)
+  _check_moe(config)
+  rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part
+  _check_platform(config, platform)
+  if num_devices is not None:
+    _check_mesh(config, num_devices, rules)
+  return config
+
+
+def validate(config: Config, num_devices: Optional[int] = None,
+             platform: Optional[str] = None) -> Config:
+  """`config.validate` plus the checks above. num_devices: check the mesh for that many
+  devices (None: no mesh check); platform: the target devices' platform, 'cpu', 'gpu' or
+  'tpu' (None: this host's)."""
+  return _check(config_lib.validate(config), num_devices, platform)
+
+
+def load(argv: list[str], default_path: Optional[str] = None, num_devices: Optional[int] = None,
+         platform: Optional[str] = None) -> tuple[Config, list[str]]:
+  """`config.load` (--config=FILE and --config.key=value overrides) plus the checks above."""
+  config, rest = config_lib.load(argv, default_path)
+  return _check(config, num_devices, platform), rest
