@@ -88,15 +88,14 @@ def main(argv=None) -> int:
                                + f" --xla_force_host_platform_device_count={n}")
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from effjax import checks  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax import resolve as resolve_lib  # pylint: disable=g-import-not-at-top
-  from effjax.parallel import (batch_sharding, make_mesh, replicated,  # pylint: disable=g-import-not-at-top
-                               sharding, state_init)
-  from effjax.train.extensions import build_extensions, merged_phase  # pylint: disable=g-import-not-at-top
-  from effjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import make_mesh, sharding  # pylint: disable=g-import-not-at-top
+  from effjax.train.extensions import merged_phase  # pylint: disable=g-import-not-at-top
+  from effjax.train.plan import plan_state  # pylint: disable=g-import-not-at-top
+  from effjax.train.registry import build_extensions  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices() if cpu else _tpu_devices(args.topology, args.chip, args.num_slices)
   try:
@@ -121,32 +120,19 @@ def main(argv=None) -> int:
   t = config.train
   vocab = data_lib.load_tokenizer(config.data.tokenizer,
                                   eos_token=config.data.eos_token or None).vocab_size
-  rules = sharding.rules_for(config.mesh)
-  plan = state_init.plan_state(config, vocab, mesh, rules)  # no weights are computed
-  model, tx, schedule, state_shard = plan.model, plan.tx, plan.schedule, plan.shardings
-  state = plan.abstract()
-  repl = replicated(mesh)
-  b_shard = batch_sharding(mesh, rules)
+  plan = plan_state(config, vocab, mesh, sharding.rules_for(config.mesh))  # no weights computed
   try:  # every host of the topology must get an equal share of each global batch
     for process in sorted({d.process_index for d in devices}):
-      sharding.process_batch_slot(b_shard, t.batch_size, process)
+      sharding.process_batch_slot(plan.batch_sharding, t.batch_size, process)
   except config_lib.ConfigError as e:
     print(f"compile_check: config error: {e}", file=sys.stderr)
     return 2
-  batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=b_shard)
-           for k in ("inputs", "targets", "segment_ids", "positions")}
-  extensions = build_extensions(config, model)
-  hooks = [h for ext in extensions for h in ext.hooks()]
-  grad_hooks = [h for ext in extensions for h in ext.grad_hooks()]
-  fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
-                       grad_hooks=grad_hooks, model_kwargs=dict(merged_phase(extensions, 0)))
+  extensions = build_extensions(config, plan.model)
   slices = f"{args.num_slices} x " if args.num_slices > 1 else ""
   print(f"compile_check: {slices}{args.topology}: {len(devices)} devices ({devices[0].device_kind}), "
         f"mesh {dict(mesh.shape)}", file=sys.stderr, flush=True)
-  with sharding.activation_sharding(mesh, rules):
-    compiled = jax.jit(fn, in_shardings=(state_shard, b_shard),
-                       out_shardings=(state_shard, repl), donate_argnums=(0,)).lower(
-                           state, batch).compile()
+  compiled, _ = plan.compile_step(plan.abstract(), plan.abstract_batch(t.batch_size, t.seq_len),
+                                  extensions, merged_phase(extensions, 0))
   mem = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")

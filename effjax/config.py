@@ -46,7 +46,7 @@ def _field(default, choices=None, doc=""):
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   score: str = _field("softmax", ("softmax", "lssa", "lssar"),
-                      "attention score function (TECHNIQUES.md 3.2)")
+                      "attention score function (docs/attention.md)")
   impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
                               "interpret", "interpret_mgpu", "interpret_tpu"),
                      "attention kernel implementation (pallas_kernels/attention/api.py); "
@@ -70,7 +70,7 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  """Mixture-of-Experts in the FFN slot (TECHNIQUES.md 1). num_experts = 0: dense FFN."""
+  """Mixture-of-Experts in the FFN slot (docs/moe.md). num_experts = 0: dense FFN."""
   num_experts: int = _field(0, doc="routed experts per MoE layer (0: dense MLP everywhere)")
   top_k: int = _field(2, doc="experts per token (target sparsity)")
   num_shared: int = _field(0, doc="always-on shared experts (each of size expert_dim)")
@@ -141,7 +141,7 @@ class ModelConfig:
                               "auto: bfloat16 on TPU/GPU, float32 on CPU (the target "
                               "devices, effjax/resolve.py)")
   remat: bool = _field(False, doc="rematerialise each block in the backward pass")
-  param: str = _field("sp", ("sp", "mup"), "standard parameterisation or muP (TECHNIQUES.md 6.1)")
+  param: str = _field("sp", ("sp", "mup"), "standard parameterisation or muP (docs/mup.md)")
   base_width: int = _field(0, doc="muP proxy width d0 (0: d_model, i.e. width multiplier 1)")
   output_mult: float = _field(1.0, doc="muP alpha_out: logits = alpha_out * (W h) / m")
   attn_mult: float = _field(1.0, doc="muP alpha_attn: attention logits scaled by alpha/d_head")
@@ -239,7 +239,7 @@ class OptimConfig:
   grad_clip: float = _field(1.0, doc="global-norm clip; 0 disables")
   no_decay_roles: tuple = _field(("vector",), doc="parameter roles that get no weight decay")
   wd_rule: str = _field("none", ("none", "mup", "layerwise", "power_lines"),
-                        "weight-decay scaling rule across widths (TECHNIQUES.md 6.2)")
+                        "weight-decay scaling rule across widths (docs/mup.md)")
   wd_exponent: float = _field(0.5, doc="layerwise rule: lambda_2 = lambda * (d / d0)^e; Fan et "
                               "al. 2025: e = 1/2 (e = 1 is the mup rule on every matrix)")
   wd_tau: float = _field(0.0, doc="power_lines: target AdamW timescale tau = B/(lr*wd*D) "
@@ -266,7 +266,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """Quantization-aware training (TECHNIQUES.md 5; effjax/quant)."""
+  """Quantization-aware training (docs/qat.md; effjax/quant)."""
   method: str = _field("none", ("none", "quest", "statsq", "lsq"),
                        "quest: QuEST weights+inputs; statsq: StatsQ weights + LSQ inputs; "
                        "lsq: LSQ weights + LSQ inputs")

@@ -31,22 +31,22 @@ import numpy as np
 from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
-from effjax import models
-from effjax.optim import make_optimizer
-from effjax.train.state import TrainState
-from effjax.train.step import make_train_step
+from effjax.parallel import make_mesh, sharding
+from effjax.resolve import resolve
+from effjax.train.plan import plan_state
 
 MODULES = ("embed", "attn_logits", "attn_out", "mlp_out", "residual", "logits")
 
 
 def activation_trace(config: config_lib.Config, batches: list[dict], tokenizer_vocab: int) -> dict:
-  """{module: [mean |act| per step]} (per-layer values averaged over layers)."""
-  model = models.build(config, tokenizer_vocab, batch_groups=1)
-  tx, schedule = make_optimizer(config, model.specs)
-  step = jax.jit(make_train_step(model, tx, schedule, model_kwargs={"probe": True}))
-  state = TrainState(step=jax.numpy.int32(0), params=model.initial_params,
-                     opt_state=tx.init(model.initial_params), buffers=model.initial_buffers,
-                     rng=jax.random.PRNGKey(config.seed))
+  """{module: [mean |act| per step]} (per-layer values averaged over layers), from the
+  trainer's step (effjax/train/plan.py) with the probes on."""
+  mesh = make_mesh(config.mesh)
+  plan = plan_state(resolve(config, mesh.devices.flat), tokenizer_vocab, mesh,
+                    sharding.rules_for(config.mesh))
+  state = plan.init()
+  batches = [{k: jax.device_put(v, plan.batch_sharding) for k, v in b.items()} for b in batches]
+  step, _ = plan.compile_step(state, batches[0], phase=(("probe", True),))
   trace: dict[str, list[float]] = {m: [] for m in MODULES}
   for batch in batches:
     state, metrics = step(state, batch)

@@ -1,4 +1,4 @@
-"""Scaling-law fits with bootstrap confidence intervals (TECHNIQUES.md 6.3).
+"""Scaling-law fits with bootstrap confidence intervals (docs/scaling-laws.md).
 
   python -m effjax.fit --csv=DIR/results.csv --law=chinchilla|power|qat [--out=DIR]
       [--n-col=params_non_embedding] [--d-col=tokens] [--loss-col=eval/loss]

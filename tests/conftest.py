@@ -1,4 +1,4 @@
-"""Shared test fixtures. Tests run on CPU with tiny models (DESIGN.md, Testing)."""
+"""Shared test fixtures. Tests run on CPU with tiny models (docs/architecture.md)."""
 
 import os
 import subprocess

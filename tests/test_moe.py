@@ -251,7 +251,7 @@ def test_batch_maxvio_is_over_the_whole_step_with_grad_accum():
   whole step (summed over micro-batches), not the mean of the micro-batches' MaxVios."""
   from effjax import models
   from effjax.optim import make_optimizer
-  from effjax.train.extensions import build_extensions
+  from effjax.train.registry import build_extensions
   from effjax.train.state import TrainState
   from effjax.train.step import make_train_step
   cfg, _ = C.load(["--config=configs/tiny.py", "--config.model.moe.num_experts=8",

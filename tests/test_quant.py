@@ -1,4 +1,4 @@
-"""QAT quantizers (TECHNIQUES.md 5): QuEST, StatsQ, LSQ, the Hadamard rotation, the hooks."""
+"""QAT quantizers (docs/qat.md): QuEST, StatsQ, LSQ, the Hadamard rotation, the hooks."""
 
 import math
 
@@ -50,7 +50,7 @@ def _gaussian_mse(alpha: float, bits: int) -> float:
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_alpha_b_is_the_gaussian_mse_optimal_clip(bits):
   """alpha_b minimises the Gaussian MSE of the b-bit grid. Found by quadrature: the
-  constants of TECHNIQUES.md match the optimum to 1e-4 up to 6 bits; at 7 and 8 bits the
+  constants of docs/qat.md match the optimum to 1e-4 up to 6 bits; at 7 and 8 bits the
   published values sit 0.3% / 1% below it (excess MSE 1e-4 / 1.5e-3 relative: the curve is
   flat there), hence the 0.2% MSE bound next to the location bound for b <= 6."""
   a = ALPHA[bits]
@@ -205,7 +205,7 @@ def test_quant_config_errors_name_the_key():
 
 def test_oscillation_tracking_counts_code_flips_only():
   """A weight pushed back and forth across a StatsQ boundary accumulates flips in its EMA;
-  weights whose codes never change stay at 0 (TECHNIQUES.md 5.2)."""
+  weights whose codes never change stay at 0 (docs/qat.md)."""
   from effjax.models.index import set_path
   from effjax.train.quant_extension import OSC_MOMENTUM, QuantExtension
   from effjax.train.state import TrainState
@@ -228,7 +228,7 @@ def test_oscillation_tracking_counts_code_flips_only():
   flips = 8  # calls 3..10: the first sets the code, the second sets the direction
   assert float(ema[0, 0]) == pytest.approx(1 - (1 - OSC_MOMENTUM) ** flips, rel=1e-5)
   assert float(jnp.sum(ema)) == pytest.approx(float(ema[0, 0]), rel=1e-6)
-  frac = ext.eval_buffer_metrics(state.buffers)["quant/osc/mlp"]
+  frac = ext.buffer_metrics(state.buffers)["quant/osc/mlp"]
   assert frac == pytest.approx(1 / sum(b["weight_quant"]["osc_ema"].size for blk in
                                        state.buffers["blocks"]["layers"].values()
                                        for b in blk["ffn"].values()))
@@ -257,7 +257,7 @@ def test_cga_freezes_clipped_weights_and_keeps_interior_boundaries_trainable():
 
 def _cga_run(steps=6):
   from effjax.optim import make_optimizer
-  from effjax.train.extensions import build_extensions
+  from effjax.train.registry import build_extensions
   from effjax.train.state import TrainState
   from effjax.train.step import make_train_step
   cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
@@ -320,7 +320,7 @@ def test_cga_mask_is_recomputed_every_step_and_the_trainable_set_only_shrinks():
   assert any((after & ~before).any() for before, after in zip(phase, phase[1:])), \
       "the mask never changed after the phase start: it is not recomputed"
   quant = next(e for e in exts if e.name == "quant")
-  trainable = quant.eval_buffer_metrics(state.buffers)["quant/cga_trainable"]
+  trainable = quant.buffer_metrics(state.buffers)["quant/cga_trainable"]
   assert 0 < trainable < 0.5
 
 

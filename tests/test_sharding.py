@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import PartitionSpec as P
     from effjax import checks, config as C, models
     from effjax.optim import make_optimizer
-    from effjax.parallel import sharding, state_init
+    from effjax.parallel import sharding
+    from effjax.train import plan as state_init
 
     assert jax.device_count() == 8
     cfg, _ = checks.load(["--config=configs/tiny.py", "--config.mesh.data=1",

@@ -1,7 +1,7 @@
 """Multi-head attention with GQA, RoPE, optional QK-norm, and one `attend` function.
 
 `attend` is the single place where the score function (softmax, LSSA, LSSAR;
-TECHNIQUES.md 3.2) and the kernel implementation (XLA reference or Pallas) are
+docs/attention.md) and the kernel implementation (XLA reference or Pallas) are
 chosen; the layer itself only projects, rotates and reshapes.
 """
 
@@ -49,7 +49,7 @@ def xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, segment_ids_BxL=No
   q_BxLxKxGxD = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
   logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxKxGxD, k_BxLxKxD,
                       preferred_element_type=jnp.float32) * scale
-  if log_n_positions_BxL is not None:  # softmax + log-n scaling baseline (TECHNIQUES 3.2)
+  if log_n_positions_BxL is not None:  # softmax + log-n scaling baseline (docs/attention.md)
     log_n = jnp.log(jnp.maximum(log_n_positions_BxL.astype(jnp.float32), 1.0))
     logits = logits * jnp.maximum(log_n, 1.0)[:, None, None, :, None]
   mask = attention_mask(segment_ids_BxL, l)[:, :, None]  # [B,1,1,L,L]

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts FFN (TECHNIQUES.md 1): fine-grained SwiGLU experts, fp32 router,
+"""Mixture-of-Experts FFN (docs/moe.md): fine-grained SwiGLU experts, fp32 router,
 dropless grouped-matmul dispatch (or a capacity-factor baseline), balance losses and
 the auxiliary-loss-free (ALF-LB) bias.
 

@@ -1,7 +1,7 @@
 """Device mesh, logical-axis -> mesh-axis rules, sharded state initialisation.
 
-Multi-host start-up is effjax/distributed.py; the sharded initial state is
-effjax/parallel/state_init.py (imported on its own: it depends on models and train).
+Multi-host start-up is effjax/distributed.py; the sharded initial state and the step
+assembly are effjax/train/plan.py.
 """
 from effjax.parallel.sharding import (DEFAULT_RULES, activation_sharding, batch_sharding,
                                       batch_shards, constrain, logical_to_spec, make_mesh,

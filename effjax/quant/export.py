@@ -4,7 +4,7 @@ everything else in fp32, and the convention needed to turn codes back into weigh
   meta = export(config, params, "w4a4.npz", model.index)
   params_deq, meta = load("w4a4.npz")   # then build with quant.weights_on_grid=true
 
-Per kernel W [in, out] (rows = output units over fan-in, TECHNIQUES.md 5):
+Per kernel W [in, out] (rows = output units over fan-in, docs/qat.md):
   quest   codes k in [-2^(b-1), 2^(b-1)), step [1, out]; rotated value (k + 1/2) step; the
           weight is H (that) with H the block Hadamard of size `block` along fan-in (H = H^T =
           H^-1, 1/sqrt(block) normalised), or no rotation when block = 0.
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax import models  # pylint: disable=g-import-not-at-top
-  from effjax.parallel import make_mesh, sharding, state_init  # pylint: disable=g-import-not-at-top
+  from effjax.parallel import make_mesh, sharding  # pylint: disable=g-import-not-at-top
+  from effjax.train.plan import plan_state  # pylint: disable=g-import-not-at-top
   from effjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from effjax.train.trainer import load_data  # pylint: disable=g-import-not-at-top
 
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     return fail(f"no checkpoint at step {step} in {ckpt.directory} (saved steps: "
                 f"{', '.join(map(str, saved)) or 'none'})")
   mesh, rules = make_mesh(config.mesh, jax.devices()[:1]), sharding.rules_for(config.mesh)
-  plan = state_init.plan_state(config, vocab, mesh, rules)
+  plan = plan_state(config, vocab, mesh, rules)
   state = ckpt.restore(step, plan.abstract())
   ckpt.close()
   qat = plan.model

@@ -37,7 +37,7 @@ def _per_weight(d_in: int, d_out: int, axes) -> Buffer:
 class WeightQuant(LinearHook):
   """Fake-quantizes the weight with `quantizer` (effjax/quant/methods.py).
 
-  track: per-weight oscillation state (TECHNIQUES: OFQ): last integer code, the direction of
+  track: per-weight oscillation state (OFQ; docs/qat.md): last integer code, the direction of
   its last change, an EMA of direction flips; `osc_started` marks the first update.
   cga: the CGA freeze mask (1 = frozen). on_grid: weights are already quantized (a loaded
   export): the hook passes them through."""

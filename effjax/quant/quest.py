@@ -1,5 +1,5 @@
 """QuEST quantizer (Panferov et al., "QuEST: Stable Training of LLMs with 1-Bit Weights and
-Activations", ICML 2025; TECHNIQUES.md 5.1): Hadamard rotation, RMS-scaled Gaussian-optimal
+Activations", ICML 2025; docs/qat.md): Hadamard rotation, RMS-scaled Gaussian-optimal
 clip, zero-free mid-rise grid of 2^b levels, trust-masked straight-through gradient."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def quest_rotated(xh: jax.Array, bits: int, *, axis: int = -1, trust: float | No
   """QuEST steps 2-6 on already-rotated values xh (fp32), rows along `axis`.
 
   Returns (y, stats): y has the forward value of the quantized q and the gradient of
-  xh * mask (mask = trust region, TECHNIQUES.md 5.1 step 5); stats hold the quantization
+  xh * mask (mask = trust region, docs/qat.md); stats hold the quantization
   MSE and the trusted fraction, without gradient. trust: factor on the default trust
   radius T = alpha_b / (2^b - 1) sigma (half a grid step); None means 1.
   """

@@ -1,5 +1,5 @@
 """StatsQ weight quantizer (Liu et al., "Oscillation-free Quantization for Low-bit Vision
-Transformers", ICML 2023; TECHNIQUES.md 5.2): per-output-channel scale 2 mean|W|, mid-rise
+Transformers", ICML 2023; docs/qat.md): per-output-channel scale 2 mean|W|, mid-rise
 grid of 2^b levels, identity straight-through gradient, no learnable scale."""
 
 from __future__ import annotations

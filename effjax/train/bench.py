@@ -26,13 +26,12 @@ import jax
 from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
-from effjax import models
-from effjax.optim import make_optimizer
+from effjax.parallel import make_mesh, sharding
+from effjax.resolve import resolve
 from effjax.train import trainer
 from effjax.train.checkpoint import Checkpointer
 from effjax.train.metrics import read_metrics
-from effjax.train.state import TrainState
-from effjax.train.step import make_train_step
+from effjax.train.plan import plan_state
 
 
 def main(argv=None) -> int:
@@ -60,17 +59,15 @@ def main(argv=None) -> int:
   full_step = statistics.median(r["perf/step_time_s"] for r in rows[1:] or rows)
 
   # 1b. bare jitted loop on one fixed batch
-  model = models.build(config, data.tokenizer.vocab_size)
-  tx, schedule = make_optimizer(config, model.specs)
-  step_fn = jax.jit(make_train_step(model, tx, schedule, grad_accum=t.grad_accum),
-                    donate_argnums=(0,))
+  mesh = make_mesh(config.mesh)
+  resolved = resolve(config, mesh.devices.flat)
+  plan = plan_state(resolved, data.tokenizer.vocab_size, mesh, sharding.rules_for(config.mesh))
   it = data_lib.make_train_iterator(data.corpus.train_tokens, seq_len=t.seq_len,
                                     batch_size=t.batch_size, seed=config.seed,
                                     eos_id=data.tokenizer.eos_id)
-  batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
-  state = TrainState(step=jax.numpy.int32(0), params=model.initial_params,
-                     opt_state=tx.init(model.initial_params), buffers=model.initial_buffers,
-                     rng=jax.random.PRNGKey(0))
+  batch = {k: jax.device_put(v, plan.batch_sharding) for k, v in next(it).items()}
+  state = plan.init()
+  step_fn, _ = plan.compile_step(state, batch)  # the trainer's step, without extensions
   state, m = step_fn(state, batch)
   jax.block_until_ready(m)
   times = []

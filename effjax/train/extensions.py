@@ -3,12 +3,13 @@
 An extension may contribute
   * post-update hooks run inside the jitted step (non-trainable state updates,
     projections, restores): `hooks()`; gradient hooks before the optimizer: `grad_hooks()`;
-  * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
-    returns hashable model kwargs; the trainer compiles one step per distinct phase;
   * metrics computed inside the jitted step from the step's aux, after the 'stat/*' arrays
     are summed over micro-batches: `step_metrics(aux)` (overrides same-named metrics);
-  * metrics computed from eval-set stats: `eval_metrics(stats)`;
+  * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
+    returns hashable model-context fields; the trainer compiles one step per distinct phase;
+  * metrics at each eval from the state and the eval-set stats: `on_eval(state, stats)`;
   * end-of-run artifacts (plots): `on_end(workdir, eval_stats)`.
+The list of extensions and when each is on: effjax/train/registry.py.
 """
 
 from __future__ import annotations
@@ -33,38 +34,20 @@ class Extension:
     del step
     return {}
 
-  def eval_metrics(self, stats: dict) -> dict:
-    del stats
-    return {}
+  @classmethod
+  def enabled(cls, config) -> bool:
+    """Whether `config` switches this extension on."""
+    del config
+    return False
 
-  def eval_params_metrics(self, params) -> dict:
-    """Metrics computed from the parameters at each eval (e.g. spectral norms)."""
-    del params
-    return {}
-
-  def eval_buffer_metrics(self, buffers) -> dict:
-    """Metrics computed from the non-trainable state at each eval (e.g. oscillation EMAs)."""
-    del buffers
+  def on_eval(self, state, stats: dict) -> dict:
+    """Metrics at an eval: `state` (params, buffers) and the eval set's summed 'stat/*'."""
+    del state, stats
     return {}
 
   def on_end(self, workdir: str, eval_stats: dict) -> list[str]:
     del workdir, eval_stats
     return []
-
-
-def build_extensions(config, model) -> list[Extension]:
-  """The extensions the config switches on."""
-  exts = []
-  if config.train.log_spectral:
-    from effjax.train.spectral import SpectralExtension  # pylint: disable=g-import-not-at-top
-    exts.append(SpectralExtension(model))
-  if config.quant.method != "none":
-    from effjax.train.quant_extension import QuantExtension  # pylint: disable=g-import-not-at-top
-    exts.append(QuantExtension(config, model))
-  if config.model.moe.num_experts:
-    from effjax.train.moe_extension import MoEExtension  # pylint: disable=g-import-not-at-top
-    exts.append(MoEExtension(config, model))
-  return exts
 
 
 def merged_phase(extensions, step: int) -> tuple:

@@ -1,5 +1,5 @@
 """MoE in the trainer: ALF-LB bias updates, the top-k schedule, eval-set load metrics
-and the tokens-per-expert heat map (TECHNIQUES.md 1.2, 1.3)."""
+and the tokens-per-expert heat map (docs/moe.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from effjax.train.extensions import Extension
 
 class MoEExtension(Extension):
   name = "moe"
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return config.model.moe.num_experts > 0
 
   def __init__(self, config, model):
     self.cfg = config.model.moe
@@ -58,7 +62,8 @@ class MoEExtension(Extension):
       return {}
     return {"moe_top_k": self.k_before if step < self.switch_step else self.k_after}
 
-  def eval_metrics(self, stats):
+  def on_eval(self, state, stats):
+    del state
     out, vios = {}, []
     for i in self.layers:
       c = np.asarray(stats[f"stat/moe_counts/layer{i}"], np.float64)

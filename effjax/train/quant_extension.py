@@ -45,6 +45,10 @@ def cga_confident(w_IxO, bits: int, br: float):
 class QuantExtension(Extension):
   name = "quant"
 
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return config.quant.method != "none"
+
   def __init__(self, config, model):
     self.q = config.quant
     self.model = model
@@ -119,7 +123,11 @@ class QuantExtension(Extension):
     # CGA first: oscillation tracking must see the restored weights.
     return ([self._cga] if self.cga_step else []) + ([self._track] if self.tracked else [])
 
-  def eval_params_metrics(self, params) -> dict:
+  def on_eval(self, state, stats) -> dict:
+    del stats
+    return {**self.params_metrics(state.params), **self.buffer_metrics(state.buffers)}
+
+  def params_metrics(self, params) -> dict:
     weights = [(e.tag.kind, e.quantizer, get_path(params, e.at("kernel")),
                 self._state(params, e)) for e in self.linears]
     if self.qk:  # QKR: the per-head products as the attention builds them (before quantization)
@@ -142,7 +150,7 @@ class QuantExtension(Extension):
     out.update({f"quant/trusted/{k}": float(jnp.mean(jnp.stack(v))) for k, v in trusted.items()})
     return out
 
-  def eval_buffer_metrics(self, buffers) -> dict:
+  def buffer_metrics(self, buffers) -> dict:
     out = {}
     if self.cga_step:  # before the phase the mask is all zeros: everything trains
       frozen = [get_path(buffers, e.at(WEIGHT, "cga_frozen")) for e in self.linears]

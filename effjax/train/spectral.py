@@ -1,5 +1,5 @@
 """Top singular value per matrix type, by power iteration, logged at every eval: the
-weight-decay-rule diagnostic of Fan et al. 2025 (TECHNIQUES.md 6.2), where the
+weight-decay-rule diagnostic of Fan et al. 2025 (docs/mup.md), where the
 late-training top singular value of each matrix type should match across widths.
 
 Matrix types are the module names of hidden matrices (q, k, v, o, gate, up, down, ...);
@@ -44,7 +44,12 @@ def matrix_types(specs: dict) -> dict[str, list[tuple]]:
 class SpectralExtension(Extension):
   name = "spectral"
 
-  def __init__(self, model):
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return config.train.log_spectral
+
+  def __init__(self, config, model):
+    del config
     self.groups = matrix_types(model.specs)
 
     def compute(params):
@@ -61,5 +66,6 @@ class SpectralExtension(Extension):
 
     self._compute = jax.jit(compute)
 
-  def eval_params_metrics(self, params) -> dict:
-    return {k: float(v) for k, v in jax.device_get(self._compute(params)).items()}
+  def on_eval(self, state, stats) -> dict:
+    del stats
+    return {k: float(v) for k, v in jax.device_get(self._compute(state.params)).items()}

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +32,17 @@ from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
 from effjax import resolve as resolve_lib
-from effjax.optim import make_optimizer, scaling
-from effjax.parallel import batch_sharding, make_mesh, replicated, sharding, state_init
+from effjax.optim import scaling
+from effjax.parallel import make_mesh, replicated, sharding
 from effjax.train import flops as flops_lib
 from effjax.train.checkpoint import Checkpointer
-from effjax.train.extensions import build_extensions, merged_phase
+from effjax.train.extensions import merged_phase
 from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
+from effjax.train.plan import plan_state
+from effjax.train.registry import build_extensions
 from effjax.train.sample import sample_text
 from effjax.train.state import TrainState
-from effjax.train.step import make_eval_step, make_train_step, summarize_eval
+from effjax.train.step import summarize_eval
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
@@ -179,41 +182,90 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
   `stop_at` behaves like a preemption at that step (checkpoint, EXIT_INTERRUPTED):
   used to test exact resume, and to run a long config in chunks.
   """
+  run = _setup(config, workdir, data, quiet)
+  if run.start >= run.config.train.steps:
+    run.say(f"run already complete at step {run.start} (train.steps = "
+            f"{run.config.train.steps}); nothing to do")
+    run.ckpt.close()
+    return RunResult(EXIT_OK, run.start, _last_metrics(workdir), workdir)
+  _compile_first_step(run)
+  _write_run_info(run)
+  exit_code, step, last, eval_stats = _loop(run, stop_at)
+  return _finish(run, exit_code, step, last, eval_stats)
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything the loop and the finish need, built once by `_setup`."""
+  config: config_lib.Config       # resolved for the mesh's devices
+  user_config: config_lib.Config  # as given (config.json)
+  workdir: str
+  plan: Any
+  tokenizer: Any
+  corpus: Any
+  data_iter: Any
+  ckpt: Checkpointer
+  state: TrainState
+  start: int
+  extensions: list
+  eval_data: list
+  token_bytes: jax.Array
+  is_main: bool
+  quiet: bool
+  say: Callable
+  warn: Callable
+  compiled: dict = dataclasses.field(default_factory=dict)  # phase -> (step, eval, flops)
+  compile_times: list = dataclasses.field(default_factory=list)
+  batch: dict | None = None
+  phase: tuple = ()
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def global_batch(self, local: dict) -> dict:
+    return _global_batch(local, self.plan.batch_sharding, self.config.train.batch_size)
+
+  def step_for(self, phase: tuple):
+    """(compiled step, eval step, FLOPs per token) of a phase, compiled once."""
+    if phase not in self.compiled:
+      step_c, seconds = self.plan.compile_step(self.state, self.batch, self.extensions, phase)
+      self.compile_times.append(seconds)
+      model_config, dims = self.config.model, self.plan.model.dims
+      fpt = flops_lib.flops_per_token(
+          dims, self.config.train.seq_len, tie_embeddings=model_config.tie_embeddings,
+          ffn_active_params=models.ffn_params(model_config, dims,
+                                              dict(phase).get("moe_top_k"))[1])
+      self.compiled[phase] = (step_c, self.plan.eval_step(self.token_bytes, phase), fpt)
+    return self.compiled[phase]
+
+
+def _setup(config, workdir, data, quiet) -> _Run:
+  """Data, mesh, resolved config, plan, workdir, restored or initialised state, extensions.
+  Everything that can fail on bad input happens before anything is written."""
   config = checks.validate(config, jax.device_count())  # the CLI checked each section only
   t = config.train
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
   say = (lambda *a: None) if quiet or not is_main else warn  # progress: process 0 only
-
-  # ---- data, model, mesh (everything that can fail on bad input happens before
-  # anything is written to the workdir)
   data = data or load_data(config)
-  tokenizer, corpus = data.tokenizer, data.corpus
   mesh = make_mesh(config.mesh)
   # `auto` fixed once for the mesh's devices; config.json keeps the user's config.
   user_config, config = config, resolve_lib.resolve(config, mesh.devices.flat)
-  rules = sharding.rules_for(config.mesh)
-  plan = state_init.plan_state(config, tokenizer.vocab_size, mesh, rules)  # shapes only
-  model, tx, schedule, state_shard = plan.model, plan.tx, plan.schedule, plan.shardings
-  dims = model.dims
-  b_shard = batch_sharding(mesh, rules)
-  repl = replicated(mesh)
+  plan = plan_state(config, data.tokenizer.vocab_size, mesh, sharding.rules_for(config.mesh))
   # This process reads the rows of each global batch that its devices hold.
-  slot, slots = sharding.process_batch_slot(b_shard, t.batch_size)
+  slot, slots = sharding.process_batch_slot(plan.batch_sharding, t.batch_size)
   shard_kw = dict(batch_size=t.batch_size // slots, process_index=slot, process_count=slots)
   eval_batches = data_lib.eval_batches(
-      corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches, eos_id=tokenizer.eos_id,
-      **shard_kw) if t.eval_batches else []
+      data.corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches,
+      eos_id=data.tokenizer.eos_id, **shard_kw) if t.eval_batches else []
 
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     _write_config(workdir, user_config, say)
 
-  # ---- state: restore the latest checkpoint into this mesh's shardings, or initialise
-  # directly into them (each device computes its own shards)
+  # Restore the latest checkpoint into this mesh's shardings, or initialise directly into
+  # them (each device computes its own shards).
   data_iter = data_lib.make_train_iterator(
-      corpus.train_tokens, seq_len=t.seq_len, seed=config.seed, eos_id=tokenizer.eos_id,
-      **shard_kw)
+      data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
+      eos_id=data.tokenizer.eos_id, **shard_kw)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
@@ -221,150 +273,142 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
   else:
     state = plan.init()
-  if start >= t.steps:
-    say(f"run already complete at step {start} (train.steps = {t.steps}); nothing to do")
-    ckpt.close()
-    return RunResult(EXIT_OK, start, _last_metrics(workdir), workdir)
+  token_bytes = jnp.asarray(data.tokenizer.token_byte_lengths, jnp.float32)
+  token_bytes = jnp.pad(token_bytes, (0, plan.model.dims.vocab - token_bytes.shape[0]))
+  run = _Run(config=config, user_config=user_config, workdir=workdir, plan=plan,
+             tokenizer=data.tokenizer, corpus=data.corpus, data_iter=data_iter, ckpt=ckpt,
+             state=state, start=start, extensions=build_extensions(config, plan.model),
+             eval_data=[], token_bytes=token_bytes, is_main=is_main, quiet=quiet, say=say,
+             warn=warn)
+  run.eval_data = [run.global_batch(b) for b in eval_batches]
+  return run
 
-  # ---- compile (AOT, so the compile time is measured on its own); one step per phase
-  extensions = build_extensions(config, model)
-  hooks = [h for ext in extensions for h in ext.hooks()]
-  grad_hooks = [h for ext in extensions for h in ext.grad_hooks()]
-  metric_fns = [ext.step_metrics for ext in extensions]
-  token_bytes = jnp.asarray(tokenizer.token_byte_lengths, jnp.float32)
-  token_bytes = jnp.pad(token_bytes, (0, dims.vocab - token_bytes.shape[0]))
-  compiled, compile_times = {}, []
 
-  def step_for(phase: tuple, state, batch):
-    if phase not in compiled:
-      kwargs = dict(phase)
-      fn = make_train_step(model, tx, schedule, grad_accum=t.grad_accum, hooks=hooks,
-                           grad_hooks=grad_hooks, metric_fns=metric_fns, model_kwargs=kwargs)
-      t0 = time.perf_counter()
-      with sharding.activation_sharding(mesh, rules):  # for sharding.constrain in model code
-        step_c = jax.jit(fn, in_shardings=(state_shard, b_shard),
-                         out_shardings=(state_shard, repl), donate_argnums=(0,)).lower(
-                             state, batch).compile()
-      compile_times.append(time.perf_counter() - t0)
-      evl = jax.jit(make_eval_step(plan.eval_model, token_bytes, kwargs), out_shardings=repl)
-      top_k = kwargs.get("moe_top_k")
-      fpt_phase = flops_lib.flops_per_token(
-          dims, t.seq_len, tie_embeddings=config.model.tie_embeddings,
-          ffn_active_params=models.ffn_params(config.model, dims, top_k)[1])
-      compiled[phase] = (step_c, evl, fpt_phase)
-    return compiled[phase]
+def _compile_first_step(run: _Run) -> None:
+  """AOT-compiles the step of the starting phase on the first batch (one step per phase;
+  compile time is measured on its own)."""
+  run.batch = run.global_batch(next(run.data_iter))
+  run.phase = merged_phase(run.extensions, run.start)
+  run.step_for(run.phase)
 
-  batch = _global_batch(next(data_iter), b_shard, t.batch_size)
-  phase = merged_phase(extensions, start)
-  compiled_step, eval_fn, fpt = step_for(phase, state, batch)
-  compile_time = compile_times[0]
-  eval_data = [_global_batch(b, b_shard, t.batch_size) for b in eval_batches]
 
-  # ---- accounting
+def _write_run_info(run: _Run) -> None:
+  config, dims, corpus = run.config, run.plan.model.dims, run.corpus
   n_params = models.count_params(dims, config.model.tie_embeddings, config.model)
   peak, peak_source = flops_lib.peak_flops_per_device()
-  peak_total = peak * (1 if jax.devices()[0].platform == "cpu" else jax.device_count())
-  tokens_per_step = t.batch_size * t.seq_len
-  info = {
+  fpt = run.compiled[run.phase][2]
+  run.info = {
       "params_total": n_params["total"], "params_non_embedding": n_params["blocks"],
       "params_active_non_embedding": n_params["active_non_embedding"],
-      "flops_per_token": fpt, "peak_flops": peak_total, "peak_source": peak_source,
+      "flops_per_token": fpt,
+      "peak_flops": peak * (1 if jax.devices()[0].platform == "cpu" else jax.device_count()),
+      "peak_source": peak_source,
       "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
       "train_tokens": int(corpus.train_tokens.size), "val_tokens": int(corpus.val_tokens.size),
       "tokenizer": config.data.tokenizer, "vocab_size": dims.vocab,
       "adamw_timescale_tau": scaling.adamw_timescale(config),
       "weight_decay": scaling.base_weight_decay(config),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "mesh": dict(mesh.shape), "jax_version": jax.__version__, "commit": _git_commit(),
-      "command": " ".join(sys.argv), "resolved": _resolved(user_config, config, dims),
+      "mesh": dict(run.plan.mesh.shape), "jax_version": jax.__version__,
+      "commit": _git_commit(), "command": " ".join(sys.argv),
+      "resolved": _resolved(run.user_config, config, dims),
   }
-  if is_main:
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-      json.dump(info, f, indent=2)
-  say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M non-embedding, "
-      f"{n_params['active_non_embedding'] / 1e6:.2f}M active)"
-      f", {fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
-      f"({corpus.train_tokens.size / 1e6:.1f}M train / {corpus.val_tokens.size / 1e6:.2f}M val "
-      f"tokens, fingerprint {corpus.fingerprint[:12]}); devices {info['devices']}, mesh "
-      f"{dict(mesh.shape)}; compiled in {compile_time:.1f}s")
+  if run.is_main:
+    with open(os.path.join(run.workdir, "run_info.json"), "w") as f:
+      json.dump(run.info, f, indent=2)
+  run.say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M "
+          f"non-embedding, {n_params['active_non_embedding'] / 1e6:.2f}M active), "
+          f"{fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
+          f"({corpus.train_tokens.size / 1e6:.1f}M train / {corpus.val_tokens.size / 1e6:.2f}M "
+          f"val tokens, fingerprint {corpus.fingerprint[:12]}); devices {run.info['devices']}, "
+          f"mesh {run.info['mesh']}; compiled in {run.compile_times[0]:.1f}s")
 
-  # ---- loop
-  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start, tensorboard=t.tensorboard)
-  writer.write(start, {"perf/compile_time_s": compile_time,
-                       "optim/tau": info["adamw_timescale_tau"]})
-  bar = ProgressBar(t.steps, start, enabled=is_main and not quiet)
+
+def _check_finite(step: int, metrics) -> dict:
+  """Host copy of a step's metrics; raises NonFiniteLoss on a non-finite loss or norm."""
+  host = jax.device_get(metrics)
+  for key in ("train/loss", "train/grad_norm", "train/param_norm"):
+    if not math.isfinite(float(host[key])):
+      raise NonFiniteLoss(f"non-finite {key} ({float(host[key])}) at step {step}")
+  return host
+
+
+def _eval_row(run: _Run, eval_fn) -> tuple[dict, dict]:
+  row, stats = _evaluate(eval_fn, run.state, run.eval_data)
+  for ext in run.extensions:
+    row.update(ext.on_eval(run.state, stats))
+  return row, stats
+
+
+def _loop(run: _Run, stop_at: int | None):
+  """The training loop. Periodic actions, each a named helper: profile window, phase
+  change (recompile), log, eval, checkpoint, stop. The NaN check runs one step late (it
+  never blocks dispatch) and at every log/eval/checkpoint step."""
+  t, workdir = run.config.train, run.workdir
+  compiled_step, eval_fn, fpt = run.step_for(run.phase)
+  tokens_per_step = t.batch_size * t.seq_len
+  writer = MetricsWriter(workdir, enabled=run.is_main, resume_step=run.start,
+                         tensorboard=t.tensorboard)
+  writer.write(run.start, {"perf/compile_time_s": run.compile_times[0],
+                           "optim/tau": run.info["adamw_timescale_tau"]})
+  bar = ProgressBar(t.steps, run.start, enabled=run.is_main and not run.quiet)
   stop = _StopFlag()
   stop.install()
   exit_code, last, eval_stats = EXIT_OK, {}, {}
   window_t0, window_steps = time.perf_counter(), 0
   pending = None  # (step, device metrics) of the previous step, checked one step late
-  step = start
+  step = run.start
   profiling = False
-
-  def check(pending_item):
-    s, m = pending_item
-    host = jax.device_get(m)
-    for key in ("train/loss", "train/grad_norm", "train/param_norm"):
-      if not math.isfinite(float(host[key])):
-        raise NonFiniteLoss(f"non-finite {key} ({float(host[key])}) at step {s}")
-    return s, host
-
   try:
     while step < t.steps:
-      if t.profile_steps and step == t.profile_steps[0] and is_main:
+      if t.profile_steps and step == t.profile_steps[0] and run.is_main:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
-      if step > start:  # the first batch was taken above for compilation
-        batch = _global_batch(next(data_iter), b_shard, t.batch_size)
-      new_phase = merged_phase(extensions, step)
-      if new_phase != phase:
-        phase = new_phase
-        compiled_step, eval_fn, fpt = step_for(phase, state, batch)
-        bar.message(f"step {step}: phase change {dict(phase)} (compiled in "
-                    f"{compile_times[-1]:.1f}s)")
-        writer.write(step, {"perf/compile_time_s": compile_times[-1], "train/phase_change": 1.0})
-      state, metrics = compiled_step(state, batch)
+      if step > run.start:  # the first batch was taken for compilation
+        run.batch = run.global_batch(next(run.data_iter))
+      new_phase = merged_phase(run.extensions, step)
+      if new_phase != run.phase:
+        run.phase = new_phase
+        compiled_step, eval_fn, fpt = run.step_for(run.phase)
+        bar.message(f"step {step}: phase change {dict(run.phase)} (compiled in "
+                    f"{run.compile_times[-1]:.1f}s)")
+        writer.write(step, {"perf/compile_time_s": run.compile_times[-1],
+                            "train/phase_change": 1.0})
+      run.state, metrics = compiled_step(run.state, run.batch)
       step += 1
       window_steps += 1
       if pending is not None:
-        check(pending)
+        _check_finite(*pending)
       pending = (step, metrics)
       if profiling and step >= t.profile_steps[1]:
         jax.profiler.stop_trace()
         profiling = False
 
       log_now = step % t.log_every == 0 or step == t.steps
-      eval_now = (step % t.eval_every == 0 or step == t.steps) and eval_data
+      eval_now = (step % t.eval_every == 0 or step == t.steps) and run.eval_data
       if stop_at is not None and step >= stop_at and not stop.signal_name:
         stop.signal_name = f"stop_at={stop_at}"
       stopping = stop.poll(step)  # read once: a signal arriving later is seen next step
       ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stopping
       if log_now or eval_now or ckpt_now:
-        _, host = check(pending)
+        row = dict(_check_finite(*pending))
         pending = None
-        row = dict(host)
         if log_now:
           dt = (time.perf_counter() - window_t0) / max(window_steps, 1)
           tps = tokens_per_step / dt
           row.update({"perf/step_time_s": dt, "perf/tokens_per_sec": tps,
-                      "perf/mfu": fpt * tps / peak_total,
+                      "perf/mfu": fpt * tps / run.info["peak_flops"],
                       "perf/tokens_seen": step * tokens_per_step})
-          bar.update(step, float(host["train/loss"]), tps)
+          bar.update(step, float(row["train/loss"]), tps)
         if eval_now:
-          eval_row, eval_stats = _evaluate(eval_fn, state, eval_data)
-          for ext in extensions:
-            eval_row.update(ext.eval_metrics(eval_stats))
-            eval_row.update(ext.eval_params_metrics(state.params))
-            eval_row.update(ext.eval_buffer_metrics(state.buffers))
+          eval_row, eval_stats = _eval_row(run, eval_fn)
           row.update(eval_row)
           bar.message(f"step {step}: eval/loss {row['eval/loss']:.4f}"
                       + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))
         writer.write(step, row)
         last.update(row)
-        if ckpt_now:
-          saved = ckpt.save(step, state, data_iter)
-          if not saved:
-            warn(f"WARNING: orbax did not save a checkpoint at step {step}")
+        if ckpt_now and not run.ckpt.save(step, run.state, run.data_iter):
+          run.warn(f"WARNING: orbax did not save a checkpoint at step {step}")
         window_t0, window_steps = time.perf_counter(), 0
       if stopping:
         bar.message(f"{stopping}: saved checkpoint at step {step}; rerun the same "
@@ -372,52 +416,58 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
         exit_code = EXIT_INTERRUPTED
         break
     if pending is not None:
-      check(pending)
+      _check_finite(*pending)
   except NonFiniteLoss as e:
     bar.close()
-    good = ckpt.latest_step()
-    say(f"ERROR: {e}. Stopping; the last good checkpoint is "
-        f"{'step ' + str(good) if good else 'none'} in {ckpt.directory}.")
+    good = run.ckpt.latest_step()
+    run.say(f"ERROR: {e}. Stopping; the last good checkpoint is "
+            f"{'step ' + str(good) if good else 'none'} in {run.ckpt.directory}.")
     exit_code = EXIT_NONFINITE
   finally:
     if profiling:
       jax.profiler.stop_trace()
     stop.uninstall()
     bar.close()
-    ckpt.close()
+    run.ckpt.close()
     writer.close()
+  return exit_code, step, last, eval_stats
 
-  if is_main and t.plot:
-    paths = [plot_metrics(read_metrics(writer.path), os.path.join(workdir, "loss.png"),
+
+def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) -> RunResult:
+  """Plots, the sample, final_metrics.json (marks a completed run) and the summary line."""
+  t, workdir, state = run.config.train, run.workdir, run.state
+  if run.is_main and t.plot:
+    paths = [plot_metrics(read_metrics(os.path.join(workdir, "metrics.jsonl")),
+                          os.path.join(workdir, "loss.png"),
                           title=f"{os.path.basename(os.path.abspath(workdir))}")]
-    for ext in extensions:
+    for ext in run.extensions:
       paths += ext.on_end(workdir, eval_stats)
     if any(paths):
-      say(f"plots: {', '.join(p for p in paths if p)}")
+      run.say(f"plots: {', '.join(p for p in paths if p)}")
   if exit_code == EXIT_OK and t.sample_tokens:
     params, buffers, rng = state.params, state.buffers, state.rng
     if jax.process_count() > 1:  # all processes gather; process 0 then samples on its own
       params, buffers, rng = jax.device_get(
-          jax.jit(lambda *x: x, out_shardings=repl)(params, buffers, rng))
-  if exit_code == EXIT_OK and t.sample_tokens and is_main:
-    text = sample_text(plan.eval_model, params, buffers, tokenizer, prompt=t.sample_prompt,
-                       num_tokens=t.sample_tokens, seq_len=t.seq_len,
-                       temperature=t.sample_temperature, rng=jax.random.fold_in(rng, step))
-    with open(os.path.join(workdir, "sample.txt"), "w") as f:
-      f.write(t.sample_prompt + text)
-    say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}{text}\n"
-        f"{'-' * 60}")
-  if exit_code == EXIT_OK and is_main:
+          jax.jit(lambda *x: x, out_shardings=replicated(run.plan.mesh))(params, buffers, rng))
+    if run.is_main:
+      text = sample_text(run.plan.eval_model, params, buffers, run.tokenizer,
+                         prompt=t.sample_prompt, num_tokens=t.sample_tokens, seq_len=t.seq_len,
+                         temperature=t.sample_temperature, rng=jax.random.fold_in(rng, step))
+      with open(os.path.join(workdir, "sample.txt"), "w") as f:
+        f.write(t.sample_prompt + text)
+      run.say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}"
+              f"{text}\n{'-' * 60}")
+  if exit_code == EXIT_OK and run.is_main:
     final = {"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))},
-             **{k: info[k] for k in ("params_total", "params_non_embedding",
-                                     "params_active_non_embedding", "flops_per_token")},
-             "tokens": step * tokens_per_step}
+             **{k: run.info[k] for k in ("params_total", "params_non_embedding",
+                                         "params_active_non_embedding", "flops_per_token")},
+             "tokens": step * t.batch_size * t.seq_len}
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=1)  # marks the run complete (sweeps skip it)
   if exit_code == EXIT_OK:
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/bpb")
                         if isinstance(last.get(k), float))
-    say(f"done: step {step}; {summary}; workdir {workdir}")
+    run.say(f"done: step {step}; {summary}; workdir {workdir}")
   return RunResult(exit_code, step, last, workdir)
 
 

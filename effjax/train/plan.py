@@ -1,4 +1,11 @@
-"""Sharded train-state initialisation: no full copy of the parameters on any host.
+"""The run plan: model structure, optimizer, sharded state and the one step assembly.
+
+`plan_state(config, vocab, mesh, rules)` is what the trainer, compile_check, coord_check, the
+benchmarks and the export all build first; `StatePlan.compile_step` is the only place a
+train step is assembled, jitted with the state's and batch's shardings and compiled (the
+trainer per phase, compile_check for a TPU topology from a CPU host).
+
+Sharded initialisation: no full copy of the parameters on any host.
 
 `abstract_model` builds the model's structure (graph, parameter roles and logical axes,
 shapes) without computing any weights; `init_state` computes the weights inside one jit
@@ -10,17 +17,20 @@ partitionable threefry PRNG (JAX's default) the values do not depend on the mesh
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 from effjax import models
 from effjax.config import Config
-from effjax.parallel.sharding import batch_shards, logical_to_spec, param_shardings, replicated
+from effjax.parallel.sharding import (activation_sharding, batch_sharding, batch_shards,
+                                      logical_to_spec, param_shardings, replicated)
 from effjax.train.state import TrainState
+from effjax.train.step import make_eval_step, make_train_step
 
 
 def abstract_model(config: Config, vocab: int, batch_groups: int) -> models.FunctionalModel:
@@ -85,6 +95,8 @@ class StatePlan:
   schedule: object
   shardings: TrainState
   eval_model: models.FunctionalModel  # model.attention.eval_score, else `model`
+  mesh: Mesh
+  rules: dict
 
   def _args(self):
     return self.config, self.vocab, self.batch_groups, self.tx, self.shardings
@@ -97,6 +109,38 @@ class StatePlan:
     """The initial state, computed directly into the target shardings."""
     return init_state(*self._args())
 
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return batch_sharding(self.mesh, self.rules)
+
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
+                                    sharding=self.batch_sharding)
+            for k in ("inputs", "targets", "segment_ids", "positions")}
+
+  def compile_step(self, state, batch, extensions=(), phase: tuple = ()):
+    """(compiled train step, compile seconds): the step of effjax/train/step.py with the
+    extensions' hooks, gradient hooks and step metrics, the phase's model context
+    (e.g. moe_top_k), jitted with the state's and batch's shardings (the state donated)
+    and compiled for `state` and `batch` (arrays or ShapeDtypeStructs)."""
+    fn = make_train_step(self.model, self.tx, self.schedule,
+                         grad_accum=self.config.train.grad_accum,
+                         hooks=[h for ext in extensions for h in ext.hooks()],
+                         grad_hooks=[h for ext in extensions for h in ext.grad_hooks()],
+                         metric_fns=[ext.step_metrics for ext in extensions],
+                         model_kwargs=dict(phase))
+    t0 = time.perf_counter()
+    with activation_sharding(self.mesh, self.rules):  # for sharding.constrain in model code
+      compiled = jax.jit(fn, in_shardings=(self.shardings, self.batch_sharding),
+                         out_shardings=(self.shardings, replicated(self.mesh)),
+                         donate_argnums=(0,)).lower(state, batch).compile()
+    return compiled, time.perf_counter() - t0
+
+  def eval_step(self, token_bytes_V, phase: tuple = ()):
+    """The jitted eval step (model.attention.eval_score's model) for a phase."""
+    return jax.jit(make_eval_step(self.eval_model, token_bytes_V, dict(phase)),
+                   out_shardings=replicated(self.mesh))
+
 
 def plan_state(config: Config, vocab: int, mesh, rules) -> StatePlan:
   from effjax.optim import make_optimizer  # pylint: disable=g-import-not-at-top (cycle)
@@ -106,4 +150,4 @@ def plan_state(config: Config, vocab: int, mesh, rules) -> StatePlan:
   eval_config = models.for_evaluation(config)
   eval_model = model if eval_config is config else abstract_model(eval_config, vocab, groups)
   return StatePlan(config, vocab, groups, model, tx, schedule,
-                   state_shardings(model, tx, mesh, rules), eval_model)
+                   state_shardings(model, tx, mesh, rules), eval_model, mesh, rules)
