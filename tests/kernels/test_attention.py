@@ -146,13 +146,13 @@ def test_kernel_bf16_lssar_close_to_fp32_reference():
 
 
 @pytest.mark.parametrize("score", SCORES)
-@pytest.mark.parametrize("backend", ["tpu", "tpu_resident"])
+@pytest.mark.parametrize("backend", ["tpu_resident"])
 def test_kernels_lower_to_mosaic_for_tpu(score, backend):
   """Forward and both backward kernels lower through Pallas' TPU (Mosaic) path, checked on
   CPU by exporting for platforms=["tpu"]: bf16, GQA 2, packed, ragged length, default
-  blocks. backend="tpu" is now the streaming version (tpu_streaming.py, which has its own
-  tests: tests/kernels/test_attention_tpu_streaming.py); "tpu_resident" keeps these
-  whole-sequence kernels on Mosaic (T up to ~8-16k, see kernel.py). This checks the
+  blocks. "tpu_resident" keeps these whole-sequence kernels on Mosaic (T up to ~8-16k, see
+  kernel.py); pallas_tpu runs the streaming kernels (tpu_streaming.py, which has its own
+  tests: tests/kernels/test_attention_tpu_streaming.py). This checks the
   Pallas->Mosaic lowering only; Mosaic's compilation (layouts, VMEM) needs libtpu."""
   from pallas_kernels.attention import kernel
   q = jax.ShapeDtypeStruct((2, 200, 4, 128), jnp.bfloat16)

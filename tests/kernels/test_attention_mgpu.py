@@ -25,6 +25,7 @@ default (CI) selection here takes ~80 s there (a few LSSA duplicates of cases co
 the other scores are marked slow).
 """
 
+import dataclasses
 import inspect
 import math
 import os
@@ -298,18 +299,23 @@ def test_auto_on_gpu_picks_the_configured_kernel_and_falls_back(monkeypatch):
   """auto on a GPU runs AUTO_GPU_KERNEL: the Triton path today (the Mosaic GPU kernels have
   never run on hardware); flipped to pallas_mgpu it runs those where they accept the call
   and falls back to the Triton path where they refuse it."""
-  q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
-  # api._auto gained a tpu_problem callable (the TPU kernels' refusal; unused on a GPU).
-  extra = ([lambda: "not a TPU"] if "tpu_problem" in inspect.signature(api._auto).parameters
-           else [])
-  auto = lambda gpu_problem, mgpu_problem: api._auto("gpu", q, q, gpu_problem, mgpu_problem,
-                                                     *extra)
+  x = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+  pb = api.Problem(x, x, x, None, causal=True, score="softmax", q_offset=0, scale=None,
+                   p=15.0, reweight_offset_rows=3, block_q=None, block_k=None)
+
+  def refuse(name, why):
+    monkeypatch.setitem(api.BACKENDS, name, dataclasses.replace(
+        api.BACKENDS[name], supports=lambda _: why))
+
   assert api.AUTO_GPU_KERNEL == "pallas_gpu"
-  assert auto(None, lambda: None) == ("pallas_gpu", None)
+  refuse("pallas_mgpu", None)
+  assert api.select(pb, "gpu") == ("pallas_gpu", ())
   monkeypatch.setattr(api, "AUTO_GPU_KERNEL", "pallas_mgpu")
-  assert auto(None, lambda: None) == ("pallas_mgpu", None)
-  assert auto(None, lambda: "head_dim 32") == ("pallas_gpu", None)
-  assert auto("no triton", lambda: "head_dim 32") == ("xla", "no triton")
+  assert api.select(pb, "gpu") == ("pallas_mgpu", ())
+  refuse("pallas_mgpu", "head_dim 32")
+  assert api.select(pb, "gpu") == ("pallas_gpu", ("pallas_mgpu: head_dim 32",))
+  refuse("pallas_gpu", "no triton")
+  assert api.select(pb, "gpu")[0] == "xla"
 
 
 # ------------------------------------------------------------------ GPU (run with -m gpu)

@@ -360,14 +360,18 @@ def test_dispatch_interpret_tpu_and_block_errors():
 def test_auto_on_tpu_takes_the_kernels_at_long_lengths():
   """auto on TPU: the streaming kernels at any length up to AUTO_MAX_LEN (the old limit was
   8192: whole-sequence VMEM blocks); the reference where the kernels refuse the call."""
-  none = lambda: None
+  def problem(x):
+    return api.Problem(x, x, x, None, causal=True, score="softmax", q_offset=0, scale=None,
+                       p=15.0, reweight_offset_rows=3, block_q=None, block_k=None)
+
   for t in (8192, 32768, 131072):
     x = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.bfloat16)
-    assert api._auto("tpu", x, x, None, none, none) == ("pallas_tpu", None)
+    assert api.select(problem(x), "tpu") == ("pallas_tpu", ())
   x = jax.ShapeDtypeStruct((1, api.AUTO_MAX_LEN + 1, 1, 128), jnp.bfloat16)
-  assert api._auto("tpu", x, x, None, none, none)[0] == "xla"
+  assert api.select(problem(x), "tpu")[0] == "xla"
   short = jax.ShapeDtypeStruct((1, 64, 1, 8), jnp.float16)
-  assert api._auto("tpu", short, short, None, none, lambda: "no f16") == ("xla", "no f16")
+  assert api.select(problem(short), "tpu") == (
+      "xla", ("pallas_tpu: dtype float16 is not float32/bfloat16",))
 
 
 def _pallas_calls(jaxpr, out=None):
@@ -385,13 +389,17 @@ def _pallas_calls(jaxpr, out=None):
   return out
 
 
-def test_kernel_backend_tpu_runs_the_streaming_kernels():
-  """kernel.flash_attention(backend="tpu") (bench.py and older callers) delegates here: the
+def test_pallas_tpu_entry_runs_the_streaming_kernels():
+  """The backend table's pallas_tpu entry (auto's choice on TPU) runs these kernels: the
   forward and dq grids end in the streamed key axis, dk/dv's in (group, query blocks)."""
-  from pallas_kernels.attention import kernel
   q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
-  loss = lambda q, k, v: kernel.flash_attention(q, k, v).astype(jnp.float32).sum()
+
+  def loss(q, k, v):
+    pb = api.Problem(q, k, v, None, causal=True, score="softmax", q_offset=0, scale=None,
+                     p=15.0, reweight_offset_rows=3, block_q=None, block_k=None)
+    return api.BACKENDS["pallas_tpu"].run(pb).astype(jnp.float32).sum()
+
   calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, kv, kv).jaxpr)
   par, arb = "parallel", "arbitrary"
   assert calls == [((1, 4, 2, 2), (par, par, par, arb)), ((1, 4, 2, 2), (par, par, par, arb)),
