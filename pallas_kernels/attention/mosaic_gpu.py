@@ -60,9 +60,9 @@ multiple of 64 whose tiles fit the 227 KiB of shared memory (64 and 128 double-b
 64 x 128, backward 64 x 64: one warpgroup holds a 64-row tile's accumulators in
 registers), and a Hopper (sm_90) GPU when not interpreted.
 
-Verified: on CPU in GPU interpret mode against reference.py (values and gradients), and
-the Mosaic GPU lowering by exporting for CUDA from CPU (tests/kernels/
-test_attention_mgpu.py). Not verified: ptxas (register spills), timing, and anything
+Verified: on CPU in GPU interpret mode against reference.py (values and gradients,
+tests/kernels/test_conformance.py), and the Mosaic GPU lowering by exporting for CUDA from
+CPU (tests/kernels/test_attention_mgpu.py). Not verified: ptxas (register spills), timing, and anything
 about the real asynchrony of TMA / wgmma (the interpreter completes copies at issue, so
 missing fences or waits would not show there).
 

@@ -45,9 +45,10 @@ whole dim, so every block size is a multiple of 128 unless one block covers the 
 sequence; `supports()` says when a call cannot run. VMEM per grid step: `vmem_footprint()`
 (buffers from the BlockSpecs, double-buffered, plus scratch; T-independent by construction).
 
-State: values and gradients verified against the reference on CPU in interpret mode; the
-Mosaic lowering checked by exporting for TPU from CPU; compiled (not run) for TPU topologies
-with libtpu where present (tests/kernels/test_attention_tpu_streaming.py). Never run on a TPU.
+State: values and gradients verified against the reference on CPU in interpret mode
+(tests/kernels/test_conformance.py); the Mosaic lowering checked by exporting for TPU from
+CPU; compiled (not run) for TPU topologies with libtpu where present (tests/kernels/
+test_attention_tpu_streaming.py). Never run on a TPU.
 """
 
 from __future__ import annotations
