@@ -615,7 +615,7 @@ def custom_vjp_attention(forward, backward, *, heads_first=True):
 _attention = custom_vjp_attention(_forward, _backward)
 
 
-BACKENDS = ("interpret", "gpu", "tpu_resident")
+_BACKENDS = ("interpret", "gpu", "tpu_resident")
 
 
 def default_block(length: int, preferred: int = 128) -> int:
@@ -669,8 +669,8 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, backend, block_q=None,
         bwd_num_warps=None):
   """flash_attention with the maths options already built (api.py builds them once).
   Blocks default to 128 (one block for short sequences); on GPU to the GPU_* tables."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r} (the "
+  if backend not in _BACKENDS:
+    raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}; got {backend!r} (the "
                      "streaming TPU kernels are tpu_streaming.flash_attention)")
   if backend == "gpu":
     size = 4 if jnp.dtype(q.dtype).itemsize > 2 else 2

@@ -62,9 +62,9 @@ registers), and a Hopper (sm_90) GPU when not interpreted.
 
 Verified: on CPU in GPU interpret mode against reference.py (values and gradients,
 tests/kernels/test_conformance.py), and the Mosaic GPU lowering by exporting for CUDA from
-CPU (tests/kernels/test_attention_mgpu.py). Not verified: ptxas (register spills), timing, and anything
-about the real asynchrony of TMA / wgmma (the interpreter completes copies at issue, so
-missing fences or waits would not show there).
+CPU (tests/kernels/test_attention_mgpu.py). Not verified: ptxas (register spills), timing,
+and anything about the real asynchrony of TMA / wgmma (the interpreter completes copies at
+issue, so missing fences or waits would not show there).
 
 Synchronization (reviewed against the Pallas:MGPU reference; the interpreter cannot
 check it): every register -> SMEM store that a wgmma or a TMA store reads is followed by
