@@ -19,7 +19,6 @@ import jax
 from effjax import config as config_lib
 from effjax.config import Config, ConfigError
 from effjax.models import moe as moe_lib
-from effjax.models.attention import KERNEL_PLATFORMS
 from effjax.models.layers import ROLES
 from effjax.parallel import sharding
 
@@ -46,16 +45,16 @@ def _check_moe(config: Config) -> None:
 
 
 def _check_platform(config: Config, platform: Optional[str]) -> None:
+  """A named Pallas implementation must run on the target platform (the kernels' table
+  says which: pallas_kernels/attention/api.py)."""
+  from pallas_kernels.attention import api  # pylint: disable=g-import-not-at-top (pulls in Pallas)
   impl = config.model.attention.impl
-  needs = KERNEL_PLATFORMS.get(impl)
-  if not needs:
-    return
+  if impl not in api.BACKENDS or api.BACKENDS[impl].platform is None:
+    return  # auto, xla and the interpret modes run anywhere
   # Only here is a backend started (a sweep's parent process must not take the TPU).
-  platform = platform or jax.devices()[0].platform
-  if platform != needs:
-    raise ConfigError(f"model.attention.impl={impl} needs a {needs.upper()} backend; this is "
-                      f"{platform!r}. Valid here: auto, xla, interpret, interpret_mgpu, "
-                      f"interpret_tpu.")
+  why = api.unavailable_reason(impl, platform or jax.devices()[0].platform)
+  if why:
+    raise ConfigError(f"model.attention.impl={impl} {why}")
 
 
 def _check_mesh(config: Config, num_devices: int, rules: dict) -> None:

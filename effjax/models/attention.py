@@ -16,10 +16,6 @@ from flax import nnx
 from effjax.config import AttentionConfig
 from effjax.models.layers import RMSNorm
 
-# The platform each named Pallas implementation runs on (model.attention.impl).
-KERNEL_PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
-
-
 def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2)."""
   d = x_BxLxHxD.shape[-1]
@@ -79,13 +75,15 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
     log_n = positions_BxL + 1 if config.log_n_scale else None
     return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
                                  scale=scale, log_n_positions_BxL=log_n)
-  from pallas_kernels.attention import attention as kernel_attention  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import api  # pylint: disable=g-import-not-at-top
   options = {"scale": scale} if config.score == "softmax" else {}
   if config.score == "lssar":
     options = dict(p=config.lssar_p, reweight_offset_rows=config.lssar_offset_rows)
-  return kernel_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, causal=True, score=config.score,
-                          segment_ids=segment_ids_BxL, implementation=impl,
-                          platform=platform or KERNEL_PLATFORMS.get(impl), **options)
+  # A named kernel runs on its own platform; 'auto:<platform>' was resolved for the target.
+  platform = platform or getattr(api.BACKENDS.get(impl), "platform", None)
+  return api.attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, causal=True, score=config.score,
+                       segment_ids=segment_ids_BxL, implementation=impl, platform=platform,
+                       **options)
 
 
 class Attention(nnx.Module):

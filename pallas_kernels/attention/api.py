@@ -20,10 +20,15 @@
               hardware: auto does not pick it unless AUTO_GPU_KERNEL is flipped.
   interpret_mgpu  the pallas_mgpu kernels in Pallas' GPU interpret mode (simulated SMEM,
               barriers, TMA and wgmma) on any backend: how they are tested on CPU.
-  auto        pallas_tpu on TPU (T <= AUTO_MAX_LEN = 2^24), AUTO_GPU_KERNEL on GPU, where
-              the kernels support the call (falling back from pallas_mgpu to pallas_gpu),
-              else the reference (the fallback is logged once per backend, score and
-              reason).
+  auto        the first backend of auto_order(platform) whose supports() accepts the call:
+              pallas_tpu on TPU (T <= AUTO_MAX_LEN = 2^24), AUTO_GPU_KERNEL then
+              pallas_gpu on GPU, and always xla last (the reasons of the skipped ones are
+              logged once per platform, score and reasons).
+
+The backends are a table, BACKENDS = {name: Backend(platform, supports, run)}: attention()
+validates, builds a Problem (with the kernels' ScoreOptions, built once), and runs the named
+backend (raising with its reason when it cannot run the call) or auto's pick.
+unavailable_reason(name, platform) is the platform check config validation shares.
 
 Positions: query row r has 1-based position N = q_offset + r + 1, key j has position
 j + 1; causal means key_pos <= query_pos. With segment_ids [B, T] (q_len == kv_len),
@@ -34,12 +39,16 @@ behaves exactly like the same document alone.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import operator
+from typing import Any, Callable
 
 import jax
 
 from pallas_kernels.attention import kernel, mosaic_gpu, reference, tpu_streaming
+from pallas_kernels.attention.options import ScoreOptions
 
 SCORES = ("softmax", "lssa", "lssar")
 # Longest sequence `auto` sends to the TPU kernels. VMEM no longer bounds it: the streaming
@@ -47,8 +56,6 @@ SCORES = ("softmax", "lssa", "lssar")
 # in VMEM). What remains: the kernels count N_i (visible keys, LSSA/LSSAR) in fp32, exact up
 # to 2^24; their HBM use is linear in T.
 AUTO_MAX_LEN = 1 << 24
-IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "interpret",
-                   "interpret_mgpu", "interpret_tpu")
 # What `auto` runs on a GPU. The Mosaic GPU kernels (pallas_mgpu) are verified in interpret
 # mode and by exporting the CUDA lowering from CPU, but have never run on a GPU: flip this
 # to "pallas_mgpu" after tests/kernels/test_attention_mgpu.py -m gpu passes on a Hopper.
@@ -94,23 +101,132 @@ def _check_args(q, k, v, *, score, implementation, segment_ids, q_offset, block_
       raise ValueError(f"{name} must be a positive multiple of 8; got {blk!r}")
 
 
-_KERNEL_BACKEND = {"pallas_gpu": "gpu", "interpret": "interpret"}
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One validated attention() call, as the backends' supports() and run() see it."""
+  q: Any
+  k: Any
+  v: Any
+  segment_ids: Any
+  causal: bool
+  score: str
+  q_offset: int
+  scale: float | None
+  p: Any
+  reweight_offset_rows: int
+  block_q: int | None
+  block_k: int | None
+
+  @functools.cached_property
+  def opts(self) -> ScoreOptions:
+    """The kernels' maths options, built once per call (the reference takes the raw
+    arguments: it applies its own scale default)."""
+    return ScoreOptions.make(self.q, self.k, segment_ids=self.segment_ids, causal=self.causal,
+                             score=self.score, q_offset=self.q_offset, scale=self.scale,
+                             p=self.p, reweight_offset_rows=self.reweight_offset_rows)
 
 
-def _auto(backend: str, q, k, gpu_problem, mgpu_problem, tpu_problem):
-  """(implementation, reason for falling back or None) for implementation='auto'.
-  mgpu_problem / tpu_problem: callables giving the Mosaic GPU / TPU kernels' reason to
-  refuse a call, or None."""
-  if backend == "tpu":
-    if max(q.shape[1], k.shape[1]) > AUTO_MAX_LEN:
-      return "xla", f"length > {AUTO_MAX_LEN} (N_i is counted in fp32 in the kernels)"
-    why = tpu_problem()
-    return ("xla", why) if why else ("pallas_tpu", None)
-  if backend == "gpu":
-    if AUTO_GPU_KERNEL == "pallas_mgpu" and mgpu_problem() is None:
-      return "pallas_mgpu", None
-    return ("xla", gpu_problem) if gpu_problem else ("pallas_gpu", None)
-  return "xla", f"no Pallas kernel for backend {backend!r}"
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """platform: the jax backend it needs (None: any). supports(problem): None, or why it
+  cannot run the call. run(problem) -> [B, Tq, H, D]. auto_max_len: the longest sequence
+  `auto` sends to it (None: no limit; a named call is not limited)."""
+  platform: str | None
+  supports: Callable[[Problem], str | None]
+  run: Callable[[Problem], Any]
+  auto_max_len: int | None = None
+
+
+def _always(_: Problem) -> None:
+  return None
+
+
+def _reference(pb: Problem):
+  return reference.attention(pb.q, pb.k, pb.v, causal=pb.causal, score=pb.score,
+                             segment_ids=pb.segment_ids, q_offset=pb.q_offset, scale=pb.scale,
+                             p=pb.p, reweight_offset_rows=pb.reweight_offset_rows)
+
+
+def _blocks(pb: Problem) -> dict:
+  return dict(block_q=pb.block_q, block_k=pb.block_k)
+
+
+def _kernel(backend: str):
+  """kernel.py's kernels through Pallas' interpreter or Triton lowering."""
+  return lambda pb: kernel.run(pb.opts, pb.q, pb.k, pb.v, pb.segment_ids, backend=backend,
+                               **_blocks(pb))
+
+
+def _tpu(interpret: bool) -> tuple:
+  """(supports, run) of the streaming TPU kernels, on Mosaic or in the interpreter."""
+  supports = lambda pb: tpu_streaming.supports(pb.q, pb.k, score=pb.score, interpret=interpret,
+                                               **_blocks(pb))
+  run = lambda pb: tpu_streaming.run(pb.opts, pb.q, pb.k, pb.v, pb.segment_ids,
+                                     interpret=interpret, **_blocks(pb))
+  return supports, run
+
+
+def _mgpu(interpret: bool) -> tuple:
+  """(supports, run) of the Mosaic GPU kernels, on a Hopper or in GPU interpret mode."""
+  supports = lambda pb: mosaic_gpu.supports(pb.q, pb.k, pb.score, v=pb.v,
+                                            segments=pb.segment_ids is not None,
+                                            interpret=interpret, **_blocks(pb))
+  run = lambda pb: mosaic_gpu.run(pb.opts, pb.q, pb.k, pb.v, pb.segment_ids,
+                                  interpret=interpret, **_blocks(pb))
+  return supports, run
+
+
+# Every implementation but auto, in the order IMPLEMENTATIONS lists them.
+BACKENDS = {
+    "xla": Backend(None, _always, _reference),
+    "pallas_tpu": Backend("tpu", *_tpu(False), auto_max_len=AUTO_MAX_LEN),
+    "pallas_gpu": Backend("gpu", lambda pb: kernel.gpu_supports(pb.q, pb.k), _kernel("gpu")),
+    "pallas_mgpu": Backend("gpu", *_mgpu(False)),
+    "interpret": Backend(None, _always, _kernel("interpret")),
+    "interpret_mgpu": Backend(None, *_mgpu(True)),
+    "interpret_tpu": Backend(None, *_tpu(True)),
+}
+IMPLEMENTATIONS = ("auto", *BACKENDS)
+
+
+def auto_order(platform: str) -> tuple[str, ...]:
+  """The backends `auto` tries on `platform`, in order; always ends in xla. Read at call
+  time, so a changed AUTO_GPU_KERNEL takes effect."""
+  order = {"tpu": ("pallas_tpu",), "gpu": (AUTO_GPU_KERNEL, "pallas_gpu")}.get(platform, ())
+  return tuple(dict.fromkeys(order + ("xla",)))
+
+
+def unavailable_reason(implementation: str, platform: str | None = None) -> str | None:
+  """Why `implementation` cannot run on `platform` (a jax backend name; default: this
+  process's), or None when it can (given a call it supports). The text continues the
+  implementation's name: f"implementation={name!r} {reason}"."""
+  if implementation not in IMPLEMENTATIONS:
+    return f"is not one of {', '.join(IMPLEMENTATIONS)}"
+  platform = platform or jax.default_backend()
+  needs = None if implementation == "auto" else BACKENDS[implementation].platform
+  if needs in (None, platform):
+    return None
+  valid = [n for n in IMPLEMENTATIONS if n == "auto" or BACKENDS[n].platform in (None, platform)]
+  return (f"needs a {needs.upper()} backend; this is {platform!r}. Valid here: "
+          f"{', '.join(valid)}.")
+
+
+def select(pb: Problem, platform: str) -> tuple[str, tuple[str, ...]]:
+  """(the backend `auto` runs, the reasons of those it skipped on the way)."""
+  skipped = []
+  for name in auto_order(platform):
+    backend = BACKENDS[name]
+    length = max(pb.q.shape[1], pb.k.shape[1])
+    if backend.auto_max_len is not None and length > backend.auto_max_len:
+      why = f"length > {backend.auto_max_len} (N_i is counted in fp32 in the kernels)"
+    else:
+      why = backend.supports(pb)
+    if why is None:
+      if name == "xla" and not skipped:
+        skipped.append(f"no Pallas kernel for backend {platform!r}")
+      return name, tuple(skipped)
+    skipped.append(f"{name}: {why}")
+  raise AssertionError("auto_order ends in xla, which supports every call")
 
 
 def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_ids=None,
@@ -133,63 +249,25 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
   _check_args(q, k, v, score=score, implementation=implementation, segment_ids=segment_ids,
               q_offset=q_offset, block_q=block_q, block_k=block_k, p=p,
               reweight_offset_rows=reweight_offset_rows)
-  backend = platform or jax.default_backend()
-  gpu_problem = kernel.gpu_supports(q, k) if backend == "gpu" else "not a GPU backend"
-  for name, needs in (("pallas_tpu", "tpu"), ("pallas_gpu", "gpu"), ("pallas_mgpu", "gpu")):
-    if implementation == name and backend != needs:
-      raise ValueError(f"implementation={name!r} needs a {needs.upper()} backend; this is "
-                       f"{backend!r}. Valid here: auto, xla, interpret, interpret_mgpu, "
-                       "interpret_tpu.")
-  if implementation == "pallas_gpu" and gpu_problem:
-    raise ValueError(f"implementation='pallas_gpu' cannot run this call: {gpu_problem}. "
-                     "Use implementation='auto' or 'xla'.")
-
-  def mgpu_problem(interpret=False):
-    return mosaic_gpu.supports(q, k, score, v=v, block_q=block_q, block_k=block_k,
-                               segments=segment_ids is not None, interpret=interpret)
-
-  def mgpu(interpret=False):
-    return mosaic_gpu.flash_attention(q, k, v, segment_ids, causal=causal, score=score,
-                                      q_offset=operator.index(q_offset), scale=scale, p=p,
-                                      reweight_offset_rows=reweight_offset_rows,
-                                      block_q=block_q, block_k=block_k, interpret=interpret)
-
-  def tpu_problem(interpret=False):
-    return tpu_streaming.supports(q, k, score=score, block_q=block_q, block_k=block_k,
-                                  interpret=interpret)
-
-  if implementation in ("pallas_tpu", "interpret_tpu"):
-    why = tpu_problem(implementation == "interpret_tpu")
+  pb = Problem(q, k, v, segment_ids, causal=causal, score=score,
+               q_offset=operator.index(q_offset), scale=scale, p=p,
+               reweight_offset_rows=reweight_offset_rows, block_q=block_q, block_k=block_k)
+  platform = platform or jax.default_backend()
+  if implementation != "auto":
+    why = unavailable_reason(implementation, platform)
     if why:
-      raise ValueError(f"implementation={implementation!r} cannot run this call: {why}. "
-                       "Use implementation='auto' or 'xla'.")
-
-  if implementation in ("pallas_mgpu", "interpret_mgpu"):
-    interpret = implementation == "interpret_mgpu"
-    why = mgpu_problem(interpret)
+      raise ValueError(f"implementation={implementation!r} {why}")
+    why = BACKENDS[implementation].supports(pb)
     if why:
-      raise ValueError(f"implementation={implementation!r} cannot run this call: {why}. "
-                       "Use implementation='auto', 'pallas_gpu' or 'xla'.")
-    return mgpu(interpret)
-  if implementation == "auto":
-    implementation, why = _auto(backend, q, k, gpu_problem, mgpu_problem, tpu_problem)
-    if implementation == "pallas_mgpu":
-      return mgpu()
-    if implementation == "xla" and (backend, score, why) not in _logged:
-      _logged.add((backend, score, why))
-      _LOG.log(logging.INFO if backend == "cpu" else logging.WARNING,
-               "attention(score=%r, implementation='auto'): %s; using the XLA reference", score,
-               why)
-  if implementation in ("pallas_tpu", "interpret_tpu"):
-    return tpu_streaming.flash_attention(
-        q, k, v, segment_ids, causal=causal, score=score, q_offset=operator.index(q_offset),
-        scale=scale, p=p, reweight_offset_rows=reweight_offset_rows, block_q=block_q,
-        block_k=block_k, interpret=implementation == "interpret_tpu")
-  if implementation in ("pallas_gpu", "interpret"):
-    return kernel.flash_attention(q, k, v, segment_ids, causal=causal, score=score,
-                                  q_offset=operator.index(q_offset), scale=scale, p=p,
-                                  reweight_offset_rows=reweight_offset_rows, block_q=block_q,
-                                  block_k=block_k, backend=_KERNEL_BACKEND[implementation])
-  return reference.attention(q, k, v, causal=causal, score=score, segment_ids=segment_ids,
-                             q_offset=q_offset, scale=scale, p=p,
-                             reweight_offset_rows=reweight_offset_rows)
+      *others, last = ["auto"] + [n for n in auto_order(platform) if n != implementation]
+      raise ValueError(f"implementation={implementation!r} cannot run this call: {why}. Use "
+                       f"implementation={', '.join(map(repr, others))} or {last!r}.")
+    return BACKENDS[implementation].run(pb)
+  name, skipped = select(pb, platform)
+  if skipped and (platform, score, skipped) not in _logged:
+    _logged.add((platform, score, skipped))
+    using = "the XLA reference" if name == "xla" else name
+    _LOG.log(logging.INFO if platform == "cpu" else logging.WARNING,
+             "attention(score=%r, implementation='auto'): %s; using %s", score,
+             "; ".join(skipped), using)
+  return BACKENDS[name].run(pb)

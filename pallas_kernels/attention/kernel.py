@@ -43,9 +43,9 @@ VMEM block that the loop slices (double-buffered: ~8 T D bytes in bf16). That su
 Triton GPU lowering (the loop streams from global memory) but not TPU VMEM: compiled for
 v5p with libtpu (bf16, D = 128), the default 16 MiB scoped VMEM overflows from T = 16k for
 LSSAR and T = 32k for softmax. So
-backend="tpu" runs tpu_streaming.py instead (the same maths, both sequences streamed
-through the grid, VMEM per step independent of T); backend="tpu_resident" keeps these
-kernels on Mosaic for comparison on hardware. Verified against the reference on CPU in
+on TPU, api.attention runs tpu_streaming.py instead (the same maths, both sequences
+streamed through the grid, VMEM per step independent of T); backend="tpu_resident" keeps
+these kernels on Mosaic for comparison on hardware. Verified against the reference on CPU in
 interpret mode. On GPU these kernels compile through Pallas' Triton lowering (tested and
 benchmarked on an H100: results/perf/attention.md); the Mosaic GPU (wgmma / TMA) version
 is mosaic_gpu.py.
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -63,24 +62,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.attention import reference
+from pallas_kernels.attention.options import ScoreOptions
 
 _NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """Static kernel options (hashable: used as a custom_vjp nondiff argument)."""
-  score: str
-  causal: bool
-  has_segments: bool
-  q_len: int
-  kv_len: int
-  q_offset: int
-  scale: float
-  p: float
-  offset_rows: int
-  log_d: float
+class Config(ScoreOptions):
+  """The shared maths options plus these kernels' tiling (hashable: a custom_vjp nondiff
+  argument)."""
   block_q: int
   block_k: int
   backend: str  # "interpret" | "tpu_resident" (Mosaic) | "gpu" (Triton lowering); "tpu" for
@@ -110,7 +101,7 @@ class Config:
     mk = max(self.block_k, self.bwd_block_k or 0)
     if self.pad_multiple_q:
       mq, mk = self.pad_multiple_q, self.pad_multiple_k
-    return pl.cdiv(self.q_len, mq) * mq, pl.cdiv(self.kv_len, mk) * mk
+    return self.padded(mq, mk)
 
 
 def _pow(x, p: float):
@@ -593,24 +584,28 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_t, stats, g):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def custom_vjp_attention(forward, backward):
+def custom_vjp_attention(forward, backward, *, heads_first=True):
   """attention(cfg, q, k, v, segment_ids) -> [B, Tq, H, D] with a custom VJP, from
-  forward(cfg, q, k, v, seg) -> (out [B, H, Tq_pad, D], stats) and
-  backward(cfg.backward(), q, k, v, seg, out, stats, g) -> (dq, dk, dv). Shared by these
-  kernels and the streaming TPU kernels (tpu_streaming.py)."""
+  forward(cfg, q, k, v, seg) -> (out, stats) and
+  backward(cfg.backward(), q, k, v, seg, out, stats, g) -> (dq, dk, dv); out is the padded
+  output, [B, H, Tq_pad, D] (heads_first) or [B, Tq_pad, H, D]. Shared by these kernels,
+  the streaming TPU kernels (tpu_streaming.py) and the Mosaic GPU kernels (mosaic_gpu.py)."""
+
+  def unpad(cfg, out):
+    return (out.transpose(0, 2, 1, 3) if heads_first else out)[:, :cfg.q_len]
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
   def attention(cfg, q, k, v, segment_ids):
-    out_t, _ = forward(cfg, q, k, v, segment_ids)
-    return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len]
+    out, _ = forward(cfg, q, k, v, segment_ids)
+    return unpad(cfg, out)
 
   def attention_fwd(cfg, q, k, v, segment_ids):
-    out_t, stats = forward(cfg, q, k, v, segment_ids)
-    return out_t.transpose(0, 2, 1, 3)[:, :cfg.q_len], (q, k, v, segment_ids, out_t, stats)
+    out, stats = forward(cfg, q, k, v, segment_ids)
+    return unpad(cfg, out), (q, k, v, segment_ids, out, stats)
 
   def attention_bwd(cfg, res, g):
-    q, k, v, segment_ids, out_t, stats = res
-    dq, dk, dv = backward(cfg.backward(), q, k, v, segment_ids, out_t, stats, g)
+    q, k, v, segment_ids, out, stats = res
+    dq, dk, dv = backward(cfg.backward(), q, k, v, segment_ids, out, stats, g)
     return dq, dk, dv, None
 
   attention.defvjp(attention_fwd, attention_bwd)
@@ -618,6 +613,9 @@ def custom_vjp_attention(forward, backward):
 
 
 _attention = custom_vjp_attention(_forward, _backward)
+
+
+_BACKENDS = ("interpret", "gpu", "tpu_resident")
 
 
 def default_block(length: int, preferred: int = 128) -> int:
@@ -651,27 +649,32 @@ def gpu_supports(q, k) -> str | None:
   return None
 
 
-def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", q_offset=0,
-                    scale=None, p=15.0, reweight_offset_rows=3, block_q=None, block_k=None,
-                    backend="tpu", num_warps=None, num_stages=None, bwd_block_q=None,
-                    bwd_block_k=None, bwd_num_warps=None):
+def flash_attention(q, k, v, segment_ids=None, *, backend, causal=True, score="softmax",
+                    q_offset=0, scale=None, p=15.0, reweight_offset_rows=3, **tiling):
   """Pallas attention, forward and backward kernels (see the module docstring).
 
   q [B, Tq, H, D], k/v [B, Tk, K, D]; returns [B, Tq, H, D]. Arguments are validated by
-  api.attention. backend: "gpu" (Triton lowering), "interpret", "tpu" (delegates to
-  tpu_streaming.flash_attention: the streaming Mosaic kernels; num_warps / num_stages do
-  not apply) or "tpu_resident" (these kernels on Mosaic, whole-sequence VMEM blocks).
+  api.attention. backend: "gpu" (Triton lowering), "interpret", or "tpu_resident" (these
+  kernels on Mosaic, whole-sequence VMEM blocks; the TPU kernels are tpu_streaming.py's).
+  tiling: run()'s block / warp options.
   """
-  if backend == "tpu":
-    from pallas_kernels.attention import tpu_streaming  # pylint: disable=g-import-not-at-top
-    return tpu_streaming.flash_attention(
-        q, k, v, segment_ids, causal=causal, score=score, q_offset=q_offset, scale=scale, p=p,
-        reweight_offset_rows=reweight_offset_rows, block_q=block_q, block_k=block_k,
-        bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k)
-  d = q.shape[-1]
+  opts = ScoreOptions.make(q, k, segment_ids=segment_ids, causal=causal, score=score,
+                           q_offset=q_offset, scale=scale, p=p,
+                           reweight_offset_rows=reweight_offset_rows)
+  return run(opts, q, k, v, segment_ids, backend=backend, **tiling)
+
+
+def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, backend, block_q=None, block_k=None,
+        num_warps=None, num_stages=None, bwd_block_q=None, bwd_block_k=None,
+        bwd_num_warps=None):
+  """flash_attention with the maths options already built (api.py builds them once).
+  Blocks default to 128 (one block for short sequences); on GPU to the GPU_* tables."""
+  if backend not in _BACKENDS:
+    raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}; got {backend!r} (the "
+                     "streaming TPU kernels are tpu_streaming.flash_attention)")
   if backend == "gpu":
     size = 4 if jnp.dtype(q.dtype).itemsize > 2 else 2
-    fwd = (GPU_FWD if score == "softmax" else GPU_FWD_SOFTPLUS)[size]
+    fwd = (GPU_FWD if opts.score == "softmax" else GPU_FWD_SOFTPLUS)[size]
     bwd = GPU_BWD[size]
     block_q = _gpu_block(q.shape[1], block_q or fwd[0])
     block_k = _gpu_block(k.shape[1], block_k or fwd[1])
@@ -679,12 +682,9 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
     bwd_block_q = _gpu_block(q.shape[1], bwd_block_q or bwd[0])
     bwd_block_k = _gpu_block(k.shape[1], bwd_block_k or bwd[1])
     bwd_num_warps = bwd_num_warps or bwd[2]
-  cfg = Config(score=score, causal=bool(causal), has_segments=segment_ids is not None,
-               q_len=q.shape[1], kv_len=k.shape[1], q_offset=int(q_offset),
-               scale=float(1.0 / math.sqrt(d) if scale is None else scale), p=float(p),
-               offset_rows=int(reweight_offset_rows), log_d=math.log(d),
-               block_q=int(block_q or default_block(q.shape[1])),
-               block_k=int(block_k or default_block(k.shape[1])), backend=backend,
-               num_warps=num_warps, num_stages=num_stages, bwd_block_q=bwd_block_q,
-               bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps)
+  cfg = Config.with_tiling(
+      opts, block_q=int(block_q or default_block(q.shape[1])),
+      block_k=int(block_k or default_block(k.shape[1])), backend=backend,
+      num_warps=num_warps, num_stages=num_stages, bwd_block_q=bwd_block_q,
+      bwd_block_k=bwd_block_k, bwd_num_warps=bwd_num_warps)
   return _attention(cfg, q, k, v, segment_ids)

@@ -60,11 +60,11 @@ multiple of 64 whose tiles fit the 227 KiB of shared memory (64 and 128 double-b
 64 x 128, backward 64 x 64: one warpgroup holds a 64-row tile's accumulators in
 registers), and a Hopper (sm_90) GPU when not interpreted.
 
-Verified: on CPU in GPU interpret mode against reference.py (values and gradients), and
-the Mosaic GPU lowering by exporting for CUDA from CPU (tests/kernels/
-test_attention_mgpu.py). Not verified: ptxas (register spills), timing, and anything
-about the real asynchrony of TMA / wgmma (the interpreter completes copies at issue, so
-missing fences or waits would not show there).
+Verified: on CPU in GPU interpret mode against reference.py (values and gradients,
+tests/kernels/test_conformance.py), and the Mosaic GPU lowering by exporting for CUDA from
+CPU (tests/kernels/test_attention_mgpu.py). Not verified: ptxas (register spills), timing,
+and anything about the real asynchrony of TMA / wgmma (the interpreter completes copies at
+issue, so missing fences or waits would not show there).
 
 Synchronization (reviewed against the Pallas:MGPU reference; the interpreter cannot
 check it): every register -> SMEM store that a wgmma or a TMA store reads is followed by
@@ -93,7 +93,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.attention import reference
+from pallas_kernels.attention import kernel, reference
+from pallas_kernels.attention.options import ScoreOptions
 
 try:  # Pallas:MGPU is part of jax; keep the module importable if a build lacks it.
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -141,18 +142,9 @@ def reset_interpret_state():
 # Static configuration.
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """Static kernel options (hashable: a custom_vjp nondiff argument)."""
-  score: str
-  causal: bool
-  has_segments: bool
-  q_len: int
-  kv_len: int
-  q_offset: int
-  scale: float
-  p: float
-  offset_rows: int
-  log_d: float
+class Config(ScoreOptions):
+  """The shared maths options plus these kernels' tiling (hashable: a custom_vjp nondiff
+  argument)."""
   groups: int            # q heads per kv head
   block_q: int
   block_k: int
@@ -163,10 +155,14 @@ class Config:
   dkv_slots: int
   interpret: object      # False, True, or an interpret-params instance (e.g. detect_races)
 
+  def backward(self) -> "Config":
+    """The options of the backward kernels: the same (they read bwd_block_*)."""
+    return self
+
   def padded_lengths(self) -> tuple[int, int]:
     mq = max(self.block_q, self.bwd_block_q)  # powers of two: the max is a common multiple
     mk = max(self.block_k, self.bwd_block_k)
-    return pl.cdiv(self.q_len, mq) * mq, pl.cdiv(self.kv_len, mk) * mk
+    return self.padded(mq, mk)
 
 
 # Per-query fp32 factors the wrapper computes from q, the counts N_i and the forward's
@@ -1017,23 +1013,7 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_p, stats, g):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: Config, q, k, v, segment_ids):
-  out, _ = _forward(cfg, q, k, v, segment_ids)
-  return out[:, :cfg.q_len]
-
-
-def _attention_fwd(cfg, q, k, v, segment_ids):
-  out, stats = _forward(cfg, q, k, v, segment_ids)
-  return out[:, :cfg.q_len], (q, k, v, segment_ids, out, stats)
-
-
-def _attention_bwd(cfg, res, g):
-  q, k, v, segment_ids, out, stats = res
-  return (*_backward(cfg, q, k, v, segment_ids, out, stats, g), None)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = kernel.custom_vjp_attention(_forward, _backward, heads_first=False)
 
 
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", q_offset=0,
@@ -1052,18 +1032,26 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
                  interpret=bool(interpret))
   if why:
     raise ValueError(f"Mosaic GPU attention cannot run this call: {why}")
+  opts = ScoreOptions.make(q, k, segment_ids=segment_ids, causal=causal, score=score,
+                           q_offset=q_offset, scale=scale, p=p,
+                           reweight_offset_rows=reweight_offset_rows)
+  return run(opts, q, k, v, segment_ids, block_q=block_q, block_k=block_k,
+             bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret)
+
+
+def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=None,
+        bwd_block_q=None, bwd_block_k=None, interpret=False):
+  """flash_attention with the maths options already built and supports() already checked
+  (api.py does both)."""
   d = q.shape[-1]
   bq, bk, bbq, bbk = (x or dflt for x, dflt in zip(
       (block_q, block_k, bwd_block_q, bwd_block_k), default_blocks(q.shape[1], k.shape[1])))
   isz = jnp.dtype(q.dtype).itemsize
-  seg = segment_ids is not None
-  cfg = Config(score=score, causal=bool(causal), has_segments=seg, q_len=q.shape[1],
-               kv_len=k.shape[1], q_offset=int(q_offset),
-               scale=float(1.0 / math.sqrt(d) if scale is None else scale), p=float(p),
-               offset_rows=int(reweight_offset_rows), log_d=math.log(d),
-               groups=q.shape[2] // k.shape[2], block_q=bq, block_k=bk, bwd_block_q=bbq,
-               bwd_block_k=bbk, fwd_slots=_slots("fwd", score, isz, d, bq, bk, seg),
-               dq_slots=_slots("dq", score, isz, d, bbq, bbk, seg),
-               dkv_slots=_slots("dkv", score, isz, d, bbq, bbk, seg),
-               interpret=interpret if interpret else False)
+  score, seg = opts.score, opts.has_segments
+  cfg = Config.with_tiling(
+      opts, groups=q.shape[2] // k.shape[2], block_q=bq, block_k=bk, bwd_block_q=bbq,
+      bwd_block_k=bbk, fwd_slots=_slots("fwd", score, isz, d, bq, bk, seg),
+      dq_slots=_slots("dq", score, isz, d, bbq, bbk, seg),
+      dkv_slots=_slots("dkv", score, isz, d, bbq, bbk, seg),
+      interpret=interpret if interpret else False)
   return _attention(cfg, q, k, v, segment_ids)

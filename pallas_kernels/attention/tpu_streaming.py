@@ -45,9 +45,10 @@ whole dim, so every block size is a multiple of 128 unless one block covers the 
 sequence; `supports()` says when a call cannot run. VMEM per grid step: `vmem_footprint()`
 (buffers from the BlockSpecs, double-buffered, plus scratch; T-independent by construction).
 
-State: values and gradients verified against the reference on CPU in interpret mode; the
-Mosaic lowering checked by exporting for TPU from CPU; compiled (not run) for TPU topologies
-with libtpu where present (tests/kernels/test_attention_tpu_streaming.py). Never run on a TPU.
+State: values and gradients verified against the reference on CPU in interpret mode
+(tests/kernels/test_conformance.py); the Mosaic lowering checked by exporting for TPU from
+CPU; compiled (not run) for TPU topologies with libtpu where present (tests/kernels/
+test_attention_tpu_streaming.py). Never run on a TPU.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.attention import kernel as K
 from pallas_kernels.attention import reference
+from pallas_kernels.attention.options import ScoreOptions
 
 # Default blocks (block_q, block_k) for sequences longer than a block. A TPU pays ~0.35 us
 # of pipeline overhead per grid step, so blocks are large. Mosaic's VMEM need per kernel at
@@ -692,19 +694,22 @@ def supports(q, k, *, score="softmax", block_q=None, block_k=None, bwd_block_q=N
 
 
 def make_config(q, k, *, segment_ids=None, causal=True, score="softmax", q_offset=0,
-                scale=None, p=15.0, reweight_offset_rows=3, block_q=None, block_k=None,
-                bwd_block_q=None, bwd_block_k=None, interpret=False,
-                vmem_limit_bytes=None) -> StreamConfig:
-  d = q.shape[-1]
-  fq, fk, bq, bk = _blocks(score, q.shape[1], k.shape[1], block_q, block_k, bwd_block_q,
-                           bwd_block_k)
-  return StreamConfig(
-      score=score, causal=bool(causal), has_segments=segment_ids is not None,
-      q_len=q.shape[1], kv_len=k.shape[1], q_offset=int(q_offset),
-      scale=float(1.0 / math.sqrt(d) if scale is None else scale), p=float(p),
-      offset_rows=int(reweight_offset_rows), log_d=math.log(d), block_q=int(fq),
-      block_k=int(fk), backend="tpu", bwd_block_q=int(bq), bwd_block_k=int(bk),
-      interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
+                scale=None, p=15.0, reweight_offset_rows=3, **tiling) -> StreamConfig:
+  """The StreamConfig a call runs with (tiling: tile_config's options)."""
+  opts = ScoreOptions.make(q, k, segment_ids=segment_ids, causal=causal, score=score,
+                           q_offset=q_offset, scale=scale, p=p,
+                           reweight_offset_rows=reweight_offset_rows)
+  return tile_config(opts, **tiling)
+
+
+def tile_config(opts: ScoreOptions, *, block_q=None, block_k=None, bwd_block_q=None,
+                bwd_block_k=None, interpret=False, vmem_limit_bytes=None) -> StreamConfig:
+  """The shared maths options plus these kernels' blocks (TPU_FWD / TPU_BWD by default)."""
+  fq, fk, bq, bk = _blocks(opts.score, opts.q_len, opts.kv_len, block_q, block_k,
+                           bwd_block_q, bwd_block_k)
+  return StreamConfig.with_tiling(
+      opts, block_q=int(fq), block_k=int(fk), backend="tpu", bwd_block_q=int(bq),
+      bwd_block_k=int(bk), interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
 
 
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", q_offset=0,
@@ -723,12 +728,18 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
                  bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret)
   if why:
     raise ValueError(f"TPU streaming attention cannot run this call: {why}")
-  cfg = make_config(q, k, segment_ids=segment_ids, causal=causal, score=score,
-                    q_offset=q_offset, scale=scale, p=p,
-                    reweight_offset_rows=reweight_offset_rows, block_q=block_q,
-                    block_k=block_k, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k,
-                    interpret=interpret, vmem_limit_bytes=vmem_limit_bytes)
-  return _attention(cfg, q, k, v, segment_ids)
+  opts = ScoreOptions.make(q, k, segment_ids=segment_ids, causal=causal, score=score,
+                           q_offset=q_offset, scale=scale, p=p,
+                           reweight_offset_rows=reweight_offset_rows)
+  return run(opts, q, k, v, segment_ids, block_q=block_q, block_k=block_k,
+             bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret,
+             vmem_limit_bytes=vmem_limit_bytes)
+
+
+def run(opts: ScoreOptions, q, k, v, segment_ids=None, **tiling):
+  """flash_attention with the maths options already built and supports() already checked
+  (api.py does both)."""
+  return _attention(tile_config(opts, **tiling), q, k, v, segment_ids)
 
 
 def vmem_footprint(cfg: StreamConfig, *, batch, heads, kv_heads, head_dim, dtype) -> dict:

@@ -1,15 +1,10 @@
 """Streaming TPU attention kernels (pallas_kernels/attention/tpu_streaming.py; implementation
-"pallas_tpu" / "interpret_tpu"): values and gradients in interpret mode versus the
-reference, the Mosaic lowering (export for TPU from CPU, up to T = 32k), the VMEM footprint
-per grid step (independent of T), the DMA-skipping index maps, dispatch, and (slow, where
-libtpu is importable) compilation for TPU topologies with Mosaic's real compiler.
-
-Tolerances as tests/kernels/test_attention.py (the kernels do the same maths): fp32 outputs
-1e-5 for softmax and LSSA, 5e-5 for LSSAR (the p-th power multiplies A's relative rounding
-by ~p); gradients max|kernel - ref| <= tol * max|ref|. Observed here: ~7e-7 (softmax, LSSA)
-and ~1e-5 (LSSAR) on outputs, <= 5e-6 relative on gradients. Interpret mode runs blocks of
-32 (the lane-width rule for Mosaic blocks does not apply to the interpreter), so small
-shapes still have several blocks per axis.
+"pallas_tpu" / "interpret_tpu"), what the conformance suite (test_conformance.py: interpret
+mode versus the reference) does not cover: TPU interpret mode (simulated VMEM, random grid
+order), the Mosaic lowering (export for TPU from CPU, up to T = 32k), the VMEM footprint per
+grid step (independent of T), the DMA-skipping index maps, and (slow, where libtpu is
+importable) compilation for TPU topologies with Mosaic's real compiler; -m tpu: on a TPU.
+Tolerances as in conformance.py.
 """
 
 import importlib.util
@@ -22,110 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import api, attention, reference, tpu_streaming as ts
+from pallas_kernels.attention import attention, reference, tpu_streaming as ts
+from tests.kernels.conformance import (SCORES, TOL, assert_close, check, out_and_grads,
+                                       packed, pallas_calls, qkv)
 
-TOL = {"softmax": 1e-5, "lssa": 1e-5, "lssar": 5e-5}
-SCORES = ("softmax", "lssa", "lssar")
-BLOCKS = dict(block_q=32, block_k=32)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _qkv(b=1, t=37, h=2, kv=2, d=64, seed=0, tk=None, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-  tk = tk or t
-  return tuple(x.astype(dtype) for x in (jax.random.normal(ks[0], (b, t, h, d)),
-                                         jax.random.normal(ks[1], (b, tk, kv, d)),
-                                         jax.random.normal(ks[2], (b, tk, kv, d))))
+BLOCKS = dict(block_q=32, block_k=32)  # interpret mode: no lane-width rule for blocks
 
 
-def _packed(b, t):
-  """Row 0: three documents (one of length 1); row 1: one document."""
-  row0 = [1] * (t // 3) + [2] + [3] * (t - t // 3 - 1)
-  return jnp.asarray([row0, [7] * t][:b], jnp.int32)
+def _check(q, k, v, *, score, segment_ids=None, interpret=True, blocks=None, **kw):
+  """The streaming kernels (blocks: the TPU defaults unless given) against the reference."""
+  check(lambda q, k, v: ts.flash_attention(q, k, v, segment_ids, score=score,
+                                           interpret=interpret, **(blocks or {}), **kw),
+        q, k, v, tol=TOL[score], fast=True, segment_ids=segment_ids, score=score, **kw)
 
 
-# Interpret-mode kernels are compile-bound on CPU (~3-5 s per configuration; running takes
-# ~0.1 s): XLA's backend optimisation level 0 nearly halves that for the kernels. Only for
-# the kernels: at level 0 the LSSAR *reference* gradient came out NaN here (XLA CPU codegen
-# of its masked power), so the reference compiles at the default level.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _out_and_grads(fn, q, k, v, cot, fast=False):
-  """fn's output and d(sum(out * cot))/d(q, k, v), in one jitted call."""
-  def loss(q, k, v):
-    out = fn(q, k, v)
-    return jnp.sum(out.astype(jnp.float32) * cot), out
-  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-  opts = FAST_COMPILE if fast else {}
-  (_, out), grads = f.lower(q, k, v).compile(compiler_options=opts)(q, k, v)
-  return out, grads
-
-
-def _assert_close(a, b, tol, what):
-  b = np.asarray(b)
-  np.testing.assert_allclose(a, b, atol=tol * max(1.0, float(np.abs(b).max())), rtol=tol,
-                             err_msg=what)
-
-
-def _check(q, k, v, *, score, segment_ids=None, interpret=True, tol=None, blocks=BLOCKS,
-           **kw):
-  tol = tol or TOL[score]
-  cot = jax.random.normal(jax.random.PRNGKey(9), q.shape)  # a non-uniform cotangent
-  out_k, g_k = _out_and_grads(
-      lambda q, k, v: ts.flash_attention(q, k, v, segment_ids, score=score,
-                                         interpret=interpret, **blocks, **kw), q, k, v, cot,
-      fast=True)
-  out_r, g_r = _out_and_grads(
-      lambda q, k, v: reference.attention(q, k, v, score=score, segment_ids=segment_ids, **kw),
-      q, k, v, cot)
-  assert bool(jnp.all(jnp.isfinite(out_k)))
-  np.testing.assert_allclose(out_k, out_r, atol=tol, rtol=tol, err_msg="output")
-  for name, a, b in zip("qkv", g_k, g_r):
-    assert float(jnp.abs(b).max()) > 0, f"d{name} is zero: the test checks nothing"
-    _assert_close(a, b, tol, f"d{name}")
-
-
-# ------------------------------------------------------------------ interpret vs reference
-
-_MQA_128 = (1, 64, 4, 1, 128, False)  # GQA 4 (MQA), head dim 128
-
-
-@pytest.mark.parametrize("score, b, t, h, kv, d, packed", [
-    *[(s, 1, 37, 2, 2, 64, False) for s in SCORES],   # GQA 1, length not a block multiple
-    *[(s, 2, 100, 4, 2, 64, True) for s in SCORES],   # GQA 2, packed (count kernel), ragged
-    ("softmax", *_MQA_128), ("lssar", *_MQA_128),
-    pytest.param("lssa", *_MQA_128, marks=pytest.mark.slow),
-])
-def test_streaming_matches_reference(score, b, t, h, kv, d, packed):
-  q, k, v = _qkv(b, t, h, kv, d)
-  _check(q, k, v, score=score, segment_ids=_packed(b, t) if packed else None)
-
-
-@pytest.mark.parametrize("score, case", [
-    ("lssa", "non_causal"), ("lssar", "non_causal"), ("softmax", "q_offset"),
-    ("lssar", "q_offset"),
-    pytest.param("softmax", "non_causal", marks=pytest.mark.slow),
-    pytest.param("lssa", "q_offset", marks=pytest.mark.slow)])
-def test_streaming_non_causal_and_q_offset(score, case):
-  """Non-causal (no block skipping; N_i = the whole segment), or a query chunk at q_offset
-  into a longer key sequence (N_i = q_offset + r + 1): the causal clamp starts
-  mid-sequence and the key grid has padding blocks past kv_len."""
-  if case == "non_causal":
-    q, k, v = _qkv(2, 40, 2, 1, 64, seed=2)
-    _check(q, k, v, score=score, causal=False, segment_ids=_packed(2, 40))
-  else:
-    q, k, v = _qkv(1, 24, 4, 2, 64, seed=3, tk=70)
-    _check(q, k, v, score=score, q_offset=46)
-
-
-def test_streaming_separate_backward_blocks():
-  """Backward blocks unlike the forward's (the TPU default: 512 forward, 256 LSSAR backward)
-  reuse the forward's padded residuals; non-square blocks on both sides."""
-  q, k, v = _qkv(2, 100, 4, 2, 64, seed=21)
-  _check(q, k, v, score="lssar", segment_ids=_packed(2, 100),
-         blocks=dict(block_q=64, block_k=32, bwd_block_q=16, bwd_block_k=64))
-
+# ------------------------------------------------------------------ TPU interpret mode
 
 def test_streaming_tpu_interpret_mode():
   """TPU interpret mode (pltpu.InterpretParams): simulated VMEM/DMAs, scratch and outputs
@@ -134,86 +43,28 @@ def test_streaming_tpu_interpret_mode():
   'arbitrary' axes. LSSAR with segments uses every kernel (counts, two-pass forward, dq with
   C, dk/dv with GQA 2)."""
   from jax.experimental.pallas import tpu as pltpu
-  q, k, v = _qkv(1, 70, 4, 2, 64, seed=4)
+  q, k, v = qkv(1, 70, 4, 2, 64, seed=4)
   params = pltpu.InterpretParams(random_seed=7, uninitialized_memory="nan")
-  _check(q, k, v, score="lssar", segment_ids=_packed(1, 70), interpret=params)
+  _check(q, k, v, score="lssar", segment_ids=packed(1, 70), interpret=params,
+         blocks=BLOCKS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("score", ["softmax", "lssa"])
 def test_streaming_tpu_interpret_mode_other_scores(score):
   from jax.experimental.pallas import tpu as pltpu
-  q, k, v = _qkv(2, 100, 4, 2, 64, seed=4)
+  q, k, v = qkv(2, 100, 4, 2, 64, seed=4)
   params = pltpu.InterpretParams(random_seed=7, uninitialized_memory="nan")
-  _check(q, k, v, score=score, segment_ids=_packed(2, 100), interpret=params)
-
-
-def test_streaming_lssar_uniform_rows_fall_back_to_lssa():
-  """Identical keys: every row is uniform, the ReLU vanishes and rows fall back to LSSA,
-  decided in pass 2 from the pass-1 stats held in scratch."""
-  q, k, v = _qkv(1, 45, 2, 1, 64, seed=5)
-  _check(q, jnp.broadcast_to(k[:, :1], k.shape), v, score="lssar")
-
-
-@pytest.mark.slow
-def test_streaming_lssar_fractional_p_and_offset_rows():
-  """p = 2.5 takes the exp/log power path; offset rows 5 moves the O_i = 0 boundary."""
-  q, k, v = _qkv(1, 45, 2, 1, 64, seed=5)
-  _check(q, k, v, score="lssar", p=2.5, reweight_offset_rows=5)
-
-
-@pytest.mark.parametrize("score", ["lssa", "lssar"])
-def test_streaming_rows_sum_to_one(score):
-  """With V = ones the output is each row's weight sum (packed: per segment)."""
-  q, k, _ = _qkv(2, 50, 2, 1, 64, seed=6)
-  out = attention(q, k, jnp.ones_like(k), score=score, segment_ids=_packed(2, 50),
-                  implementation="interpret_tpu", **BLOCKS)
-  np.testing.assert_allclose(out, 1.0, atol=1e-4)  # LSSA's eps = 1e-6: a deficit <= 1e-5
-
-
-def test_streaming_lssar_finite_at_16k_positions():
-  """Queries at positions 16377..16384 over 16 key blocks of 1024 (two passes: 32 steps):
-  N^15 overflows fp32 without the row-max division."""
-  q, k, v = _qkv(1, 8, 1, 1, 16, seed=7, tk=16384)
-  kw = dict(score="lssar", q_offset=16384 - 8)
-  out = ts.flash_attention(q, k, v, interpret=True, block_q=8, block_k=1024, **kw)
-  assert bool(jnp.all(jnp.isfinite(out)))
-  np.testing.assert_allclose(out, reference.attention(q, k, v, **kw), atol=5e-5, rtol=5e-5)
-
-
-def test_streaming_bf16_lssar_close_to_fp32_reference():
-  """bf16 inputs (the TPU dtype) against the fp32 reference on the same rounded inputs:
-  2e-2 ~ 2.5 bf16 ulps at 1, as in test_attention.py."""
-  q, k, v = _qkv(1, 70, 4, 2, 64, seed=12, dtype=jnp.bfloat16)
-  cot = jax.random.normal(jax.random.PRNGKey(9), q.shape)
-  out_k, g_k = _out_and_grads(lambda q, k, v: ts.flash_attention(
-      q, k, v, score="lssar", interpret=True, **BLOCKS), q, k, v, cot, fast=True)
-  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  out_r, g_r = _out_and_grads(lambda q, k, v: reference.attention(q, k, v, score="lssar"),
-                              *f32, cot)
-  assert out_k.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in g_k)
-  np.testing.assert_allclose(out_k.astype(jnp.float32), out_r, atol=2e-2, rtol=2e-2)
-  for a, b in zip(g_k, g_r):
-    _assert_close(a.astype(jnp.float32), b, 2e-2, "bf16 grad")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("score", SCORES)
-def test_streaming_default_blocks(score):
-  """TPU default blocks (512 forward, 256/512 backward) with several blocks per axis:
-  T = 1100 pads to 1536 (3 forward blocks, LSSAR backward 6 x 3), head dim 128, GQA 2,
-  packed, and q_offset-free causal skipping at full size."""
-  q, k, v = _qkv(1, 1100, 4, 2, 128, seed=11)
-  seg = jnp.asarray([[1] * 700 + [2] * 400])
-  _check(q, k, v, score=score, segment_ids=seg, blocks={})
+  _check(q, k, v, score=score, segment_ids=packed(2, 100), interpret=params,
+         blocks=BLOCKS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("score", SCORES)
 def test_streaming_non_causal_q_offset_default_blocks(score):
-  q, k, v = _qkv(1, 300, 4, 4, 64, seed=12, tk=700)
-  _check(q, k, v, score=score, q_offset=400, blocks={})
-  _check(q, k, v, score=score, causal=False, blocks={})
+  q, k, v = qkv(1, 300, 4, 4, 64, seed=12, tk=700)
+  _check(q, k, v, score=score, q_offset=400)
+  _check(q, k, v, score=score, causal=False)
 
 
 # ------------------------------------------------------------------ structure
@@ -336,68 +187,6 @@ def test_streaming_kernels_lower_to_mosaic(score, t):
   assert text.count("tpu_custom_call") == 3 + (score != "softmax")
 
 
-# ------------------------------------------------------------------ dispatch
-
-def test_dispatch_interpret_tpu_and_block_errors():
-  q, k, v = _qkv(1, 40, 2, 1, 16)
-  out = attention(q, k, v, implementation="interpret_tpu", score="lssa")
-  np.testing.assert_allclose(out, reference.attention(q, k, v, score="lssa"), atol=1e-5)
-  long_q = jax.ShapeDtypeStruct((1, 1000, 2, 64), jnp.bfloat16)
-  assert ts.supports(long_q, long_q) is None
-  assert "multiple of 128" in ts.supports(long_q, long_q, block_k=64)
-  assert ts.supports(long_q, long_q, block_k=64, interpret=True) is None
-  assert ts.supports(long_q, jax.ShapeDtypeStruct((1, 40, 2, 64), jnp.bfloat16),
-                     block_k=40) is None  # one block covers the keys
-  assert "divide" in ts.supports(long_q, long_q, block_q=384, bwd_block_q=256)
-  assert "dtype" in ts.supports(long_q.update(dtype=jnp.float16), long_q)
-  with pytest.raises(ValueError, match="interpret_tpu.*cannot run.*dtype"):
-    attention(*(x.astype(jnp.float16) for x in (q, k, v)), implementation="interpret_tpu")
-  if jax.default_backend() != "tpu":
-    with pytest.raises(ValueError, match="needs a TPU.*interpret_tpu"):
-      attention(q, k, v, implementation="pallas_tpu")
-
-
-def test_auto_on_tpu_takes_the_kernels_at_long_lengths():
-  """auto on TPU: the streaming kernels at any length up to AUTO_MAX_LEN (the old limit was
-  8192: whole-sequence VMEM blocks); the reference where the kernels refuse the call."""
-  none = lambda: None
-  for t in (8192, 32768, 131072):
-    x = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.bfloat16)
-    assert api._auto("tpu", x, x, None, none, none) == ("pallas_tpu", None)
-  x = jax.ShapeDtypeStruct((1, api.AUTO_MAX_LEN + 1, 1, 128), jnp.bfloat16)
-  assert api._auto("tpu", x, x, None, none, none)[0] == "xla"
-  short = jax.ShapeDtypeStruct((1, 64, 1, 8), jnp.float16)
-  assert api._auto("tpu", short, short, None, none, lambda: "no f16") == ("xla", "no f16")
-
-
-def _pallas_calls(jaxpr, out=None):
-  """(grid, dimension_semantics) of every pallas_call in a jaxpr, nested ones included."""
-  out = [] if out is None else out
-  for e in jaxpr.eqns:
-    if e.primitive.name == "pallas_call":
-      out.append((e.params["grid_mapping"].grid,
-                  e.params["compiler_params"].dimension_semantics))
-    for p in e.params.values():
-      for sub in p if isinstance(p, (list, tuple)) else [p]:
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          _pallas_calls(sub, out)
-  return out
-
-
-def test_kernel_backend_tpu_runs_the_streaming_kernels():
-  """kernel.flash_attention(backend="tpu") (bench.py and older callers) delegates here: the
-  forward and dq grids end in the streamed key axis, dk/dv's in (group, query blocks)."""
-  from pallas_kernels.attention import kernel
-  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
-  loss = lambda q, k, v: kernel.flash_attention(q, k, v).astype(jnp.float32).sum()
-  calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, kv, kv).jaxpr)
-  par, arb = "parallel", "arbitrary"
-  assert calls == [((1, 4, 2, 2), (par, par, par, arb)), ((1, 4, 2, 2), (par, par, par, arb)),
-                   ((1, 2, 2, 2, 2), (par, par, par, arb, arb))]
-
-
 # ------------------------------------------------------------------ TPU (run with -m tpu)
 
 @pytest.mark.tpu
@@ -407,15 +196,28 @@ def test_pallas_tpu_long_sequence(score):
   """On a TPU: auto takes the streaming kernels at T = 32k (the reference would need
   [T, T] scores); the last 512 queries match the chunked reference (bf16 inputs: 2e-2 as in
   test_attention.py; LSSAR 5e-2), and the gradients are finite."""
-  q, k, v = _qkv(1, 32768, 4, 2, 128, seed=3, dtype=jnp.bfloat16)
+  q, k, v = qkv(1, 32768, 4, 2, 128, seed=3, dtype=jnp.bfloat16)
   fn = lambda q, k, v: attention(q, k, v, score=score)
-  assert "arbitrary" in str(_pallas_calls(jax.make_jaxpr(fn)(q, k, v).jaxpr))
-  out, grads = _out_and_grads(fn, q, k, v, jnp.ones(q.shape, jnp.float32))
+  assert "arbitrary" in str(pallas_calls(jax.make_jaxpr(fn)(q, k, v).jaxpr))
+  out, grads = out_and_grads(fn, q, k, v, jnp.ones(q.shape, jnp.float32))
   tail = reference.chunked_attention(*(x.astype(jnp.float32) for x in (q[:, -512:], k, v)),
                                      chunk_size=256, score=score, q_offset=32768 - 512)
-  _assert_close(out[:, -512:].astype(jnp.float32), tail, 5e-2 if score == "lssar" else 2e-2,
-                "tail")
+  assert_close(out[:, -512:].astype(jnp.float32), tail, 5e-2 if score == "lssar" else 2e-2,
+               "tail")
   assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU")
+@pytest.mark.parametrize("score", SCORES)
+def test_pallas_tpu_matches_reference(score):
+  """On a TPU: the Mosaic-compiled streaming kernels (pallas_tpu, default blocks) versus the
+  reference. fp32 matmuls on the MXU may run at reduced precision, hence 2e-3 (a first-run
+  check)."""
+  q, k, v = qkv(2, 300, 4, 2, 128, seed=13)
+  kw = dict(score=score, segment_ids=jnp.asarray([[1] * 170 + [2] * 130, [5] * 300]))
+  check(lambda q, k, v: attention(q, k, v, implementation="pallas_tpu", **kw), q, k, v,
+        tol=2e-3, **kw)
 
 
 # ------------------------------------------------------------------ TPU compiler (libtpu)
