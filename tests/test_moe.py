@@ -249,26 +249,11 @@ def test_expert_parallel_on_8_devices_matches_1(tmp_path):
 def test_batch_maxvio_is_over_the_whole_step_with_grad_accum():
   """With train.grad_accum > 1 the logged batch MaxVio comes from the token counts of the
   whole step (summed over micro-batches), not the mean of the micro-batches' MaxVios."""
-  from effjax import models
-  from effjax.optim import make_optimizer
-  from effjax.train.registry import build_extensions
-  from effjax.train.state import TrainState
-  from effjax.train.step import make_train_step
+  from tests.conftest import tiny_step_setup
   cfg, _ = C.load(["--config=configs/tiny.py", "--config.model.moe.num_experts=8",
                    "--config.model.moe.top_k=1", "--config.train.grad_accum=2",
                    "--config.train.log_spectral=false"])
-  m = models.build(cfg, 257)
-  tx, schedule = make_optimizer(cfg, m.specs)
-  exts = build_extensions(cfg, m)
-  step_fn = jax.jit(make_train_step(m, tx, schedule, grad_accum=2,
-                                    metric_fns=[e.step_metrics for e in exts]))
-  ids = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 256)
-  batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-           "segment_ids": jnp.ones((8, 32), jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(32), (8, 32))}
-  state = TrainState(step=jnp.int32(0), params=m.initial_params,
-                     opt_state=tx.init(m.initial_params), buffers=m.initial_buffers,
-                     rng=jax.random.PRNGKey(0))
+  m, _, step_fn, batch, state = tiny_step_setup(cfg)
   _, metrics = step_fn(state, batch)
   halves = [m.apply(m.initial_params, m.initial_buffers, batch["inputs"][h],
                     positions_BxL=batch["positions"][h], segment_ids_BxL=batch["segment_ids"][h])[1]

@@ -256,26 +256,12 @@ def test_cga_freezes_clipped_weights_and_keeps_interior_boundaries_trainable():
 
 
 def _cga_run(steps=6):
-  from effjax.optim import make_optimizer
-  from effjax.train.registry import build_extensions
-  from effjax.train.state import TrainState
-  from effjax.train.step import make_train_step
+  from tests.conftest import tiny_step_setup
   cfg, _ = C.load(["--config=configs/tiny.py", "--config.quant.method=statsq",
                    "--config.quant.weight_bits=2", "--config.quant.act_bits=8",
                    "--config.quant.cga_start=0.1", "--config.quant.cga_br=0.1",
                    "--config.optim.weight_decay=0.1", "--config.train.steps=20"])
-  m = models.build(cfg, 257)
-  tx, schedule = make_optimizer(cfg, m.specs)
-  exts = build_extensions(cfg, m)
-  step_fn = jax.jit(make_train_step(m, tx, schedule, hooks=[h for e in exts for h in e.hooks()],
-                                    grad_hooks=[h for e in exts for h in e.grad_hooks()]))
-  ids = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 256)
-  batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-           "segment_ids": jnp.ones((8, 32), jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(32), (8, 32))}
-  state = TrainState(step=jnp.int32(0), params=m.initial_params,
-                     opt_state=tx.init(m.initial_params), buffers=m.initial_buffers,
-                     rng=jax.random.PRNGKey(0))
+  m, exts, step_fn, batch, state = tiny_step_setup(cfg)
   import optax
   kernels, masks, first_moments = [m.initial_params["blocks"]["layers"][0]["ffn"]["up"]["kernel"]], [], []
   for _ in range(steps):  # CGA starts with the third step (0.1 x 20 = step index 2)
