@@ -2,6 +2,7 @@
 
 config.py is a leaf; what it cannot know is checked here, above models and parallel:
   * model.moe: the balance, layers and topk_schedule mini-languages (models/moe.py);
+  * model.scan_layers: identical layers (no MoE layer subset, no per-layer top-k);
   * optim.no_decay_roles: the parameter roles (models/layers.py);
   * mesh.rules, and given a device count the mesh shape, its DCN split and the batch
     shards (parallel/sharding.py);
@@ -44,6 +45,24 @@ def _check_moe(config: Config) -> None:
                       f"({e.num_experts}).")
 
 
+def _check_scan(config: Config) -> None:
+  """model.scan_layers runs one traced block for every layer: the layers must be identical
+  (QAT is: every layer gets the same hooks; learned positions are outside the stack)."""
+  m = config.model
+  if not m.scan_layers or not m.moe.num_experts:
+    return
+  e = m.moe
+  n_moe = len(moe_lib.moe_layer_indices(e, m.n_layers))
+  problems = [msg for bad, msg in (
+      (n_moe != m.n_layers, f"model.moe.layers={e.layers!r} puts MoE in {n_moe} of "
+                            f"{m.n_layers} layers (dense FFN in the others; use 'all')"),
+      (bool(e.topk_schedule), f"model.moe.topk_schedule={e.topk_schedule!r} gives layers "
+                              f"different top-k")) if bad]
+  if problems:
+    raise ConfigError("model.scan_layers=true needs identical layers: " + "; ".join(problems)
+                      + "; or set model.scan_layers=false.")
+
+
 def _check_platform(config: Config, platform: Optional[str]) -> None:
   """A named Pallas implementation must run on the target platform (the kernels' table
   says which: pallas_kernels/attention/api.py)."""
@@ -71,6 +90,7 @@ def _check_mesh(config: Config, num_devices: int, rules: dict) -> None:
 def _check(config: Config, num_devices: Optional[int], platform: Optional[str]) -> Config:
   _check_roles(config)
   _check_moe(config)
+  _check_scan(config)
   rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part
   _check_platform(config, platform)
   if num_devices is not None:

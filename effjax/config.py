@@ -141,6 +141,9 @@ class ModelConfig:
                               "auto: bfloat16 on TPU/GPU, float32 on CPU (the target "
                               "devices, effjax/resolve.py)")
   remat: bool = _field(False, doc="rematerialise each block in the backward pass")
+  scan_layers: bool = _field(False, doc="run the blocks as one jax.lax.scan over parameters "
+                             "stacked on a leading 'layers' axis (compile time on deep models); "
+                             "needs identical layers (effjax/checks.py)")
   param: str = _field("sp", ("sp", "mup"), "standard parameterisation or muP (docs/mup.md)")
   base_width: int = _field(0, doc="muP proxy width d0 (0: d_model, i.e. width multiplier 1)")
   output_mult: float = _field(1.0, doc="muP alpha_out: logits = alpha_out * (W h) / m")

@@ -17,7 +17,7 @@ from flax import nnx
 from effjax.config import Config
 from effjax.models import mup
 from effjax.models.builder import Builder
-from effjax.models.index import ModelIndex
+from effjax.models.index import ModelIndex, tagged
 from effjax.models.layers import Buffer, Tag
 from effjax.models.stack import Context
 from effjax.models.transformer import Dims, Transformer, count_params, ffn_params, resolve_dims
@@ -61,16 +61,15 @@ PROBE_PREFIX = "probe_"
 
 def probes(module) -> dict:
   """Values sown as nnx.Intermediate 'probe_<name>' by tagged modules, as aux
-  'act/<name>[/layer<i>]'."""
+  'act/<name>[/layer<i>]' (a scanned stack's come stacked over layers: row i)."""
   out = {}
-  for _, node in nnx.iter_graph(module):
-    tag = getattr(node, "tag", None) if isinstance(node, nnx.Module) else None
-    if not isinstance(tag, Tag):
-      continue
+  for _, node, tag, stacked in tagged(module):
     for name, value in vars(node).items():
       if isinstance(value, nnx.Intermediate) and name.startswith(PROBE_PREFIX):
         suffix = "" if tag.layer is None else f"/layer{tag.layer}"
-        out[f"act/{name[len(PROBE_PREFIX):]}{suffix}"] = value.get_value()[-1]
+        value = value.get_value()[-1]
+        out[f"act/{name[len(PROBE_PREFIX):]}{suffix}"] = (value if stacked is None
+                                                           else value[stacked])
   return out
 
 
@@ -114,11 +113,17 @@ class FunctionalModel:
       aux = {**aux, **probes(model)}
     return logits, aux
 
-  def node(self, module, path: tuple):
-    """The submodule of a merged `module` at an index path."""
+  def node(self, module, path: tuple, stacked: int | None = None):
+    """The submodule of a merged `module` at an index path; stacked (an entry's layer row in
+    a scanned stack): that layer's module, with its rows of the stacked state."""
     for key in path:
       module = module[key] if isinstance(key, int) else getattr(module, key)
-    return module
+    if stacked is None:
+      return module
+    graphdef, state = nnx.split(module)  # (state not given to `module` may be abstract)
+    return nnx.merge(graphdef, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+        if isinstance(x, jax.ShapeDtypeStruct) else x[stacked], state))
 
 
 def for_evaluation(config: Config) -> Config:

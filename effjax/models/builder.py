@@ -2,7 +2,9 @@
 model from slots.
 
   embedding      token table (+ learned absolute positions)
-  stack          PlainStack of blocks (remat optional); MoR / scanned stacks plug in here
+  stack          PlainStack of blocks, or ScannedStack (model.scan_layers: the same blocks
+                 stacked on a leading layer axis, run by one scan); remat optional; MoR
+                 plugs in here
   attention      Attention, or QKRAttention under quant.qkr
   ffn            SwiGLU, or MoE in the layers model.moe.layers names
   projections    `linear(kind, d_in, d_out, *, axes, std, slot)`: every block linear comes
@@ -24,7 +26,7 @@ from effjax.models.layers import Embed, Linear, RMSNorm, Tag
 from effjax.models.mlp import SwiGLU
 from effjax.models.moe import MoE, moe_layer_indices
 from effjax.models.qkr import QKRAttention
-from effjax.models.stack import Block, PlainStack
+from effjax.models.stack import Block, PlainStack, ScannedStack
 from effjax.models.transformer import (Dims, Transformer, attention_scale, expert_dim,
                                        hidden_init_std, width_mult)
 from effjax.quant.hooks import make_hooks
@@ -93,8 +95,9 @@ class Builder:
                  tag=Tag("block", layer))
 
   def stack(self):
-    return PlainStack([self.block(i) for i in range(self.dims.n_layers)],
-                      remat=self.model_config.remat)
+    blocks = [self.block(i) for i in range(self.dims.n_layers)]
+    kind = ScannedStack if self.model_config.scan_layers else PlainStack
+    return kind(blocks, remat=self.model_config.remat)
 
   def model(self) -> Transformer:
     c, d, rngs = self.model_config, self.dims, self.rngs

@@ -25,6 +25,14 @@ from flax import nnx
 
 # Parameter roles: the one role map (the optimizer, sharding and constraints read it).
 ROLES = ("embedding", "hidden", "readout", "vector", "router", "expert", "atom", "coeff")
+# The logical axis a scanned stack (effjax/models/stack.py) puts in front of each per-layer
+# parameter and buffer; the role is unchanged, so per-matrix rules read the trailing dims.
+LAYER_AXIS = "layers"
+
+
+def layer_stacked(axes) -> bool:
+  """Whether a variable with these logical axes is stacked over layers (leading LAYER_AXIS)."""
+  return bool(axes) and axes[0] == LAYER_AXIS
 
 
 class Buffer(nnx.Variable):

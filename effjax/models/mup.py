@@ -9,7 +9,8 @@ shape in this model with its shape in the same model built at `model.base_width`
   fan_in fixed (input-like: embeddings,
     fixed-size down projections):        init std x 1,             Adam lr x 1
 with m_in, m_out the ratios of fan_in (shape[-2]) and fan_out (shape[-1]) to the base
-model's. The LM head keeps its own multiplier form (logits x alpha_out / m, W
+model's (a scanned stack's leading layer axis is not a matrix dimension: a stacked vector
+stays a vector). The LM head keeps its own multiplier form (logits x alpha_out / m, W
 width-independent, lr x 1) and vectors are never scaled. The ratios are stored on each
 parameter as metadata `fan_in_mult` / `fan_out_mult`, which the optimizer reads through
 the parameter specs (effjax/optim/scaling.py).
@@ -23,6 +24,7 @@ import math
 from flax import nnx
 
 from effjax.config import ModelConfig
+from effjax.models.layers import layer_stacked
 
 
 def base_model_config(config: ModelConfig, head_dim: int) -> ModelConfig:
@@ -54,13 +56,14 @@ def apply_width_rules(module, base_module) -> None:
   base = _params(base_module)
   for path, param in _params(module).items():
     shape, base_shape = param.get_value().shape, base[path].get_value().shape
-    if len(shape) < 2:
-      m_in = m_out = 1.0
-    else:
+    matrix = len(shape) - layer_stacked(param.get_metadata().get("axes")) >= 2
+    if matrix:
       m_in, m_out = shape[-2] / base_shape[-2], shape[-1] / base_shape[-1]
+    else:
+      m_in = m_out = 1.0
     param.set_metadata("fan_in_mult", m_in)
     param.set_metadata("fan_out_mult", m_out)
-    if len(shape) < 2 or param.role == "readout" or m_in == 1.0:
+    if not matrix or param.role == "readout" or m_in == 1.0:
       continue
     scale = 1.0 / math.sqrt(m_in) if m_out != 1.0 else 1.0 / m_in
     param[...] = param[...] * scale

@@ -3,18 +3,21 @@
 `Context` carries per-call options (static under jit): a per-layer MoE top-k (progressive
 sparsification phases) and whether to record activation probes. A stack maps
 (x, positions, segment_ids, ctx) -> (x, aux) with aux keys suffixed by layer
-(`moe/maxvio/layer3`). `PlainStack` is a loop over distinct blocks; a recursion schedule
-(Mixture-of-Recursions) or a scanned stack implements the same interface.
+(`moe/maxvio/layer3`). `PlainStack` is a loop over distinct blocks; `ScannedStack`
+(model.scan_layers) runs one traced block under jax.lax.scan over parameters stacked on a
+leading "layers" axis; a recursion schedule (Mixture-of-Recursions) implements the same
+interface.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effjax.models.layers import RMSNorm, Tag
+from effjax.models.layers import LAYER_AXIS, RMSNorm, Tag
 from effjax.parallel.sharding import constrain
 
 RESIDUAL_AXES = ("batch", "length", "embed")  # activation sharding of the residual stream
@@ -78,4 +81,80 @@ class PlainStack(nnx.Module):
       x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
       x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
+    return x_BxLxD, aux
+
+
+def _untag_layers(module) -> None:
+  """Sets layer=None on every tag in `module`: a stacked module stands for all layers (the
+  model index gives its entries back one per layer)."""
+  for _, node in nnx.iter_graph(module):
+    tag = getattr(node, "tag", None) if isinstance(node, nnx.Module) else None
+    if isinstance(tag, Tag) and tag.layer is not None:
+      node.tag = dataclasses.replace(tag, layer=None)
+
+
+def stack_blocks(blocks) -> nnx.Module:
+  """One module of the blocks' structure whose parameters and buffers are the blocks' stacked
+  on a leading LAYER_AXIS (logical axes prefixed, roles unchanged). Each layer keeps its own
+  init. Raises ValueError if the blocks differ in anything but their values and tags."""
+  for block in blocks:
+    _untag_layers(block)
+  graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+  for i, graphdef in enumerate(graphdefs):
+    if graphdef != graphdefs[0]:
+      raise ValueError(f"a scanned stack needs identical layers, but layer {i} differs from "
+                       f"layer 0 in structure or settings; set model.scan_layers=false")
+  module = nnx.merge(graphdefs[0], jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  for _, var in nnx.iter_graph(module):
+    axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+    if axes is not None:
+      var.set_metadata("axes", (LAYER_AXIS,) + tuple(axes))
+  return module
+
+
+def unstack_layers(tree: dict, n_layers: int) -> dict:
+  """A params (or buffers) dict of a scanned model in the PlainStack layout
+  (blocks/layers/<i>/...), for export or loading into a model with scan_layers=false."""
+  stacked = tree["blocks"]["layers"]
+  layers = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)}
+  return {**tree, "blocks": {**tree["blocks"], "layers": layers}}
+
+
+def stack_layers(tree: dict) -> dict:
+  """The inverse of `unstack_layers`: a PlainStack params (or buffers) dict in the scanned
+  layout (blocks/layers/... with a leading layer axis)."""
+  layers = tree["blocks"]["layers"]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in sorted(layers)))
+  return {**tree, "blocks": {**tree["blocks"], "layers": stacked}}
+
+
+class ScannedStack(nnx.Module):
+  """The blocks as one module with parameters stacked over layers (`stack_blocks`), run by
+  jax.lax.scan: one block is traced and compiled whatever the depth (model.remat: the scanned
+  body is rematerialised). Per-layer aux and probes come out of the scan stacked and are
+  returned under per-layer keys, as PlainStack returns them."""
+
+  def __init__(self, blocks, *, remat: bool = False):
+    self.n_layers = len(blocks)
+    self.layers = stack_blocks(blocks)
+    self.remat = remat
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context):
+    if ctx.moe_top_k is not None:
+      raise ValueError("a scanned stack runs one block for every layer: a per-layer MoE top-k "
+                       "(model.moe.topk_schedule) needs model.scan_layers=false")
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x_BxLxD, layer_state):
+      block = nnx.merge(graphdef, layer_state)
+      x_BxLxD, aux = block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
+      x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
+      return x_BxLxD, (aux, nnx.pop(block, nnx.Intermediate))  # probes sown by the block
+
+    if self.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    x_BxLxD, (aux_stacked, sown) = jax.lax.scan(body, x_BxLxD, state)
+    if ctx.probe:  # stacked [n_layers] values on the stacked module (models.probes reads them)
+      nnx.update(self.layers, sown)
+    aux = {f"{k}/layer{i}": v[i] for i in range(self.n_layers) for k, v in aux_stacked.items()}
     return x_BxLxD, aux

@@ -51,6 +51,11 @@ def export(config, params, path: str, index) -> dict:
   """Writes `path` (.npz) with codes/scales of the quantized kernels (the model index's
   quantized linears) and fp32 for the rest; returns the metadata (also stored in the file
   under '__meta__')."""
+  if index.stacked:
+    raise ValueError("quantized export reads per-layer kernels: a model.scan_layers=true "
+                     "model is not exported yet; convert its params with "
+                     "effjax.models.stack.unstack_layers and export them with the index of the "
+                     "same model built with model.scan_layers=false")
   flat = flatten(jax.device_get(params))
   arrays, meta = {}, {"quant": {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in vars(config.quant).items()},
@@ -130,6 +135,9 @@ def main(argv=None) -> int:
     config = config_lib.from_dict(json.load(f))
   if config.quant.method == "none":
     return fail(f"the run in {args.workdir} has quant.method=none: nothing to export")
+  if config.model.scan_layers:
+    return fail(f"the run in {args.workdir} has model.scan_layers=true: its kernels are stacked "
+                f"over layers, which the export does not read yet")
   # One host device and the attention kernel it has: the export is a host-side file.
   model_config = dataclasses.replace(config.model, attention=dataclasses.replace(
       config.model.attention, impl="auto"))

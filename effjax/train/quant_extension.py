@@ -133,7 +133,7 @@ class QuantExtension(Extension):
     if self.qk:  # QKR: the per-head products as the attention builds them (before quantization)
       module = self.model.module(params)
       for e in self.qk:
-        qk = self.model.node(module, e.path)
+        qk = self.model.node(module, e.path, e.stacked)
         weights.append(("qk", e.quantizer, qk.raw_qk_product(),
                         {"step": qk.qk_weight_quant.step[...]} if isinstance(e.quantizer, Lsq)
                         else {}))

@@ -3,7 +3,8 @@ weight-decay-rule diagnostic of Fan et al. 2025 (docs/mup.md), where the
 late-training top singular value of each matrix type should match across widths.
 
 Matrix types are the module names of hidden matrices (q, k, v, o, gate, up, down, ...);
-values are averaged over layers: metrics 'spec/sigma_max/<type>'.
+values are averaged over layers: metrics 'spec/sigma_max/<type>'. A scanned stack's matrices
+(stacked on a leading layer axis) are taken one layer at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import collections
 import jax
 import jax.numpy as jnp
 
+from effjax.models.layers import layer_stacked
 from effjax.train.extensions import Extension
 
 
@@ -31,12 +33,12 @@ def sigma_max(w_IxO: jax.Array, iters: int = 20) -> jax.Array:
 
 
 def matrix_types(specs: dict) -> dict[str, list[tuple]]:
-  """{type name: [param paths]} for 2-D hidden matrices."""
+  """{type name: [param paths]} for hidden matrices (2-D, or 3-D stacked over layers)."""
   groups = collections.defaultdict(list)
   for path, spec in jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda s: hasattr(s, "role"))[0]:
     keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-    if spec.role == "hidden" and len(spec.axes) == 2:
+    if spec.role == "hidden" and len(spec.axes) - layer_stacked(spec.axes) == 2:
       groups[str(keys[-2])].append(tuple(keys))
   return dict(groups)
 
@@ -60,8 +62,8 @@ class SpectralExtension(Extension):
           leaf = params
           for k in path:
             leaf = leaf[k]
-          vals.append(sigma_max(leaf))
-        out[f"spec/sigma_max/{name}"] = jnp.mean(jnp.stack(vals))
+          vals.append(jax.vmap(sigma_max)(leaf) if leaf.ndim == 3 else sigma_max(leaf)[None])
+        out[f"spec/sigma_max/{name}"] = jnp.mean(jnp.concatenate(vals))
       return out
 
     self._compute = jax.jit(compute)
