@@ -53,6 +53,11 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class WorkdirError(ValueError):
+  """The workdir cannot hold this run (a file, or a checkpoint of another model); the CLI
+  exits 2 on it, before anything is written."""
+
+
 @dataclasses.dataclass
 class RunResult:
   exit_code: int
@@ -241,6 +246,9 @@ def _setup(config, workdir, data, quiet) -> _Run:
   """Data, mesh, resolved config, plan, workdir, restored or initialised state, extensions.
   Everything that can fail on bad input happens before anything is written."""
   config = checks.validate(config, jax.device_count())  # the CLI checked each section only
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass another "
+                       "--workdir")
   t = config.train
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,66 @@
+"""The run contract a new user hits (issue 20): CLI refusals, final metrics, resume checks,
+benchmarks that leave committed results alone."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from effjax import config as C
+from effjax.train import trainer
+from tests.conftest import TINY, run_module
+
+FAST = ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.log_every=2",
+        "--config.train.checkpoint_every=4", "--config.train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+  cfg, _ = C.load(["--config=" + TINY])
+  return trainer.load_data(cfg)
+
+
+def _cfg(*overrides):
+  cfg, _ = C.load(["--config=" + TINY, *FAST, *overrides])
+  return cfg
+
+
+def _train_cli(workdir, *args):
+  return run_module(["-m", "effjax.train", "--config=" + TINY, f"--workdir={workdir}", *FAST,
+                     *args])
+
+
+def test_positional_config_is_refused(tmp_path):
+  proc = run_module(["-m", "effjax.train", TINY, f"--workdir={tmp_path / 'w'}", *FAST])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"--config={TINY}" in proc.stderr and "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+  path = tmp_path / "afile"
+  path.write_text("x")
+  proc = _train_cli(path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert str(path) in proc.stderr and "is a file" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is not None,
+                    reason="tensorboardX is installed")
+def test_tensorboard_without_tensorboardx_is_refused_before_writing(tmp_path):
+  proc = _train_cli(tmp_path / "w", "--config.train.tensorboard=true")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "pip install -e '.[tensorboard]'" in proc.stderr and "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_final_metrics_have_train_values(tmp_path):
+  proc = _train_cli(tmp_path / "w")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  final = json.load(open(tmp_path / "w" / "final_metrics.json"))
+  assert isinstance(final["train/loss"], float) and "train/grad_norm" in final
+  assert "eval/loss" in final
+  done = [l for l in proc.stderr.splitlines() if l.startswith("[effjax p0] done:")]
+  assert done and "train/loss" in done[0] and "eval/loss" in done[0], proc.stderr[-1000:]
