@@ -465,8 +465,10 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
         f.write(t.sample_prompt + text)
       run.say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}"
               f"{text}\n{'-' * 60}")
+  last = {k: _to_scalar(v) for k, v in last.items()}  # numpy / jax scalars -> int, float
   if exit_code == EXIT_OK and run.is_main:
-    final = {"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))},
+    final = {"step": step, **{k: v for k, v in last.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)},
              **{k: run.info[k] for k in ("params_total", "params_non_embedding",
                                          "params_active_non_embedding", "flops_per_token")},
              "tokens": step * t.batch_size * t.seq_len}
@@ -477,6 +479,13 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
                         if isinstance(last.get(k), float))
     run.say(f"done: step {step}; {summary}; workdir {workdir}")
   return RunResult(exit_code, step, last, workdir)
+
+
+def _to_scalar(v):
+  """A Python int or float for a numpy / jax scalar; anything else unchanged."""
+  if isinstance(v, (np.generic, np.ndarray, jax.Array)) and np.ndim(v) == 0:
+    return np.asarray(v).item()
+  return v
 
 
 def _evaluate(eval_fn, state: TrainState, eval_data: list) -> tuple[dict, dict]:
