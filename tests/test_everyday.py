@@ -64,3 +64,35 @@ def test_final_metrics_have_train_values(tmp_path):
   assert "eval/loss" in final
   done = [l for l in proc.stderr.splitlines() if l.startswith("[effjax p0] done:")]
   assert done and "train/loss" in done[0] and "eval/loss" in done[0], proc.stderr[-1000:]
+
+
+def test_config_json_written_only_when_training_starts(tmp_path, tiny_data):
+  workdir = str(tmp_path)
+  assert trainer.train(_cfg(), workdir, data=tiny_data, quiet=True).exit_code == 0
+  saved = lambda: json.load(open(os.path.join(workdir, "config.json")))
+  info = lambda: json.load(open(os.path.join(workdir, "run_info.json")))
+  assert saved()["train"]["lr"] == 0.01 and info()["resumes"] == []
+  # finished run, other flags: nothing trains, so config.json keeps the lr the run used
+  r = trainer.train(_cfg("--config.train.lr=0.5"), workdir, data=tiny_data, quiet=True)
+  assert r.exit_code == 0 and r.step == 4
+  assert saved()["train"]["lr"] == 0.01
+  # extending the run with another lr: training starts, config.json and the history follow
+  r = trainer.train(_cfg("--config.train.lr=0.02", "--config.train.steps=6"), workdir,
+                    data=tiny_data, quiet=True)
+  assert r.exit_code == 0 and r.step == 6
+  assert saved()["train"]["lr"] == 0.02 and saved()["train"]["steps"] == 6
+  assert info()["resumes"] == [{"step": 4, "changed": {"train.steps": [4, 6],
+                                                       "train.lr": [0.01, 0.02]}}]
+
+
+def test_incompatible_resume_exits_2_naming_the_keys(tmp_path, tiny_data):
+  workdir = str(tmp_path / "w")
+  assert trainer.train(_cfg(), workdir, data=tiny_data, quiet=True, stop_at=2).exit_code == 75
+  before = open(os.path.join(workdir, "config.json")).read()
+  proc = _train_cli(workdir, "--config.model.d_model=64", "--config.train.steps=6")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "model.d_model (32 -> 64)" in proc.stderr and "Traceback" not in proc.stderr
+  assert "train.steps" not in proc.stderr.split("model.d_model")[1]  # only the fixed keys
+  with pytest.raises(trainer.WorkdirError, match="train.batch_size"):
+    trainer.train(_cfg("--config.train.batch_size=16"), workdir, data=tiny_data, quiet=True)
+  assert open(os.path.join(workdir, "config.json")).read() == before
