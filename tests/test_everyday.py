@@ -9,7 +9,7 @@ import pytest
 
 from effjax import config as C
 from effjax.train import trainer
-from tests.conftest import TINY, run_module
+from tests.conftest import REPO, TINY, run_module
 
 FAST = ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.log_every=2",
         "--config.train.checkpoint_every=4", "--config.train.warmup_steps=1"]
@@ -96,3 +96,28 @@ def test_incompatible_resume_exits_2_naming_the_keys(tmp_path, tiny_data):
   with pytest.raises(trainer.WorkdirError, match="train.batch_size"):
     trainer.train(_cfg("--config.train.batch_size=16"), workdir, data=tiny_data, quiet=True)
   assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_mfu_without_gpu_refuses_and_keeps_results():
+  path = os.path.join(REPO, "results", "perf", "mfu.md")
+  before = open(path).read()
+  proc = run_module(["-m", "effjax.train.mfu", "--steps=2"], env_extra={"JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "GPU" in proc.stderr and "Traceback" not in proc.stderr
+  assert open(path).read() == before
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "effjax.train.bench", "--config=" + TINY, "--steps=4"],
+    ["-m", "effjax.models.moe_bench", "--tokens=512", "--d=16", "--d-ff=32", "--experts=2",
+     "--top-k=1", "--dispatch=blocks", "--repeats=1"],
+    ["-m", "pallas_kernels.attention.bench", "--seq-lens=64", "--batch=1", "--heads=2",
+     "--head-dim=16", "--scores=softmax", "--impls=xla", "--repeats=1"],
+], ids=["train.bench", "moe_bench", "attention.bench"])
+def test_benchmarks_print_and_write_only_with_out(tmp_path, args):
+  proc = run_module(args, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "|---" in proc.stdout
+  assert os.listdir(tmp_path) == []  # no results/perf/... in the working directory
+  proc = run_module(args + [f"--out={tmp_path / 'table.md'}"], cwd=str(tmp_path))
+  assert proc.returncode == 0 and "|---" in open(tmp_path / "table.md").read()
