@@ -551,20 +551,13 @@ def _has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
-def config_changes(old: dict, config: config_lib.Config) -> dict:
-  """{dotted key: [old, new]} for the keys where config.json's dict `old` and `config` differ."""
-  new = json.loads(config_lib.to_json(config))
-  return {k: [_get(old, k), _get(new, k)] for k in config_lib.valid_keys()
-          if _get(old, k) != _get(new, k)}
-
-
 def _check_resume(workdir: str, config: config_lib.Config) -> dict:
   """The changed keys of a resume; WorkdirError when one of them does not fit the checkpoint."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    changed = config_changes(json.load(f), config)
+    changed = config_lib.diff(json.load(f), config)
   fixed = {k: v for k, v in changed.items()
            if k.startswith(_RESUME_FIXED) and k not in _RESUME_FREE}
   if fixed:
@@ -574,14 +567,6 @@ def _check_resume(workdir: str, config: config_lib.Config) -> dict:
         + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
         + ". Use the same values, or a new --workdir.")
   return changed
-
-
-def _get(d: dict, dotted: str):
-  for part in dotted.split("."):
-    if not isinstance(d, dict) or part not in d:
-      return None
-    d = d[part]
-  return list(d) if isinstance(d, tuple) else d
 
 
 def _last_metrics(workdir: str) -> dict:
