@@ -6,13 +6,15 @@ config.py is a leaf; what it cannot know is checked here, above models and paral
   * optim.no_decay_roles: the parameter roles (models/layers.py);
   * mesh.rules, and given a device count the mesh shape, its DCN split and the batch
     shards (parallel/sharding.py);
-  * model.attention.impl: a named Pallas kernel needs its platform on the target devices.
+  * model.attention.impl: a named Pallas kernel needs its platform on the target devices;
+  * train.tensorboard: tensorboardX is installed (the extra).
 Entry points call `load` (command line) or `validate` (a Config); a ConfigError names the
 keys involved and the CLIs exit 2 on it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import jax
@@ -87,8 +89,16 @@ def _check_mesh(config: Config, num_devices: int, rules: dict) -> None:
         f"the batch shards (mesh axes of the 'batch' rule: {rules['batch']}) = {shards}.")
 
 
+def _check_extras(config: Config) -> None:
+  """Optional packages the config asks for (pyproject.toml's extras)."""
+  if config.train.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+    raise ConfigError("train.tensorboard=true needs tensorboardX: pip install -e "
+                      "'.[tensorboard]' (or set train.tensorboard=false).")
+
+
 def _check(config: Config, num_devices: Optional[int], platform: Optional[str]) -> Config:
   _check_roles(config)
+  _check_extras(config)
   _check_moe(config)
   _check_scan(config)
   rules = sharding.rules_for(config.mesh)  # raises ConfigError naming the bad part

@@ -514,6 +514,20 @@ def to_json(config: Config) -> str:
   return json.dumps(to_dict(config), indent=2, sort_keys=True)
 
 
+def _get(d: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(d, dict) or part not in d:
+      return None
+    d = d[part]
+  return list(d) if isinstance(d, tuple) else d
+
+
+def diff(old: dict, config: Config) -> dict:
+  """{dotted key: [old, new]} where a config.json dict `old` and `config` differ."""
+  new = json.loads(to_json(config))
+  return {k: [_get(old, k), _get(new, k)] for k in valid_keys() if _get(old, k) != _get(new, k)}
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -17,7 +17,9 @@ Laws:
               Rows: either a gap column, or quantised and full-precision rows (bits >= 16,
               0 or empty = full precision) matched on (N, D).
 Confidence intervals: percentile bootstrap (rows resampled with replacement, refit from
-the full-data optimum).
+the full-data optimum). Parameters the data cannot identify (`unidentifiable`: e.g. B, beta
+and E of the Chinchilla law from fewer than 3 distinct D) get a warning and no interval
+(null in fit.json): the bootstrap would only show the optimiser's start point.
 """
 
 from __future__ import annotations
@@ -128,6 +130,37 @@ def bootstrap(fit_fn, columns: dict, n_resamples: int, seed: int = 0) -> dict:
         samples.setdefault(k, []).append(v)
   return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
           for k, v in samples.items()}
+
+
+# ----------------------------------------------------------------------------- identifiability
+
+
+def unidentifiable(law: str, cols: dict, *, offset: bool = False) -> dict:
+  """{parameter: reason} for the parameters the data's design cannot determine."""
+  out = {}
+  if law == "chinchilla":
+    n_n, n_d = len(np.unique(cols["n"])), len(np.unique(cols["d"]))
+    if n_n < 3:
+      out.update(dict.fromkeys(("A", "alpha"), f"{n_n} distinct N (needs 3)"))
+    if n_d < 3:
+      out.update(dict.fromkeys(("B", "beta"), f"{n_d} distinct D (needs 3)"))
+    if n_n < 3 or n_d < 3:
+      out["E"] = f"{n_n} distinct N and {n_d} distinct D (needs 3 of each)"
+  elif law == "power":
+    n_x, need = len(np.unique(cols["x"])), 3 if offset else 2
+    if n_x < need:
+      out.update(dict.fromkeys(("c", "k", "E") if offset else ("c", "k"),
+                               f"{n_x} distinct x (needs {need})"))
+  else:  # qat: columns of the log-space design matrix in its null space
+    x = np.column_stack([np.ones_like(cols["n"]), np.log(cols["d"]),
+                         np.log(np.log2(cols["g"])), -np.log(cols["n"])])
+    _, sv, vt = np.linalg.svd(x)
+    rank = int(np.sum(sv > sv[0] * 1e-10))
+    null = vt[rank:]
+    for i, name in enumerate(("k", "gamma_D", "gamma_G", "gamma_N")):
+      if null.size and np.max(np.abs(null[:, i])) > 1e-8:
+        out[name] = f"the design has rank {rank} of 4 (a constant or collinear N, D, G column)"
+  return out
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -268,12 +301,20 @@ def main(argv=None) -> int:
   except FitError as e:
     print(f"fit: {e}", file=sys.stderr)
     return 2
-  ci = bootstrap(refit, cols, args.bootstrap, args.seed)
   public = {k: float(v) for k, v in params.items() if not k.startswith("_") and k != "objective"}
+  blind = unidentifiable(args.law, cols, offset=args.offset)
+  for k, why in blind.items():
+    print(f"fit: WARNING: {k} is not identifiable from this data ({why}); no interval reported",
+          file=sys.stderr)
+  ci = {k: (None if k in blind else v)
+        for k, v in bootstrap(refit, cols, args.bootstrap, args.seed).items()}
   print(f"{args.law} fit on {len(next(iter(cols.values())))} points ({args.csv})")
   print(f"{'parameter':>10} {'estimate':>12}   95% CI ({args.bootstrap} bootstrap resamples)")
   for k, v in public.items():
-    lo, hi = ci.get(k, (float("nan"), float("nan")))
+    if k in blind:
+      print(f"{k:>10} {v:12.5g}   not identifiable")
+      continue
+    lo, hi = ci.get(k) or (float("nan"), float("nan"))
     print(f"{k:>10} {v:12.5g}   [{lo:.5g}, {hi:.5g}]")
   if args.law == "qat":
     signs = {"delta falls with N (gamma_N > 0)": public["gamma_N"] > 0,
@@ -285,7 +326,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fit.json"), "w") as f:
       json.dump({"law": args.law, "csv": args.csv, "points": len(next(iter(cols.values()))),
-                 "params": public, "ci95": ci, "bootstrap": args.bootstrap}, f, indent=1)
+                 "params": public, "ci95": ci, "not_identifiable": blind,
+                 "bootstrap": args.bootstrap}, f, indent=1)
     _plot(args.law, public, cols, os.path.join(args.out, "fit.png"))
     print(f"wrote {os.path.join(args.out, 'fit.json')} and fit.png")
   return 0

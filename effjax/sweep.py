@@ -3,10 +3,13 @@
   python -m effjax.sweep --config=configs/NAME.py --grid 'train.lr=1e-3,3e-3,1e-2' \\
       --grid 'model.d_model=64,128,256' --out=DIR [--parallel N] [--emit] [--config.k=v ...]
 
-Each run trains in DIR/runs/<name> (name from the grid values). Finished runs
-(final_metrics.json present) are skipped; interrupted ones resume from their last
-checkpoint. DIR/results.csv collects every finished run's grid values and final
-metrics (eval/loss, eval/bpb, train/loss, params, tokens, FLOPs/token, ...).
+Each run trains in DIR/runs/<name> (name from the grid values). A finished run
+(final_metrics.json present) is skipped when its config.json is the requested config up to
+the keys that do not change results (OUTPUT_KEYS: logging, checkpoint cadence, plots, mesh,
+kernels); otherwise the sweep says which keys differ, moves it to DIR/runs/<name>.stale-<hash>
+and reruns it. Interrupted runs resume from their last checkpoint. DIR/results.csv collects
+every finished run's grid values, config_hash and final metrics (eval/loss, eval/bpb,
+train/loss, params, tokens, FLOPs/token, ...).
 --emit prints one train command per run (for a cluster launcher) and runs nothing.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -40,6 +44,32 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
   return grid
 
 
+# Keys that do not change what a run computes (logging, checkpoints, plots, placement).
+OUTPUT_KEYS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.sample_tokens", "train.sample_prompt",
+               "train.sample_temperature", "train.tensorboard", "train.profile_steps",
+               "train.plot", "train.log_spectral", "data.cache_dir", "mesh.",
+               "model.attention.impl", "model.remat")
+
+
+def config_hash(config_json: dict) -> str:
+  """A run's key: a hash of its config.json without OUTPUT_KEYS."""
+  flat = {k: config_lib._get(config_json, k) for k in config_lib.valid_keys()  # pylint: disable=protected-access
+          if not k.startswith(OUTPUT_KEYS)}
+  return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stale_keys(workdir: str, config: config_lib.Config) -> dict | None:
+  """{key: [ran, requested]} where a finished run's config.json differs from `config`
+  (OUTPUT_KEYS aside); None when the run has no config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    changed = config_lib.diff(json.load(f), config)
+  return {k: v for k, v in changed.items() if not k.startswith(OUTPUT_KEYS)}
+
+
 def run_name(assignment: dict) -> str:
   return "_".join(f"{k.split('.')[-1]}={v}" for k, v in assignment.items()).replace("/", "-")
 
@@ -61,10 +91,15 @@ def collect(out: str, runs: list[dict]) -> str:
   """Writes DIR/results.csv from every finished run's final_metrics.json."""
   rows = []
   for assignment in runs:
-    path = os.path.join(out, "runs", run_name(assignment), "final_metrics.json")
+    workdir = os.path.join(out, "runs", run_name(assignment))
+    path = os.path.join(workdir, "final_metrics.json")
     if os.path.exists(path):
+      row = {"run": run_name(assignment), **assignment}
+      if os.path.exists(os.path.join(workdir, "config.json")):
+        with open(os.path.join(workdir, "config.json")) as f:
+          row["config_hash"] = config_hash(json.load(f))
       with open(path) as f:
-        rows.append({"run": run_name(assignment), **assignment, **json.load(f)})
+        rows.append({**row, **json.load(f)})
   fields = list(dict.fromkeys(k for r in rows for k in r))
   path = os.path.join(out, "results.csv")
   with open(path, "w", newline="") as f:
@@ -91,8 +126,7 @@ def main(argv=None) -> int:
     # validate every combination up front (no device check: runs may go elsewhere)
     base = config_lib.load_config_file(config_path) if config_path else config_lib.Config()
     base = config_lib.apply_overrides(base, overrides)
-    for assignment in runs:
-      checks.validate(config_lib.apply_overrides(base, assignment))
+    requested = [checks.validate(config_lib.apply_overrides(base, a)) for a in runs]
   except config_lib.ConfigError as e:
     print(f"sweep: config error: {e}", file=sys.stderr)
     return 2
@@ -103,8 +137,20 @@ def main(argv=None) -> int:
       print(shlex.join(cmd))
     return 0
   os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-  todo = [(a, c) for a, c in commands
-          if not os.path.exists(os.path.join(args.out, "runs", run_name(a), "final_metrics.json"))]
+  todo = []
+  for (a, c), config in zip(commands, requested):
+    workdir = os.path.join(args.out, "runs", run_name(a))
+    if os.path.exists(os.path.join(workdir, "final_metrics.json")):
+      stale = stale_keys(workdir, config)
+      if not stale:
+        continue
+      with open(os.path.join(workdir, "config.json")) as f:
+        moved = f"{workdir}.stale-{config_hash(json.load(f))}"
+      os.replace(workdir, moved)
+      print(f"sweep: {run_name(a)}: finished under another config ("
+            + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in stale.items())
+            + f"); moved to {moved}, rerunning", file=sys.stderr, flush=True)
+    todo.append((a, c))
   print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run",
         file=sys.stderr, flush=True)
   failed = []

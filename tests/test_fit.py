@@ -83,3 +83,26 @@ def test_cli_end_to_end_and_errors(tmp_path):
   proc = run_module(["-m", "effjax.fit", f"--csv={tmp_path / 'nope.csv'}", "--law=power",
                      "--x=a", "--y=b"])
   assert proc.returncode == 2 and "nope.csv" in proc.stderr
+
+
+def test_one_data_size_gives_no_intervals_for_the_d_term(tmp_path):
+  n, d, loss = _chinchilla_data()
+  one = d == d[0]  # a single D: B, beta and E are not identifiable
+  assert fit.unidentifiable("chinchilla", {"n": n[one], "d": d[one]}).keys() == {"B", "beta", "E"}
+  assert fit.unidentifiable("chinchilla", {"n": n, "d": d}) == {}
+  path = str(tmp_path / "results.csv")
+  _write(path, ["params_non_embedding", "tokens", "eval/loss"], zip(n[one], d[one], loss[one]))
+  proc = run_module(["-m", "effjax.fit", f"--csv={path}", "--law=chinchilla", "--bootstrap=10",
+                     f"--out={tmp_path / 'fit'}"])
+  assert proc.returncode == 0, proc.stderr
+  assert "beta is not identifiable" in proc.stderr and "1 distinct D" in proc.stderr
+  assert "not identifiable" in proc.stdout
+  ci = json.load(open(tmp_path / "fit" / "fit.json"))["ci95"]
+  assert ci["beta"] is None and ci["B"] is None and ci["E"] is None
+  assert ci["alpha"] is not None and len(ci["alpha"]) == 2
+
+
+def test_qat_rank_deficient_design_is_not_identifiable():
+  n = np.geomspace(1e6, 1e8, 6)
+  cols = {"n": n, "d": np.full(6, 1e9), "g": np.full(6, 32.0)}
+  assert {"k", "gamma_D", "gamma_G"} <= set(fit.unidentifiable("qat", cols))

@@ -40,3 +40,25 @@ def test_sweep_skips_finished_and_resumes_interrupted(tmp_path):
   assert all(float(r["eval/loss"]) > 0 and int(r["step"]) == 6 for r in rows)
   again = run_module(["-m", "effjax.sweep", *GRID, f"--out={out}", *COMMON])
   assert again.returncode == 0 and "2 already finished, 0 to run" in again.stderr
+
+
+def test_sweep_reruns_a_finished_run_whose_config_differs(tmp_path):
+  out, grid = str(tmp_path), ["--grid", "train.lr=3e-3"]
+  common = ["--config=" + TINY, "--config.train.steps=4", "--config.train.eval_every=4",
+            "--config.train.warmup_steps=1", "--config.train.log_every=2"]
+  first = run_module(["-m", "effjax.sweep", *grid, f"--out={out}", *common])
+  assert first.returncode == 0, first.stderr[-2000:]
+  rows = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+  assert float(rows[0]["train/loss"]) > 0 and rows[0]["config_hash"]
+  # output-only keys do not make a finished run stale
+  same = run_module(["-m", "effjax.sweep", *grid, f"--out={out}", *common,
+                    "--config.train.log_every=1"])
+  assert same.returncode == 0 and "1 already finished, 0 to run" in same.stderr
+  other = run_module(["-m", "effjax.sweep", *grid, f"--out={out}", *common,
+                      "--config.train.steps=6", "--config.model.d_model=64"])
+  assert other.returncode == 0, other.stderr[-2000:]
+  assert "0 already finished, 1 to run" in other.stderr
+  assert "train.steps: 4 -> 6" in other.stderr and "model.d_model: 32 -> 64" in other.stderr
+  rows2 = list(csv.DictReader(open(os.path.join(out, "results.csv"))))
+  assert int(rows2[0]["step"]) == 6 and rows2[0]["config_hash"] != rows[0]["config_hash"]
+  assert any(".stale-" in d for d in os.listdir(os.path.join(out, "runs")))

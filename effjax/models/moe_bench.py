@@ -1,5 +1,5 @@
 """MoE layer benchmark (issue 5): forward+backward time of the MoE FFN versus a dense
-SwiGLU with equal active FLOPs, in one run. Prints a table, writes results/perf/moe.md.
+SwiGLU with equal active FLOPs, in one run. Prints a table (--out also writes it to a file).
 
   python -m effjax.models.moe_bench [--tokens=4096] [--d=256] [--out=results/perf/moe.md]
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import MoEConfig
+from effjax.models.layers import Linear
 from effjax.models.mlp import SwiGLU
 from effjax.models.moe import MoE
 
@@ -53,10 +54,13 @@ def main(argv=None) -> int:
   parser.add_argument("--top-k", default="1,2")
   parser.add_argument("--dispatch", default="blocks,ragged_dot")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--out", default="results/perf/moe.md")
+  parser.add_argument("--out", default="", help="also write the table here")
   args = parser.parse_args(argv)
   x = jax.random.normal(jax.random.PRNGKey(0), (args.tokens // 256, 256, args.d))
-  dense = SwiGLU(args.d, args.d_ff, init_std=0.02, n_layers=1, rngs=nnx.Rngs(params=0))
+  rngs = nnx.Rngs(params=0)
+  linear = lambda kind, d_in, d_out, *, axes, slot="", **kw: Linear(d_in, d_out, rngs=rngs,
+                                                                    axes=axes, **kw)
+  dense = SwiGLU(args.d, args.d_ff, init_std=0.02, n_layers=1, linear=linear)
   dense_time = _time_fwd_bwd(dense, x, args.repeats)
   rows = []
   for dispatch in args.dispatch.split(","):

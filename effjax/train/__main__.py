@@ -2,7 +2,8 @@
     [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
 
 With no --config, the quick-start config. With no --workdir, runs/<config name>.
-Exit codes: 0 done, 2 bad config or data (nothing written), 3 non-finite loss,
+Exit codes: 0 done, 2 bad config, data or workdir, or a resume that does not fit the
+checkpoint (nothing written), 3 non-finite loss,
 75 interrupted (checkpoint saved; rerun the same command to resume).
 """
 
@@ -40,13 +41,21 @@ def main(argv: list[str] | None = None) -> int:
   except config_lib.ConfigError as e:
     print(f"effjax: config error: {e}", file=sys.stderr)
     return 2
-  workdir = None
+  workdir, positional = None, []
   for i, arg in enumerate(rest):
     if arg.startswith("--workdir="):
       workdir = arg.split("=", 1)[1]
     elif arg == "--workdir" and i + 1 < len(rest):
       workdir = rest[i + 1]
-  unknown = [a for a in rest if a.startswith("--") and not a.startswith("--workdir")]
+    elif not arg.startswith("-") and not (i and rest[i - 1] == "--workdir"):
+      positional.append(arg)
+  if positional:
+    hint = (f" For a config file write --config={positional[0]}."
+            if positional[0].endswith(".py") else "")
+    print(f"effjax: unexpected positional argument(s) {positional}.{hint} Use --config=FILE, "
+          "--workdir=DIR and --config.section.key=value.", file=sys.stderr)
+    return 2
+  unknown = [a for a in rest if a.startswith("-") and not a.startswith("--workdir")]
   if unknown:
     print(f"effjax: unknown argument(s) {unknown}. Use --config=FILE, --workdir=DIR and "
           "--config.section.key=value.", file=sys.stderr)
@@ -59,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = os.path.join("runs", name)
   try:
     result = trainer.train(config, workdir)
-  except (DataError, config_lib.ConfigError) as e:
-    print(f"effjax: {'data' if isinstance(e, DataError) else 'config'} error: {e}",
-          file=sys.stderr)
+  except (DataError, config_lib.ConfigError, trainer.WorkdirError) as e:
+    kind = {DataError: "data", trainer.WorkdirError: "workdir"}.get(type(e), "config")
+    print(f"effjax: {kind} error: {e}", file=sys.stderr)
     return 2
   return result.exit_code
 

@@ -1,4 +1,4 @@
-"""Trainer overhead benchmark (issue 2): prints a table and writes results/perf/trainer.md.
+"""Trainer overhead benchmark (issue 2): prints a table (--out also writes it to a file).
 
   python -m effjax.train.bench [--config=configs/quickstart.py] [--steps=60]
                                [--out=results/perf/trainer.md]
@@ -26,6 +26,7 @@ import jax
 from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
+from effjax import models
 from effjax.parallel import make_mesh, sharding
 from effjax.resolve import resolve
 from effjax.train import trainer
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/quickstart.py")
   parser.add_argument("--steps", type=int, default=60)
-  parser.add_argument("--out", default="results/perf/trainer.md")
+  parser.add_argument("--out", default="", help="also write the table here")
   args, overrides = parser.parse_known_args(argv)
   config, _ = checks.load(["--config=" + args.config, *overrides],
                           num_devices=jax.device_count())
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
        f"({save_block / bare_step:.2f} steps)",
        "target < 1 step: " + ("met" if save_block < bare_step else "MISSED")),
   ]
-  n_params = models.count_params(model.dims, config.model.tie_embeddings)["total"]
+  n_params = models.count_params(plan.model.dims, config.model.tie_embeddings,
+                                 config.model)["total"]
   header = (f"Config `{args.config}` ({n_params / 1e6:.2f}M params, batch {t.batch_size} x "
             f"{t.seq_len}), {steps} steps; device: {jax.device_count()} x "
             f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} host "

@@ -62,7 +62,7 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       except ImportError as e:
         raise RuntimeError("train.tensorboard=true needs tensorboardX: "
-                           "pip install 'effjax[tensorboard]'") from e
+                           "pip install -e '.[tensorboard]'") from e
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):

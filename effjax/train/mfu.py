@@ -1,8 +1,11 @@
-"""Training-step speed and MFU per attention implementation: prints a table and writes it.
+"""Training-step speed and MFU per attention implementation on a GPU: prints a table.
 
   python -m effjax.train.mfu [--config=configs/gpu_small.py] [--impls=xla,pallas_gpu]
                              [--scores=softmax] [--steps=40] [--out=results/perf/mfu.md]
                              [--config.key=value ...]
+
+The table goes to stdout; --out also writes it to a file (the committed
+results/perf/mfu.md only when asked for). Without a GPU backend it exits 2.
 
 Each (score, impl) pair is one short trainer run in this process (same data, same model);
 the table reports the median step time over the logged steps after the first, tokens/s and
@@ -45,8 +48,12 @@ def main(argv=None) -> int:
   parser.add_argument("--impls", default="xla,pallas_gpu")
   parser.add_argument("--scores", default="softmax")
   parser.add_argument("--steps", type=int, default=40)
-  parser.add_argument("--out", default="results/perf/mfu.md")
+  parser.add_argument("--out", default="", help="also write the table here")
   args, overrides = parser.parse_known_args(argv)
+  if jax.default_backend() != "gpu":
+    print(f"mfu: needs a GPU backend (MFU against a GPU's peak, Pallas GPU kernels); this is "
+          f"{jax.default_backend()!r}. Nothing was run or written.", file=sys.stderr)
+    return 2
   base, _ = checks.load(["--config=" + args.config, *overrides], num_devices=jax.device_count())
   base = config_lib.apply_overrides(base, {"train": {"steps": args.steps}})
   data = trainer.load_data(base)
@@ -74,6 +81,9 @@ def main(argv=None) -> int:
   table += [f"| {s} | {i} | {ms:.1f} | {tps:,.0f} | {mfu:.3f} |" for s, i, ms, tps, mfu in rows]
   text = "\n".join(table) + ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
   print(f"{header}\n\n{text}")
+  if not rows:
+    print("mfu: no configuration ran; nothing written", file=sys.stderr)
+    return 1
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:

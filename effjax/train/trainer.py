@@ -53,6 +53,11 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class WorkdirError(ValueError):
+  """The workdir cannot hold this run (a file, or a checkpoint of another model); the CLI
+  exits 2 on it, before anything is written."""
+
+
 @dataclasses.dataclass
 class RunResult:
   exit_code: int
@@ -188,6 +193,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
             f"{run.config.train.steps}); nothing to do")
     run.ckpt.close()
     return RunResult(EXIT_OK, run.start, _last_metrics(workdir), workdir)
+  if run.is_main:  # training starts: config.json is this config from here on
+    _write_config(workdir, run.user_config)
   _compile_first_step(run)
   _write_run_info(run)
   exit_code, step, last, eval_stats = _loop(run, stop_at)
@@ -214,6 +221,7 @@ class _Run:
   quiet: bool
   say: Callable
   warn: Callable
+  changed: dict = dataclasses.field(default_factory=dict)  # key -> [old, new] on a resume
   compiled: dict = dataclasses.field(default_factory=dict)  # phase -> (step, eval, flops)
   compile_times: list = dataclasses.field(default_factory=list)
   batch: dict | None = None
@@ -241,6 +249,9 @@ def _setup(config, workdir, data, quiet) -> _Run:
   """Data, mesh, resolved config, plan, workdir, restored or initialised state, extensions.
   Everything that can fail on bad input happens before anything is written."""
   config = checks.validate(config, jax.device_count())  # the CLI checked each section only
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass another "
+                       "--workdir")
   t = config.train
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
@@ -257,9 +268,13 @@ def _setup(config, workdir, data, quiet) -> _Run:
       data.corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches,
       eos_id=data.tokenizer.eos_id, **shard_kw) if t.eval_batches else []
 
+  # A resume must fit the checkpoint: compared with the workdir's config.json before
+  # anything is written (config.json itself is rewritten only once training starts).
+  changed = _check_resume(workdir, user_config) if _has_checkpoint(workdir) else {}
+  if changed:
+    say("note: resuming with a config that differs from the workdir's config.json for: "
+        + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items()))
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    _write_config(workdir, user_config, say)
 
   # Restore the latest checkpoint into this mesh's shardings, or initialise directly into
   # them (each device computes its own shards).
@@ -269,13 +284,18 @@ def _setup(config, workdir, data, quiet) -> _Run:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
-    state = ckpt.restore(start, plan.abstract(), data_iter)
+    try:
+      state = ckpt.restore(start, plan.abstract(), data_iter)
+    except ValueError as e:  # a mismatch config.json did not show (e.g. no config.json)
+      ckpt.close()
+      raise WorkdirError(f"the checkpoint at step {start} in {ckpt.directory} does not fit "
+                         f"this config: {str(e).splitlines()[0][:300]}") from None
     say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
   else:
     state = plan.init()
   token_bytes = jnp.asarray(data.tokenizer.token_byte_lengths, jnp.float32)
   token_bytes = jnp.pad(token_bytes, (0, plan.model.dims.vocab - token_bytes.shape[0]))
-  run = _Run(config=config, user_config=user_config, workdir=workdir, plan=plan,
+  run = _Run(config=config, user_config=user_config, workdir=workdir, plan=plan, changed=changed,
              tokenizer=data.tokenizer, corpus=data.corpus, data_iter=data_iter, ckpt=ckpt,
              state=state, start=start, extensions=build_extensions(config, plan.model),
              eval_data=[], token_bytes=token_bytes, is_main=is_main, quiet=quiet, say=say,
@@ -313,8 +333,16 @@ def _write_run_info(run: _Run) -> None:
       "commit": _git_commit(), "command": " ".join(sys.argv),
       "resolved": _resolved(run.user_config, config, dims),
   }
+  path = os.path.join(run.workdir, "run_info.json")
+  resumes = []
+  if run.start and os.path.exists(path):
+    with open(path) as f:
+      resumes = json.load(f).get("resumes", [])
+  if run.start:  # the step each resume started from, and the config keys it changed
+    resumes.append({"step": run.start, "changed": run.changed})
+  run.info["resumes"] = resumes
   if run.is_main:
-    with open(os.path.join(run.workdir, "run_info.json"), "w") as f:
+    with open(path, "w") as f:
       json.dump(run.info, f, indent=2)
   run.say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M "
           f"non-embedding, {n_params['active_non_embedding'] / 1e6:.2f}M active), "
@@ -457,8 +485,10 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
         f.write(t.sample_prompt + text)
       run.say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}"
               f"{text}\n{'-' * 60}")
+  last = {k: _to_scalar(v) for k, v in last.items()}  # numpy / jax scalars -> int, float
   if exit_code == EXIT_OK and run.is_main:
-    final = {"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))},
+    final = {"step": step, **{k: v for k, v in last.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)},
              **{k: run.info[k] for k in ("params_total", "params_non_embedding",
                                          "params_active_non_embedding", "flops_per_token")},
              "tokens": step * t.batch_size * t.seq_len}
@@ -469,6 +499,13 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
                         if isinstance(last.get(k), float))
     run.say(f"done: step {step}; {summary}; workdir {workdir}")
   return RunResult(exit_code, step, last, workdir)
+
+
+def _to_scalar(v):
+  """A Python int or float for a numpy / jax scalar; anything else unchanged."""
+  if isinstance(v, (np.generic, np.ndarray, jax.Array)) and np.ndim(v) == 0:
+    return np.asarray(v).item()
+  return v
 
 
 def _evaluate(eval_fn, state: TrainState, eval_data: list) -> tuple[dict, dict]:
@@ -495,25 +532,41 @@ def _resolved(user_config: config_lib.Config, config: config_lib.Config, dims) -
   return dict(sorted(out.items()))
 
 
-def _write_config(workdir: str, config: config_lib.Config, say) -> None:
-  path = os.path.join(workdir, "config.json")
-  new = config_lib.to_dict(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changed = [k for k in config_lib.valid_keys() if _get(old, k) != _get(new, k)]
-    if changed:
-      say(f"note: config differs from the one in {path} for: {', '.join(changed)}")
-  with open(path, "w") as f:
+def _write_config(workdir: str, config: config_lib.Config) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
 
 
-def _get(d: dict, dotted: str):
-  for part in dotted.split("."):
-    if not isinstance(d, dict) or part not in d:
-      return None
-    d = d[part]
-  return list(d) if isinstance(d, tuple) else d
+# Keys a checkpoint cannot be resumed under when they change: the parameter and optimizer
+# shapes (model, quantizer state, tokenizer) and the tokens per step (token counts, FLOPs and
+# scaling-law inputs assume one batch shape per run). Other keys may change and are logged.
+_RESUME_FIXED = ("model.", "quant.method", "quant.act_bits", "quant.layers", "quant.qkr",
+                 "quant.hadamard", "data.tokenizer", "data.token_dtype", "train.batch_size",
+                 "train.seq_len", "optim.name")
+_RESUME_FREE = ("model.attention.impl", "model.compute_dtype", "model.remat")
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def _check_resume(workdir: str, config: config_lib.Config) -> dict:
+  """The changed keys of a resume; WorkdirError when one of them does not fit the checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    changed = config_lib.diff(json.load(f), config)
+  fixed = {k: v for k, v in changed.items()
+           if k.startswith(_RESUME_FIXED) and k not in _RESUME_FREE}
+  if fixed:
+    raise WorkdirError(
+        f"{workdir} holds a checkpoint of another run; these keys differ from its config.json "
+        "and cannot change on resume: "
+        + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
+        + ". Use the same values, or a new --workdir.")
+  return changed
 
 
 def _last_metrics(workdir: str) -> dict:

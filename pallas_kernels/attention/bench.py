@@ -1,5 +1,5 @@
-"""Attention benchmark: prints a markdown table and writes it with device, JAX version and
-the command (DESIGN.md, Performance methodology).
+"""Attention benchmark: prints a markdown table with device, JAX version and the command;
+--out also writes it to a file (DESIGN.md, Performance methodology).
 
   python -m pallas_kernels.attention.bench [--seq-lens 1024,2048,4096,8192,16384]
       [--batch 4] [--heads 16] [--kv-heads 16] [--head-dim 128] [--dtype bfloat16]
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
   parser.add_argument("--scores", default="softmax,lssa,lssar")
   parser.add_argument("--impls", default="xla,pallas_tpu,pallas_gpu,pallas_mgpu,jax_mgpu,cudnn")
   parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--out", default="results/perf/attention.md")
+  parser.add_argument("--out", default="", help="also write the table here")
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   kvh = args.kv_heads or args.heads
