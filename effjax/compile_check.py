@@ -60,11 +60,11 @@ def _tpu_devices(topology: str, chip: str | None, num_slices: int = 1):
   try:
     return topologies.get_topology_desc(name, "tpu", **extra).devices
   except Exception as e:  # pylint: disable=broad-except
-    raise SystemExit(
-        f"compile_check: cannot describe TPU topology {name!r} here ({type(e).__name__}: "
-        f"{str(e).splitlines()[0][:200]}). A TPU topology needs libtpu (pip install "
-        "'jax[tpu]') and a JAX that supports jax.experimental.topologies for it; "
-        "--topology=cpu:N works everywhere.") from None
+    print(f"compile_check: cannot describe TPU topology {name!r} here ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:200]}). A TPU topology needs libtpu (pip install "
+          "'jax[tpu]') and a JAX that supports jax.experimental.topologies for it; "
+          "--topology=cpu:N works everywhere.", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _gib(x) -> str:

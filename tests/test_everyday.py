@@ -121,3 +121,15 @@ def test_benchmarks_print_and_write_only_with_out(tmp_path, args):
   assert os.listdir(tmp_path) == []  # no results/perf/... in the working directory
   proc = run_module(args + [f"--out={tmp_path / 'table.md'}"], cwd=str(tmp_path))
   assert proc.returncode == 0 and "|---" in open(tmp_path / "table.md").read()
+
+
+def test_compile_check_without_libtpu_exits_2():
+  """A TPU topology needs libtpu: without it compile_check says so and exits 2 (a usage /
+  environment error, like a config error), not 1 with a traceback."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed here")
+  r = run_module(["-m", "effjax.compile_check", "--config=configs/tiny.py", "--topology=v5p-8"],
+                 timeout=300)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert "needs libtpu" in r.stderr and "Traceback" not in r.stderr
