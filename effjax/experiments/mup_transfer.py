@@ -165,6 +165,8 @@ def part_1(args, only):
 
 def part_2(args, only):
   del only
+  from effjax.train import trainer  # pylint: disable=g-import-not-at-top
+  commit = trainer._git_commit()  # pylint: disable=protected-access
   base = config_lib.apply_overrides(config_lib.Config(), BASE)
   widths = [64, 128, 256, 512]
   sections = []
@@ -184,7 +186,7 @@ def part_2(args, only):
           + "\n\n".join(sections) + "\n")
   return write_part(args.out, "2", "2. Coordinate check (widths 64-512, 5 Adam steps at lr 1e-2)",
                     body, [], "python -m effjax.experiments.mup_transfer --parts=2",
-                    "4 layers, widths 64/128/256/512, batch 16 x 64 tokens, 5 steps, seed 0.")
+                    "4 layers, widths 64/128/256/512, batch 16 x 64 tokens, 5 steps, seed 0.", commit)
 
 
 def _hidden_lr_wd(rule: str, w: int) -> float:

@@ -104,11 +104,13 @@ def parse_parts(arg: str, all_parts: tuple) -> list:
   return [p for p in all_parts if p in want]
 
 
-def provenance(records: list[RunRecord], command: str, scale: str) -> str:
+def provenance(records: list[RunRecord], command: str, scale: str, commit: str = "") -> str:
+  """commit: for parts without training runs, the commit read before the part wrote any files
+  (read later, the part's own outputs would mark it -dirty)."""
   info = records[0].info if records else {"devices": f"{jax.device_count()} x "
                                           f"{jax.devices()[0].platform}",
                                           "jax_version": jax.__version__}
-  commits = sorted({r.info.get("commit", "?") for r in records} or {trainer._git_commit()})  # pylint: disable=protected-access
+  commits = sorted({r.info.get("commit", "?") for r in records} or {commit or trainer._git_commit()})  # pylint: disable=protected-access
   return (f"Command: `{command}`\n\n"
           f"Scale: {scale}\n\n"
           f"Corpus: `{info.get('corpus')}` (fingerprint `{info.get('corpus_fingerprint', '')[:16]}`), "
@@ -117,7 +119,7 @@ def provenance(records: list[RunRecord], command: str, scale: str) -> str:
 
 
 def write_part(out_dir: str, part: str, title: str, body: str, records: list[RunRecord],
-               command: str, scale: str) -> str:
+               command: str, scale: str, commit: str = "") -> str:
   """results/<study>/parts/<part>.md: '## title', this part's provenance, then body; and the
   part's resolved configs under configs/."""
   os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
@@ -127,7 +129,7 @@ def write_part(out_dir: str, part: str, title: str, body: str, records: list[Run
                 os.path.join(out_dir, "configs", f"{r.variant.name}.json"))
   path = os.path.join(out_dir, "parts", f"{part}.md")
   with open(path, "w") as f:
-    f.write(f"## {title}\n\n{provenance(records, command, scale)}\n\n{body.strip()}\n")
+    f.write(f"## {title}\n\n{provenance(records, command, scale, commit)}\n\n{body.strip()}\n")
   return path
 
 
