@@ -255,7 +255,8 @@ def part_b(args, only):
 
 INTRO = ("Each part below is a separate section with its own provenance (command, scale, corpus, "
          "commits, date): parts are rerun on their own with `--parts`, and this README is assembled "
-         "from `parts/*.md`.")
+         "from `parts/*.md`. FINDINGS.md says what changed in the code (issue 11), which parts were "
+         "rerun and which were migrated from earlier runs.")
 
 
 def main(argv=None) -> int:
