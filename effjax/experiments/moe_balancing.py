@@ -1,10 +1,15 @@
 """MoE balancing study (issue 5; TECHNIQUES.md 1.2, 1.3). Reruns and rewrites
 results/moe_balancing/:
 
-  python -m effjax.experiments.moe_balancing [--only=NAME,...] [--runs=runs/moe_balancing]
+  python -m effjax.experiments.moe_balancing [--parts=a,b] [--only=NAME,...]
+      [--runs=runs/moe_balancing]
+
+Each part writes results/moe_balancing/parts/<part>.md with its own provenance; README.md is
+assembled from the part files that exist (`--parts=a` reruns and rewrites part A only).
 
 Part A, at equal active compute (dense SwiGLU d_ff=384 versus 16 experts x d_ff=192,
-top-2, sigmoid router): no balancing, Switch aux loss, ALF-LB, ALF-LB + sequence loss.
+top-2, sigmoid router): no balancing, Switch aux loss at the Loss-Free paper's alpha 1e-3
+(and 1e-2 as an extra row), ALF-LB, ALF-LB + sequence loss; every variant at SEEDS_A.
 Part B (Sigma-MoE-Tiny setting): 32 experts, top-1, softmax router, 8 layers: plain
 LBL, plain LBL with progressive sparsification (k=4 in the lowest 25% of layers until
 40% of training).
@@ -19,9 +24,15 @@ import sys
 import numpy as np
 
 from effjax import config as config_lib
-from effjax.experiments.study import Variant, markdown_table, run_variants, write_summary
+from effjax.experiments.study import (Variant, assemble_readme, base_name, markdown_table,
+                                      parse_parts, run_variants, with_seeds, write_part)
 
 OUT = "results/moe_balancing"
+PARTS = ("a", "b")
+SEEDS_A = (0, 1)
+SEEDS_B = (0,)
+TITLE = "MoE balancing study"
+COMMAND = "python -m effjax.experiments.moe_balancing"
 
 BASE_A = {
     "model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_dim": 384},
@@ -34,7 +45,9 @@ MOE_A = {"num_experts": 16, "top_k": 2, "expert_dim": 192, "router": "sigmoid"}
 VARIANTS_A = [
     Variant("dense", {}, "dense SwiGLU, d_ff 384"),
     Variant("moe_none", {"model": {"moe": {**MOE_A, "balance": "none"}}}, "MoE, no balancing"),
-    Variant("moe_aux", {"model": {"moe": {**MOE_A, "balance": "aux", "aux_coef": 1e-2}}},
+    Variant("moe_aux1e-3", {"model": {"moe": {**MOE_A, "balance": "aux", "aux_coef": 1e-3}}},
+            "MoE, Switch aux loss (alpha 1e-3, the Loss-Free paper's baseline)"),
+    Variant("moe_aux1e-2", {"model": {"moe": {**MOE_A, "balance": "aux", "aux_coef": 1e-2}}},
             "MoE, Switch aux loss (alpha 1e-2)"),
     Variant("moe_alf", {"model": {"moe": {**MOE_A, "balance": "alf", "bias_update_rate": 1e-3}}},
             "MoE, ALF-LB (u 1e-3)"),
@@ -81,10 +94,13 @@ def _smooth(x, n=5):
 
 
 def _plots(recs_a, recs_b, out):
+  """Part A plot from the seed-0 runs (recs_a), part B plot from recs_b; either may be None."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
+  if not recs_a:
+    recs_a = []
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
   for rec in recs_a:
     s, v = _maxvio_curve(rec)
@@ -104,8 +120,9 @@ def _plots(recs_a, recs_b, out):
               title="max (o) and min (x) expert load per layer")
   axes[1].legend(fontsize=7)
   fig.tight_layout()
-  paths.append(os.path.join(out, "part_a_balance.png"))
-  fig.savefig(paths[-1])
+  if recs_a:
+    paths.append(os.path.join(out, "part_a_balance.png"))
+    fig.savefig(paths[-1])
   plt.close(fig)
 
   if recs_b:
@@ -135,48 +152,126 @@ def _plots(recs_a, recs_b, out):
   return paths
 
 
+SCALE_A = ("byte-level LM on the built-in corpus, d_model 128, 4 layers, batch 16 x 128 tokens, "
+           "500 steps (1.0M tokens); seeds " + ", ".join(map(str, SEEDS_A)) + " (init and data "
+           "order). Tiny: directional evidence only.")
+SCALE_B = ("byte-level LM on the built-in corpus, d_model 128, 8 layers, batch 16 x 128 tokens, "
+           "400 steps (0.8M tokens); seeds " + ", ".join(map(str, SEEDS_B)) + ". Tiny: "
+           "directional evidence only.")
+NOTE = ("Loads are tokens per expert divided by the mean, over the eval set (global) or per "
+        "training batch; MaxVio = (max - mean) / mean. Global MaxVio (eval): the mean over MoE "
+        "layers of the eval-set MaxVio. Batch MaxVio: the mean over MoE layers of one training "
+        "step's MaxVio (over the whole step's tokens), averaged over the steps logged in the last "
+        "100 steps (every 10th step). Bias spread: max - min of the ALF-LB expert bias at the end, "
+        "largest over layers (sigmoid scores lie in (0, 1), so a spread near 1 lets the bias "
+        "override content).")
+
+
+def _bias_spread(rec):
+  v = [val for k, val in rec.rows[-1].items() if k.startswith("moe/bias_spread")]
+  if not v:
+    for r in reversed(rec.rows):
+      v = [val for k, val in r.items() if k.startswith("moe/bias_spread")]
+      if v:
+        break
+  return max(v) if v else float("nan")
+
+
+def _row(rec):
+  layers = _layers(rec)
+  max_load = max((rec.last(f"eval/moe/max_load/layer{i}") for i in layers), default=float("nan"))
+  min_load = min((rec.last(f"eval/moe/min_load/layer{i}") for i in layers), default=float("nan"))
+  _, curve = _maxvio_curve(rec)
+  return {"loss": rec.last("eval/loss"), "bpb": rec.last("eval/bpb"),
+          "global": rec.last("eval/moe/maxvio_global"),
+          "batch": float(np.mean(curve[-10:])) if len(curve) else float("nan"),
+          "min": min_load, "max": max_load, "bias": _bias_spread(rec),
+          "params": f"{rec.info['params_active_non_embedding'] / 1e6:.2f}M / "
+                    f"{rec.info['params_non_embedding'] / 1e6:.2f}M"}
+
+
+def _tables(recs, variants):
+  by = {}
+  for r in recs:
+    by.setdefault(base_name(r.variant.name), {})[r.config.seed] = _row(r)
+  header = ["variant", "what", "seed", "eval loss", "eval bpb", "global MaxVio (eval)",
+            "batch MaxVio (last 100 steps)", "min load", "max load", "bias spread",
+            "active / total params (non-embedding)"]
+  rows = [[v.name, v.label, seed, x["loss"], x["bpb"], x["global"], x["batch"], x["min"], x["max"],
+           x["bias"], x["params"]]
+          for v in variants for seed, x in sorted(by.get(v.name, {}).items())]
+  stats = []
+  for v in variants:
+    xs = list(by.get(v.name, {}).values())
+    if not xs:
+      continue
+    row = [v.name, len(xs)]
+    for key in ("loss", "global", "batch"):
+      vals = [x[key] for x in xs]
+      row += [float(np.mean(vals)), float(max(vals) - min(vals)) if len(vals) > 1 else float("nan")]
+    stats.append(row)
+  stat_table = markdown_table(["variant", "seeds", "eval loss mean", "eval loss spread",
+                               "global MaxVio mean", "global MaxVio spread", "batch MaxVio mean",
+                               "batch MaxVio spread"], stats)
+  return markdown_table(header, rows), stat_table, by
+
+
+def part_a(args, only):
+  base_a = config_lib.apply_overrides(config_lib.Config(), BASE_A)
+  recs = run_variants(base_a, with_seeds(VARIANTS_A, SEEDS_A), args.runs, only=only)
+  plots = _plots([r for r in recs if r.config.seed == 0], None, args.out)
+  table, stat_table, by = _tables(recs, VARIANTS_A)
+  pairs = [("moe_alf", "moe_aux1e-3"), ("moe_alf", "moe_aux1e-2"), ("moe_alf_seq", "moe_alf"),
+           ("moe_aux1e-3", "moe_none"), ("moe_alf", "moe_none"), ("moe_none", "dense")]
+  pair_rows = []
+  for a, b in pairs:
+    for seed in SEEDS_A:
+      xa, xb = by.get(a, {}).get(seed), by.get(b, {}).get(seed)
+      if xa and xb:
+        pair_rows.append([f"{a} - {b}", seed, xa["loss"] - xb["loss"], xa["global"] - xb["global"],
+                          xa["batch"] - xb["batch"]])
+  body = (f"{table}\n\n### Mean and seed-to-seed spread (max - min over seeds)\n\n{stat_table}"
+          "\n\n### Paired differences, within each seed\n\n"
+          + markdown_table(["difference", "seed", "eval loss", "global MaxVio", "batch MaxVio"],
+                           pair_rows)
+          + (f"\n\n![part A]({os.path.basename(plots[0])}) (seed 0)" if plots else "")
+          + f"\n\n{NOTE}\n")
+  return write_part(args.out, "a", "Part A: balancing methods at equal active compute", body, recs,
+                    COMMAND + " --parts=a", SCALE_A)
+
+
+def part_b(args, only):
+  base_b = config_lib.apply_overrides(config_lib.Config(), BASE_B)
+  recs = run_variants(base_b, with_seeds(VARIANTS_B, SEEDS_B), args.runs, only=only)
+  plots = _plots(None, [r for r in recs if r.config.seed == 0], args.out)
+  table, stat_table, _ = _tables(recs, VARIANTS_B)
+  body = (f"{table}\n\n"
+          + (f"### Mean and seed-to-seed spread (max - min over seeds)\n\n{stat_table}\n\n"
+             if len(SEEDS_B) > 1 else "")
+          + (f"![part B]({os.path.basename(plots[-1])})\n\n" if plots else "") + f"{NOTE}\n")
+  return write_part(args.out, "b", "Part B: Sigma-MoE setting (32 experts, top-1, 8 layers)", body,
+                    recs, COMMAND + " --parts=b", SCALE_B)
+
+
+INTRO = ("Each part below is a separate section with its own provenance (command, scale, corpus, "
+         "commits, date): parts are rerun on their own with `--parts`, and this README is assembled "
+         "from `parts/*.md`. FINDINGS.md says what changed in the code (issue 11), which parts were "
+         "rerun and which were migrated from earlier runs.")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--parts", default="", help="comma-separated parts to (re)run: a,b")
   parser.add_argument("--only", default="", help="comma-separated variant names to (re)run")
   parser.add_argument("--runs", default="runs/moe_balancing")
   parser.add_argument("--out", default=OUT)
   args = parser.parse_args(argv)
   only = set(args.only.split(",")) if args.only else None
-  base_a = config_lib.apply_overrides(config_lib.Config(), BASE_A)
-  base_b = config_lib.apply_overrides(config_lib.Config(), BASE_B)
-  recs_a = run_variants(base_a, VARIANTS_A, args.runs, only=only)
-  recs_b = run_variants(base_b, VARIANTS_B, args.runs, only=only)
   os.makedirs(args.out, exist_ok=True)
-  plots = _plots(recs_a, recs_b, args.out)
-
-  def row(rec):
-    layers = _layers(rec)
-    max_load = max((rec.last(f"eval/moe/max_load/layer{i}") for i in layers), default=float("nan"))
-    min_load = min((rec.last(f"eval/moe/min_load/layer{i}") for i in layers), default=float("nan"))
-    _, curve = _maxvio_curve(rec)
-    return [rec.variant.name, rec.variant.label, rec.last("eval/loss"), rec.last("eval/bpb"),
-            rec.last("eval/moe/maxvio_global"),
-            float(np.mean(curve[-10:])) if len(curve) else float("nan"), min_load, max_load,
-            f"{rec.info['params_active_non_embedding'] / 1e6:.2f}M / "
-            f"{rec.info['params_non_embedding'] / 1e6:.2f}M"]
-
-  header = ["variant", "what", "eval loss", "eval bpb", "global MaxVio (eval)",
-            "batch MaxVio (last 100 steps)", "min load", "max load", "active / total params"]
-  table_a = markdown_table(header, [row(r) for r in recs_a])
-  table_b = markdown_table(header, [row(r) for r in recs_b])
-  body = (f"## Part A: balancing methods at equal active compute\n\n{table_a}\n\n"
-          f"![part A]({os.path.basename(plots[0])})\n\n"
-          f"## Part B: Sigma-MoE setting (32 experts, top-1, 8 layers)\n\n{table_b}\n\n"
-          + (f"![part B]({os.path.basename(plots[1])})\n\n" if len(plots) > 1 else "")
-          + "Loads are tokens per expert divided by the mean, over the eval set (global) or per "
-            "training batch; MaxVio = (max - mean) / mean. Global MaxVio is the mean over MoE "
-            "layers.\n\n## What reproduced\n\nSee FINDINGS.md (written by hand from the table "
-            "above).\n")
-  path = write_summary(args.out, "MoE balancing study", body, recs_a + recs_b,
-                       "python -m effjax.experiments.moe_balancing",
-                       "byte-level LM on the built-in corpus, d_model 128, batch 16 x 128 tokens; "
-                       "part A: 4 layers, 500 steps (1.0M tokens); part B: 8 layers, 400 steps "
-                       "(0.8M tokens); one seed. Tiny: directional evidence only.")
+  for part in parse_parts(args.parts, PARTS):
+    print(f"[moe_balancing] part {part}: {({'a': part_a, 'b': part_b}[part])(args, only)}",
+          file=sys.stderr)
+  path = assemble_readme(args.out, TITLE, INTRO, PARTS)
   print(open(path).read())
   return 0
 

@@ -1,6 +1,12 @@
 """Studies: named variants of one base config, run in sequence, summarised into a results
 folder (README table, plots, the configs, the command, commit and corpus fingerprint).
 
+Each study has parts (A, B, ... or 1, 2, ...) that can be rerun on their own (`--parts`):
+every part writes its own section to results/<study>/parts/<part>.md with its own
+provenance (command, scale, corpus fingerprint, commits, date), and README.md is
+assembled from the part files that exist, so rerunning one part leaves the others'
+sections (and their provenance) as they were.
+
 Resumable: each variant trains in its own workdir under `runs_dir`; rerunning the
 study skips finished variants and resumes interrupted ones (the trainer's resume).
 Only the summary goes to results/; the workdirs (checkpoints) stay under runs/.
@@ -72,6 +78,86 @@ def run_variants(base_config: config_lib.Config, variants: list[Variant], runs_d
     records.append(RunRecord(v, workdir, cfg, read_metrics(os.path.join(workdir, "metrics.jsonl")),
                              info))
   return records
+
+
+def with_seeds(variants: list[Variant], seeds) -> list[Variant]:
+  """Each variant at each seed; seed 0 keeps the variant's name, seed s adds '_seed<s>'."""
+  out = []
+  for seed in seeds:
+    for v in variants:
+      out.append(v if seed == 0 else Variant(f"{v.name}_seed{seed}", {**v.overrides, "seed": seed},
+                                             f"{v.label}, seed {seed}"))
+  return out
+
+
+def base_name(name: str) -> str:
+  return name.split("_seed")[0]
+
+
+def parse_parts(arg: str, all_parts: tuple) -> list:
+  """--parts=a,c -> ['a', 'c'] (in the study's order); '' -> all parts."""
+  if not arg:
+    return list(all_parts)
+  want = {p.strip().lower() for p in arg.split(",") if p.strip()}
+  unknown = want - set(all_parts)
+  if unknown:
+    raise SystemExit(f"unknown part(s) {sorted(unknown)}; parts are {list(all_parts)}")
+  return [p for p in all_parts if p in want]
+
+
+def provenance(records: list[RunRecord], command: str, scale: str, commit: str = "") -> str:
+  """commit: for parts without training runs, the commit read before the part wrote any files
+  (read later, the part's own outputs would mark it -dirty)."""
+  info = records[0].info if records else {"devices": f"{jax.device_count()} x "
+                                          f"{jax.devices()[0].platform}",
+                                          "jax_version": jax.__version__}
+  commits = sorted({r.info.get("commit", "?") for r in records} or {commit or trainer._git_commit()})  # pylint: disable=protected-access
+  return (f"Command: `{command}`\n\n"
+          f"Scale: {scale}\n\n"
+          f"Corpus: `{info.get('corpus')}` (fingerprint `{info.get('corpus_fingerprint', '')[:16]}`), "
+          f"devices: {info.get('devices')}, jax {info.get('jax_version')}, commit(s) "
+          f"{', '.join(commits)}, written {datetime.date.today()}. Resolved configs: `configs/`.")
+
+
+def write_part(out_dir: str, part: str, title: str, body: str, records: list[RunRecord],
+               command: str, scale: str, commit: str = "") -> str:
+  """results/<study>/parts/<part>.md: '## title', this part's provenance, then body; and the
+  part's resolved configs under configs/."""
+  os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
+  os.makedirs(os.path.join(out_dir, "configs"), exist_ok=True)
+  for r in records:
+    shutil.copy(os.path.join(r.workdir, "config.json"),
+                os.path.join(out_dir, "configs", f"{r.variant.name}.json"))
+  path = os.path.join(out_dir, "parts", f"{part}.md")
+  with open(path, "w") as f:
+    f.write(f"## {title}\n\n{provenance(records, command, scale, commit)}\n\n{body.strip()}\n")
+  return path
+
+
+def assemble_readme(out_dir: str, title: str, intro: str, part_order: tuple) -> str:
+  """README.md = title + intro + every parts/<part>.md that exists, in the study's order."""
+  sections = []
+  for part in part_order:
+    path = os.path.join(out_dir, "parts", f"{part}.md")
+    if os.path.exists(path):
+      with open(path) as f:
+        sections.append(f.read().strip())
+  text = (f"# {title}\n\n{intro.strip()}\n\n" + "\n\n".join(sections)
+          + "\n\n## What reproduced\n\nSee FINDINGS.md (written by hand from the tables above).\n")
+  path = os.path.join(out_dir, "README.md")
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
+def seed_stats(values: list) -> tuple:
+  """(mean, spread) over seeds; spread = max - min (the seed-to-seed range), nan for one seed."""
+  import math  # pylint: disable=g-import-not-at-top
+  vals = [v for v in values if v == v]
+  if not vals:
+    return float("nan"), float("nan")
+  mean = sum(vals) / len(vals)
+  return mean, (max(vals) - min(vals)) if len(vals) > 1 else math.nan
 
 
 def write_summary(out_dir: str, title: str, body: str, records: list[RunRecord], command: str,
