@@ -1,4 +1,4 @@
-"""MoE balancing study (issue 5; TECHNIQUES.md 1.2, 1.3). Reruns and rewrites
+"""MoE balancing study (issue 5; docs/moe.md). Reruns and rewrites
 results/moe_balancing/:
 
   python -m effjax.experiments.moe_balancing [--parts=a,b] [--only=NAME,...]

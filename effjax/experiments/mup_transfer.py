@@ -1,4 +1,4 @@
-"""muP transfer study (issue 7; TECHNIQUES.md 6.1, 6.2). Reruns and rewrites
+"""muP transfer study (issue 7; docs/mup.md). Reruns and rewrites
 results/mup_transfer/:
 
   python -m effjax.experiments.mup_transfer [--parts=1,2,3,4] [--only=NAME,...]

@@ -1,4 +1,4 @@
-"""QAT study (issue 6; TECHNIQUES.md 5.1, 5.2). Reruns and rewrites results/qat/:
+"""QAT study (issue 6; docs/qat.md). Reruns and rewrites results/qat/:
 
   python -m effjax.experiments.qat [--parts=a,b,c] [--only=NAME,...] [--runs=runs/qat]
 

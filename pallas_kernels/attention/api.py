@@ -1,4 +1,4 @@
-"""attention(): one entry point, `implementation=` picks the backend (DESIGN.md, Kernels).
+"""attention(): one entry point, `implementation=` picks the backend (docs/attention-kernels.md).
 
   xla         the jnp reference (reference.py), all scores: the spec.
   interpret   the Pallas kernels (kernel.py, forward and backward) run by the Pallas
@@ -233,7 +233,7 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
               implementation: str = "auto", q_offset: int = 0, scale: float | None = None,
               p: float = 15.0, reweight_offset_rows: int = 3, block_q: int | None = None,
               block_k: int | None = None, platform: str | None = None):
-  """Attention with softmax / LSSA / LSSAR scores (TECHNIQUES.md 3.2).
+  """Attention with softmax / LSSA / LSSAR scores (docs/attention.md).
 
   q: [B, Tq, H, D]; k, v: [B, Tk, K, D] (GQA when K divides H). Returns [B, Tq, H, D].
   scale: softmax logit scale (default 1/sqrt(D)); LSSA/LSSAR ignore it (they L2-normalise

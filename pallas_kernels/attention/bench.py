@@ -1,5 +1,5 @@
 """Attention benchmark: prints a markdown table with device, JAX version and the command;
---out also writes it to a file (DESIGN.md, Performance methodology).
+--out also writes it to a file.
 
   python -m pallas_kernels.attention.bench [--seq-lens 1024,2048,4096,8192,16384]
       [--batch 4] [--heads 16] [--kv-heads 16] [--head-dim 128] [--dtype bfloat16]

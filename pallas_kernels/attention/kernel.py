@@ -8,7 +8,7 @@ tails, padded rows) and segment ids. Per-query values (segment ids, row stats) a
 columns [.., T, 1] in kernels gridded over query blocks and lane-dense rows [.., 1, T] in
 the dk/dv kernel, which works on transposed blocks; so no kernel transposes in-register.
 
-Scores (TECHNIQUES.md 3.2, "softplus attention with length-scaled re-weighting", 2025):
+Scores (docs/attention.md, "softplus attention with length-scaled re-weighting", 2025):
   softmax  online softmax (FlashAttention, Dao et al. 2022, Alg. 1; FlashAttention-2
            backward, Dao 2023, Alg. 2): stats lse_i.
   lssa     cosines qhat.khat = (q.k) / (|q| |k|): the raw q.k runs on the MXU in the input
@@ -244,7 +244,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, *refs, cfg: Config):
   if cfg.score == "lssa":
     # One pass: softplus weights are bounded (<= log d log N + log 2), so sum_j a_ij v_j
     # and the row sum accumulate without rescaling and the L1 normalisation is one
-    # division at the end (the two-pass form of TECHNIQUES.md is needed for LSSAR only).
+    # division at the end (the two-pass form of the docs is needed for LSSAR only).
     def body(j, carry):
       total, acc = carry
       a, _, v = weights(j)

@@ -1,6 +1,6 @@
 """Reference attention (pure jnp): the spec every kernel is tested against.
 
-Scores (TECHNIQUES.md 3.2; "Softplus attention with re-weighting", 2025):
+Scores (docs/attention.md; "Softplus attention with re-weighting", 2025):
   softmax  A = softmax(scale * q.k^T) over visible keys (scale defaults to 1/sqrt(d)).
   lssa     A_ij = softplus(log d * log N_i * qhat_i.khat_j) * M_ij, rows L1-normalised as
            A_i / (sum_j A_ij + EPS) with EPS = 1e-6 (qhat, khat: q, k L2-normalised per head,
