@@ -2,7 +2,7 @@
 item 1) compute what the loop over distinct blocks computes, train and resume, and the
 configurations whose layers differ are refused."""
 
-import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -151,8 +151,9 @@ def test_mup_spectral_and_export_read_the_stacked_layout():
                                       is_leaf=lambda s: isinstance(s, models.ParamSpec))
     assert mults(specs_a[i]) == mults(scan.specs["blocks"]["layers"])
   assert _max_diff(unstack_layers(scan.initial_params, 2), plain.initial_params) == 0.0
-  sa = SpectralExtension(plain).eval_params_metrics(plain.initial_params)
-  sb = SpectralExtension(scan).eval_params_metrics(scan.initial_params)
+  on_eval = lambda model: SpectralExtension(None, model).on_eval(
+      types.SimpleNamespace(params=model.initial_params), {})
+  sa, sb = on_eval(plain), on_eval(scan)
   assert sorted(sa) == sorted(sb) and "spec/sigma_max/q" in sa
   for k in sa:
     assert sb[k] == pytest.approx(sa[k], rel=1e-5), k
@@ -179,26 +180,6 @@ def test_scan_layers_trains_and_resumes_exactly(tmp_path):
   pick = lambda rows: {(r["step"], k): r[k] for r in rows for k in keys if k in r}
   assert len(pick(a)) >= 40 * 3 + 2
   assert pick(a) == pick(b)  # bit-for-bit
-
-
-def test_compile_time_of_eight_layers_scan_versus_loop(capsys):
-  """Reported, not asserted (timing is not a test)."""
-  ids = jnp.zeros((8, 32), jnp.int32)
-  times = {}
-  for name, extra in (("loop", ()), ("scan", (SCAN,))):
-    model = models.build(_cfg("--config.model.n_layers=8", *extra), 257)
-
-    def loss(p, model=model):
-      return jnp.mean(model.apply(p, model.initial_buffers, ids)[0])
-
-    t0 = time.perf_counter()
-    lowered = jax.jit(jax.grad(loss)).lower(model.initial_params)
-    t1 = time.perf_counter()
-    lowered.compile()
-    times[name] = (t1 - t0, time.perf_counter() - t1)
-  with capsys.disabled():
-    print("\n[8-layer tiny model, loss+grad: lower + compile] " + ", ".join(
-        f"{k} {lo:.2f}s + {co:.2f}s" for k, (lo, co) in times.items()))
 
 
 @pytest.mark.parametrize("overrides,key", [
