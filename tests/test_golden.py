@@ -3,7 +3,8 @@
 recorded in tests/golden/losses.json (see tests/golden/record.py for how and when to re-record).
 
 Exact equality is intended: a pure refactor changes no floating-point operation. XLA's CPU
-code can differ between processor families, so the check is for the machine class CI runs on.
+code can differ between processor families and JAX versions, so the check is for the machine
+class CI runs on and the JAX version the losses were recorded with (others skip).
 """
 
 import json
@@ -22,6 +23,9 @@ def golden():
 
 @pytest.mark.parametrize("name", sorted(record.CASES))
 def test_first_training_losses_are_bit_identical(name, golden, tmp_path):
+  import jax
+  if jax.__version__ != golden["jax"]:
+    pytest.skip(f"recorded with jax {golden['jax']}; XLA's numerics differ across versions")
   want = golden["losses"][name]
   assert len(want) == golden["steps"] and len(set(want)) > 10  # a real curve, not a constant
   got = record.run_case(name, str(tmp_path))

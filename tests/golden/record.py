@@ -51,7 +51,8 @@ def run_case(name: str, workdir: str) -> list[float]:
 def main():
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=REPO).stdout.strip()
-  out = {"commit": commit, "steps": STEPS, "losses": {}}
+  import jax  # pylint: disable=g-import-not-at-top
+  out = {"commit": commit, "jax": jax.__version__, "steps": STEPS, "losses": {}}
   for name in CASES:
     with tempfile.TemporaryDirectory() as workdir:
       out["losses"][name] = run_case(name, workdir)
