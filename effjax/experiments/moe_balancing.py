@@ -17,18 +17,16 @@ LBL, plain LBL with progressive sparsification (k=4 in the lowest 25% of layers 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 from effjax import config as config_lib
-from effjax.experiments.study import (Variant, assemble_readme, base_name, markdown_table,
-                                      parse_parts, run_variants, with_seeds, write_part)
+from effjax.experiments.study import (Variant, base_name, markdown_table, run_variants,
+                                      study_main, with_seeds, write_part)
 
 OUT = "results/moe_balancing"
-PARTS = ("a", "b")
 SEEDS_A = (0, 1)
 SEEDS_B = (0,)
 TITLE = "MoE balancing study"
@@ -253,27 +251,9 @@ def part_b(args, only):
                     recs, COMMAND + " --parts=b", SCALE_B)
 
 
-INTRO = ("Each part below is a separate section with its own provenance (command, scale, corpus, "
-         "commits, date): parts are rerun on their own with `--parts`, and this README is assembled "
-         "from `parts/*.md`. FINDINGS.md says what changed in the code (issue 11), which parts were "
-         "rerun and which were migrated from earlier runs.")
-
-
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="", help="comma-separated parts to (re)run: a,b")
-  parser.add_argument("--only", default="", help="comma-separated variant names to (re)run")
-  parser.add_argument("--runs", default="runs/moe_balancing")
-  parser.add_argument("--out", default=OUT)
-  args = parser.parse_args(argv)
-  only = set(args.only.split(",")) if args.only else None
-  os.makedirs(args.out, exist_ok=True)
-  for part in parse_parts(args.parts, PARTS):
-    print(f"[moe_balancing] part {part}: {({'a': part_a, 'b': part_b}[part])(args, only)}",
-          file=sys.stderr)
-  path = assemble_readme(args.out, TITLE, INTRO, PARTS)
-  print(open(path).read())
-  return 0
+  return study_main(argv, name="moe_balancing", doc=__doc__, title=TITLE, out=OUT,
+                    parts={"a": part_a, "b": part_b})
 
 
 if __name__ == "__main__":

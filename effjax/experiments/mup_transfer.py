@@ -22,7 +22,6 @@ assembled from the part files that exist (`--parts=3` reruns and rewrites part 3
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,8 +30,7 @@ import numpy as np
 
 from effjax import config as config_lib
 from effjax import coord_check
-from effjax.experiments.study import (Variant, assemble_readme, markdown_table, parse_parts,
-                                      run_variants, write_part)
+from effjax.experiments.study import Variant, markdown_table, run_variants, study_main, write_part
 
 OUT = "results/mup_transfer"
 WIDTHS = (64, 128, 256)
@@ -45,7 +43,6 @@ WD_RULES = ("none", "mup", "layerwise", "power_lines")
 PL_EXPONENT = 0.527  # Power Lines: tau_opt ~ (D/N)^-0.527; at fixed D, tau ~ N^0.527
 WIDER_LR = 3e-3
 WIDER_STEPS = 1000
-PARTS = ("1", "2", "3", "4")
 TITLE = "muP transfer and weight-decay rules"
 COMMAND = "python -m effjax.experiments.mup_transfer"
 BASE = {
@@ -283,27 +280,9 @@ def part_4(args, only):
                     f"{WIDER_STEPS} steps)", body, recs, COMMAND + " --parts=4", SCALE_4)
 
 
-INTRO = ("Each part below is a separate section with its own provenance (command, scale, corpus, "
-         "commits, date): parts are rerun on their own with `--parts`, and this README is assembled "
-         "from `parts/*.md`. FINDINGS.md says what changed in the code (issue 11), which parts were "
-         "rerun and which were migrated from earlier runs.")
-
-
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="", help="comma-separated parts to (re)run: 1,2,3,4")
-  parser.add_argument("--only", default="")
-  parser.add_argument("--runs", default="runs/mup_transfer")
-  parser.add_argument("--out", default=OUT)
-  args = parser.parse_args(argv)
-  only = set(args.only.split(",")) if args.only else None
-  os.makedirs(args.out, exist_ok=True)
-  fns = {"1": part_1, "2": part_2, "3": part_3, "4": part_4}
-  for part in parse_parts(args.parts, PARTS):
-    print(f"[mup_transfer] part {part}: {fns[part](args, only)}", file=sys.stderr)
-  path = assemble_readme(args.out, TITLE, INTRO, PARTS)
-  print(open(path).read())
-  return 0
+  return study_main(argv, name="mup_transfer", doc=__doc__, title=TITLE, out=OUT,
+                    parts={"1": part_1, "2": part_2, "3": part_3, "4": part_4})
 
 
 if __name__ == "__main__":

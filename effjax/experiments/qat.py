@@ -18,18 +18,15 @@ part A's gaps are read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from effjax import config as config_lib
-from effjax.experiments.study import (Variant, assemble_readme, markdown_table, parse_parts,
-                                      run_variants, write_part)
+from effjax.experiments.study import Variant, markdown_table, run_variants, study_main, write_part
 
 OUT = "results/qat"
 WIDTHS = (64, 128)
 BITS = (8, 4, 3, 2, 1)
-PARTS = ("a", "b", "c")
 SEEDS_B = (0, 1)
 TITLE = "QAT study (QuEST, StatsQ, LSQ)"
 COMMAND = "python -m effjax.experiments.qat"
@@ -287,27 +284,9 @@ def part_c(args, only):
                     SCALE_A_C)
 
 
-INTRO = ("Each part below is a separate section with its own provenance (command, scale, corpus, "
-         "commits, date): parts are rerun on their own with `--parts`, and this README is assembled "
-         "from `parts/*.md`. FINDINGS.md says what changed in the code (issue 11), which parts were "
-         "rerun and which were migrated from earlier runs.")
-
-
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="", help="comma-separated parts to (re)run: a,b,c")
-  parser.add_argument("--only", default="", help="comma-separated variant names to (re)run")
-  parser.add_argument("--runs", default="runs/qat")
-  parser.add_argument("--out", default=OUT)
-  args = parser.parse_args(argv)
-  only = set(args.only.split(",")) if args.only else None
-  os.makedirs(args.out, exist_ok=True)
-  for part in parse_parts(args.parts, PARTS):
-    print(f"[qat] part {part}: {({'a': part_a, 'b': part_b, 'c': part_c}[part])(args, only)}",
-          file=sys.stderr)
-  path = assemble_readme(args.out, TITLE, INTRO, PARTS)
-  print(open(path).read())
-  return 0
+  return study_main(argv, name="qat", doc=__doc__, title=TITLE, out=OUT,
+                    parts={"a": part_a, "b": part_b, "c": part_c})
 
 
 if __name__ == "__main__":

@@ -187,3 +187,29 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+PARTS_INTRO = ("Each part below is a separate section with its own provenance (command, scale, "
+               "corpus, commits, date): parts are rerun on their own with `--parts`, and this "
+               "README is assembled from `parts/*.md`. FINDINGS.md says what changed in the code "
+               "(issue 11), which parts were rerun and which were migrated from earlier runs.")
+
+
+def study_main(argv, *, name: str, doc: str, title: str, parts: dict, out: str) -> int:
+  """The command line shared by the studies: --parts (default all), --only, --runs, --out;
+  runs each selected part function part(args, only) -> path, then assembles README.md."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--parts", default="",
+                      help=f"comma-separated parts to (re)run: {','.join(parts)}")
+  parser.add_argument("--only", default="", help="comma-separated variant names to (re)run")
+  parser.add_argument("--runs", default=f"runs/{name}")
+  parser.add_argument("--out", default=out)
+  args = parser.parse_args(argv)
+  only = set(args.only.split(",")) if args.only else None
+  os.makedirs(args.out, exist_ok=True)
+  for part in parse_parts(args.parts, tuple(parts)):
+    print(f"[{name}] part {part}: {parts[part](args, only)}", file=sys.stderr)
+  path = assemble_readme(args.out, title, PARTS_INTRO, tuple(parts))
+  print(open(path).read())
+  return 0
