@@ -86,9 +86,6 @@ class ModelIndex:
     return [e for e in self.entries if e.quantizer is not None and e.module == "Linear"
             and (kinds is None or e.tag.kind in kinds)]
 
-  def layers(self, kind: str) -> list[int]:
-    return [e.tag.layer for e in self.of(kind)]
-
   @property
   def stacked(self) -> bool:
     """Whether the model has a scanned stack (entries with a layer row)."""

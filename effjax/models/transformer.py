@@ -57,10 +57,6 @@ def resolve_compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-def compute_dtype(config: ModelConfig):
-  return resolve_compute_dtype(config.compute_dtype)
-
-
 def expert_dim(config: ModelConfig, dims: Dims) -> int:
   """Hidden size of one routed expert: model.moe.expert_dim, or mlp_dim / top_k (the dense
   FFN's active FLOPs)."""
