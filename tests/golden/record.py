@@ -2,14 +2,18 @@
 
 The model-builder redesign (issue 12) must not change behaviour: these are the first 30
 per-step training losses of four configurations, recorded once at the commit named in
-`losses.json`, and compared bit-for-bit on CPU afterwards. Re-record only for a change that
-is meant to alter the numbers, and say so in the commit message:
+`losses.json`, and compared bit-for-bit on CPU afterwards. XLA's CPU code differs between
+processor families, so each recording names the machine it ran on (`machine()`); running this
+on a new machine adds its recording beside the others. Re-record everything only for a change
+that is meant to alter the numbers, and say so in the commit message:
 
-  python -m tests.golden.record
+  python -m tests.golden.record          # add (or refresh) this machine's recording
 """
 
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -48,17 +52,45 @@ def run_case(name: str, workdir: str) -> list[float]:
   return [losses[s] for s in sorted(losses)]
 
 
+def machine() -> str:
+  """The CPU model and a hash of its instruction-set flags: XLA's CPU code depends on both."""
+  model, flags = platform.processor() or platform.machine(), ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model.startswith("cpu:"):
+          model = "cpu:" + value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+          flags = " ".join(sorted(value.split()))
+  except OSError:
+    pass
+  return f"{model} flags:{hashlib.sha1(flags.encode()).hexdigest()[:10]}"
+
+
+def load() -> dict:
+  with open(os.path.join(HERE, "losses.json")) as f:
+    return json.load(f)
+
+
 def main():
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=REPO).stdout.strip()
   import jax  # pylint: disable=g-import-not-at-top
-  out = {"commit": commit, "jax": jax.__version__, "steps": STEPS, "losses": {}}
+  golden = load() if os.path.exists(os.path.join(HERE, "losses.json")) else {
+      "jax": jax.__version__, "steps": STEPS, "recordings": []}
+  if golden["jax"] != jax.__version__:
+    sys.exit(f"losses.json holds jax {golden['jax']} recordings; this is jax {jax.__version__}: "
+             f"move the file aside to start a new set")
+  entry = {"machine": machine(), "commit": commit, "losses": {}}
   for name in CASES:
     with tempfile.TemporaryDirectory() as workdir:
-      out["losses"][name] = run_case(name, workdir)
-    print(name, out["losses"][name][:3], "...", out["losses"][name][-1], file=sys.stderr)
+      entry["losses"][name] = run_case(name, workdir)
+    print(name, entry["losses"][name][:3], "...", entry["losses"][name][-1], file=sys.stderr)
+  golden["recordings"] = [r for r in golden["recordings"] if r["machine"] != entry["machine"]]
+  golden["recordings"].append(entry)
   with open(os.path.join(HERE, "losses.json"), "w") as f:
-    json.dump(out, f, indent=1)
+    json.dump(golden, f, indent=1)
 
 
 if __name__ == "__main__":

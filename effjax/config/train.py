@@ -1,0 +1,163 @@
+"""Training sections: the loop, the optimizer, the data and quantization-aware training."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from effjax.config.base import ConfigError, _check_sign, _field
+
+if typing.TYPE_CHECKING:
+  from effjax.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = _field(16, doc="global batch size in sequences")
+  seq_len: int = 256
+  grad_accum: int = _field(1, doc="micro-batches per step; batch_size must divide evenly")
+  lr: float = 3e-3
+  schedule: str = _field("cosine", ("cosine", "wsd", "constant"))
+  warmup_steps: int = 100
+  min_lr_ratio: float = _field(0.1, doc="final lr / peak lr for cosine and wsd")
+  decay_fraction: float = _field(0.2, doc="wsd: fraction of steps in the final decay")
+  eval_every: int = 200
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  sample_tokens: int = _field(200, doc="tokens sampled at the end of a run (0: none)")
+  sample_prompt: str = "def "
+  sample_temperature: float = 0.8
+  tensorboard: bool = _field(False, doc="also write TensorBoard event files (needs tensorboardX)")
+  profile_steps: tuple = _field((), doc="e.g. 20,25: capture a jax.profiler trace of steps [20, 25)")
+  plot: bool = True
+  log_spectral: bool = _field(True, doc="log the top singular value per matrix type at each eval")
+
+  def check(self, config: Config) -> None:
+    del config
+    _check_sign({"train.steps": self.steps, "train.batch_size": self.batch_size,
+                 "train.seq_len": self.seq_len, "train.grad_accum": self.grad_accum,
+                 "train.eval_every": self.eval_every, "train.log_every": self.log_every,
+                 "train.checkpoint_every": self.checkpoint_every,
+                 "train.keep_checkpoints": self.keep_checkpoints},
+                {"train.warmup_steps": self.warmup_steps, "train.eval_batches": self.eval_batches,
+                 "train.sample_tokens": self.sample_tokens})
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
+                        f"train.grad_accum ({self.grad_accum}).")
+    if self.lr <= 0:
+      raise ConfigError(f"train.lr must be positive; got {self.lr}.")
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ConfigError(f"train.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}.")
+    if not 0 < self.decay_fraction <= 1:
+      raise ConfigError(f"train.decay_fraction must be in (0, 1]; got {self.decay_fraction}.")
+    if self.warmup_steps > self.steps:
+      raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.steps "
+                        f"({self.steps}).")
+    p = self.profile_steps
+    if p and (len(p) != 2 or not all(isinstance(s, int) for s in p) or p[0] >= p[1]):
+      raise ConfigError(f"train.profile_steps must be 'START,STOP' with START < STOP; got "
+                        f"{p!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  name: str = _field("adamw", ("adamw",))
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = _field(1.0, doc="global-norm clip; 0 disables")
+  no_decay_roles: tuple = _field(("vector",), doc="parameter roles that get no weight decay")
+  wd_rule: str = _field("none", ("none", "mup", "layerwise", "power_lines"),
+                        "weight-decay scaling rule across widths (docs/mup.md)")
+  wd_exponent: float = _field(0.5, doc="layerwise rule: lambda_2 = lambda * (d / d0)^e; Fan et "
+                              "al. 2025: e = 1/2 (e = 1 is the mup rule on every matrix)")
+  wd_tau: float = _field(0.0, doc="power_lines: target AdamW timescale tau = B/(lr*wd*D) "
+                         "(fraction of training); sets wd from lr, batch and steps when > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: str = _field("builtin", ("builtin", "text", "tokens"))
+  paths: str = _field("", doc="files or globs (comma separated) for corpus=text|tokens")
+  tokenizer: str = _field("byte", doc="'byte' or a path to a Hugging Face tokenizer.json")
+  eos_token: str = _field("", doc="EOS token string for HF tokenizers ('' = auto-detect)")
+  val_percent: int = 5
+  token_dtype: str = _field("uint16", ("uint16", "uint32"), "dtype of pre-tokenised shards")
+  cache_dir: str = _field("", doc="'' = ~/.cache/effjax/corpora")
+
+  def check(self, config: Config) -> None:
+    del config
+    if self.corpus in ("text", "tokens") and not self.paths:
+      raise ConfigError(f"data.corpus={self.corpus} needs data.paths (files or globs).")
+    if not 0 <= self.val_percent < 100:
+      raise ConfigError(f"data.val_percent must be in [0, 100); got {self.val_percent}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization-aware training (docs/qat.md; effjax/quant)."""
+  method: str = _field("none", ("none", "quest", "statsq", "lsq"),
+                       "quest: QuEST weights+inputs; statsq: StatsQ weights + LSQ inputs; "
+                       "lsq: LSQ weights + LSQ inputs")
+  weight_bits: int = _field(4, doc="weight bits (QuEST/StatsQ 1-8, LSQ 2-8)")
+  act_bits: int = _field(4, doc="input-activation bits (0: weights only)")
+  hadamard: str = _field("auto", ("auto", "none", "full", "half"),
+                         "QuEST rotation: full (rotate back), half (matmul in the rotated "
+                         "basis), none; auto = full for quest, none otherwise")
+  trust: float = _field(1.0, doc="QuEST trust radius, as a factor on half a grid step")
+  layers: tuple = _field(("qkv", "attn_out", "mlp"), doc="block linears to quantize")
+  weights_on_grid: bool = _field(False, doc="weights are already quantized (a loaded export, "
+                                           "effjax.quant.export): skip weight quantization")
+  cga_start: float = _field(0.0, doc="CGA (StatsQ): start of the final phase as a fraction of "
+                                      "train.steps; 0 = off")
+  cga_br: float = _field(0.005, doc="CGA boundary range: weights within BR of a rounding "
+                                    "boundary keep training, the others are frozen")
+  qkr: bool = _field(False, doc="OFQ query-key reparameterisation: quantize the per-head "
+                                "W_q W_k^T instead of W_q and W_k (needs model.position=learned)")
+
+  def check(self, config: Config) -> None:
+    if self.method == "none" and not self.qkr:
+      return
+    valid_layers = ("qkv", "attn_out", "mlp")
+    bad = [x for x in self.layers if x not in valid_layers]
+    if bad or not self.layers:
+      raise ConfigError(f"quant.layers has {bad or 'nothing'}; valid: {', '.join(valid_layers)}.")
+    low = 2 if self.method == "lsq" else 1
+    if not low <= self.weight_bits <= 8:
+      raise ConfigError(f"quant.weight_bits must be in [{low}, 8] for quant.method="
+                        f"{self.method}; got {self.weight_bits}.")
+    act_low = 1 if self.method == "quest" else 2  # LSQ inputs need Q_p = 2^(b-1) - 1 >= 1
+    if self.act_bits and not act_low <= self.act_bits <= 8:
+      raise ConfigError(f"quant.act_bits must be 0 or in [{act_low}, 8] for quant.method="
+                        f"{self.method}; got {self.act_bits}.")
+    if self.method != "quest" and self.hadamard not in ("auto", "none"):
+      raise ConfigError(f"quant.hadamard={self.hadamard} applies to quant.method=quest only; "
+                        f"set --config.quant.hadamard=none for {self.method}.")
+    if self.trust <= 0:
+      raise ConfigError(f"quant.trust must be > 0 (a factor on half a grid step); got "
+                        f"{self.trust}.")
+    if self.cga_start and (self.method != "statsq" or not 0 < self.cga_start < 1
+                           or self.cga_br <= 0):
+      raise ConfigError(f"quant.cga_start={self.cga_start} needs quant.method=statsq, a fraction "
+                        f"in (0, 1) and quant.cga_br > 0 (got method={self.method}, cga_br="
+                        f"{self.cga_br}).")
+    if self.qkr:
+      a = config.model.attention
+      problems = [msg for bad, msg in (
+          (self.method == "none", "quant.method is none (nothing to quantize)"),
+          ("qkv" not in self.layers, "quant.layers lacks qkv"),
+          (config.model.position != "learned",
+           f"model.position={config.model.position} (RoPE sits between q and k; use learned)"),
+          (a.qk_norm, "model.attention.qk_norm is on (the norm sits between q and k)"),
+          (a.score != "softmax", f"model.attention.score={a.score} (QKR is softmax-only)"),
+          (a.impl not in ("auto", "xla"), f"model.attention.impl={a.impl} (QKR runs the XLA "
+                                          "reference: use auto or xla)")) if bad]
+      if problems:
+        raise ConfigError("quant.qkr=true cannot run here: " + "; ".join(problems) + ".")
+    if config.model.moe.num_experts and "mlp" in self.layers:
+      raise ConfigError("quant.layers includes mlp but model.moe.num_experts > 0: MoE expert "
+                        "weights are not quantized yet; drop mlp from quant.layers.")
