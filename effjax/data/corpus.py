@@ -286,12 +286,33 @@ def read_token_shard(path: str, dtype: str, vocab_size: int) -> np.ndarray:
   return tokens
 
 
+def _prepared_globs(paths, tokenizer) -> list[str]:
+  """A directory written by effjax.data.prepare (it has manifest.json) -> its shards' glob,
+  after checking that it was tokenised with `tokenizer`."""
+  if isinstance(paths, str):
+    paths = [p.strip() for p in paths.split(",")]
+  out = []
+  for p in paths or []:
+    manifest = os.path.join(os.path.expanduser(p), "manifest.json")
+    if p and os.path.isfile(manifest):
+      import json  # pylint: disable=g-import-not-at-top
+      with open(manifest) as f:
+        settings = json.load(f).get("settings", {})
+      if settings.get("tokenizer_identity") not in (None, tokenizer.identity):
+        raise DataError(f"'{p}' was prepared with tokenizer '{settings.get('tokenizer')}' "
+                        f"({settings.get('tokenizer_identity')}), not {tokenizer.identity} "
+                        "(data.tokenizer); prepare it again or set data.tokenizer to match")
+      p = os.path.join(p, "*.bin")
+    out.append(p)
+  return out
+
+
 def _load_tokens(paths, tokenizer, val_percent: float, token_dtype: str) -> Corpus:
   """Shards concatenated in sorted order, as is: the prep scripts already put EOS at
   document boundaries, and documents may continue across shards. Validation: the files
   whose name has the word "val"/"valid"/"validation"; else the last file; with a single
   file, its last val_percent of tokens (from the first EOS at or after the cut if any)."""
-  files = expand_paths(paths)
+  files = expand_paths(_prepared_globs(paths, tokenizer))
   hasher = hashlib.sha256(tokenizer.identity.encode())
   arrays = {}
   for rel, path in files:
