@@ -88,11 +88,26 @@ class DataConfig:
   val_percent: int = 5
   token_dtype: str = _field("uint16", ("uint16", "uint32"), "dtype of pre-tokenised shards")
   cache_dir: str = _field("", doc="'' = ~/.cache/effjax/corpora")
+  sources: str = _field("", doc="a weighted mixture '[name=]spec[:weight],...' of builtin, "
+                        "prepared dirs and text globs (docs/data.md); '' = data.corpus")
 
   def check(self, config: Config) -> None:
     del config
     if self.corpus in ("text", "tokens") and not self.paths:
       raise ConfigError(f"data.corpus={self.corpus} needs data.paths (files or globs).")
+    if self.sources:
+      if self.corpus != "builtin" or self.paths:
+        raise ConfigError("data.sources replaces data.corpus and data.paths; set one or the "
+                          "other (a single source is data.sources='SPEC').")
+      for entry in (e.strip() for e in self.sources.split(",") if e.strip()):
+        weight = entry.rsplit(":", 1)[1] if ":" in entry else "1"
+        try:
+          ok = float(weight) > 0
+        except ValueError:
+          ok = True  # a colon inside a path: the loader names the entry if it is wrong
+        if not ok:
+          raise ConfigError(f"data.sources entry '{entry}': the weight must be > 0 "
+                            "(format '[name=]spec[:weight],...').")
     if not 0 <= self.val_percent < 100:
       raise ConfigError(f"data.val_percent must be in [0, 100); got {self.val_percent}.")
 

@@ -75,6 +75,10 @@ class DataBundle:
 def load_data(config: config_lib.Config) -> DataBundle:
   d = config.data
   tokenizer = data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None)
+  if d.sources:  # a weighted mixture (effjax/data/mixture.py)
+    return DataBundle(tokenizer, data_lib.load_mixture(
+        d.sources, tokenizer, val_percent=d.val_percent, token_dtype=d.token_dtype,
+        cache_dir=d.cache_dir or None))
   corpus = data_lib.load_corpus(d.corpus, d.paths or None, tokenizer, val_percent=d.val_percent,
                                 token_dtype=d.token_dtype, cache_dir=d.cache_dir or None)
   return DataBundle(tokenizer, corpus)
@@ -227,6 +231,7 @@ class _Run:
   batch: dict | None = None
   phase: tuple = ()
   info: dict = dataclasses.field(default_factory=dict)
+  eval_sets: dict = dataclasses.field(default_factory=dict)  # data.sources: name -> batches
 
   def global_batch(self, local: dict) -> dict:
     return _global_batch(local, self.plan.batch_sharding, self.config.train.batch_size)
@@ -264,9 +269,14 @@ def _setup(config, workdir, data, quiet) -> _Run:
   # This process reads the rows of each global batch that its devices hold.
   slot, slots = sharding.process_batch_slot(plan.batch_sharding, t.batch_size)
   shard_kw = dict(batch_size=t.batch_size // slots, process_index=slot, process_count=slots)
+  mixture = data.corpus if isinstance(data.corpus, data_lib.Mixture) else None
+  eval_sets = {s.name: data_lib.eval_batches(
+      s.corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches,
+      eos_id=data.tokenizer.eos_id, **shard_kw) for s in mixture.sources} if (
+          mixture and t.eval_batches) else {}
   eval_batches = data_lib.eval_batches(
       data.corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches,
-      eos_id=data.tokenizer.eos_id, **shard_kw) if t.eval_batches else []
+      eos_id=data.tokenizer.eos_id, **shard_kw) if t.eval_batches and not mixture else []
 
   # A resume must fit the checkpoint: compared with the workdir's config.json before
   # anything is written (config.json itself is rewritten only once training starts).
@@ -278,7 +288,9 @@ def _setup(config, workdir, data, quiet) -> _Run:
 
   # Restore the latest checkpoint into this mesh's shardings, or initialise directly into
   # them (each device computes its own shards).
-  data_iter = data_lib.make_train_iterator(
+  data_iter = data_lib.make_mixture_iterator(
+      mixture, seq_len=t.seq_len, seed=config.seed, eos_id=data.tokenizer.eos_id,
+      **shard_kw) if mixture else data_lib.make_train_iterator(
       data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
       eos_id=data.tokenizer.eos_id, **shard_kw)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
@@ -301,6 +313,8 @@ def _setup(config, workdir, data, quiet) -> _Run:
              eval_data=[], token_bytes=token_bytes, is_main=is_main, quiet=quiet, say=say,
              warn=warn)
   run.eval_data = [run.global_batch(b) for b in eval_batches]
+  run.eval_sets = {name: [run.global_batch(b) for b in bs] for name, bs in eval_sets.items()}
+  run.eval_data = run.eval_data or [b for bs in run.eval_sets.values() for b in bs]
   return run
 
 
@@ -314,6 +328,7 @@ def _compile_first_step(run: _Run) -> None:
 
 def _write_run_info(run: _Run) -> None:
   config, dims, corpus = run.config, run.plan.model.dims, run.corpus
+  n_train, n_val = data_lib.token_counts(corpus)
   n_params = models.count_params(dims, config.model.tie_embeddings, config.model)
   peak, peak_source = flops_lib.peak_flops_per_device()
   fpt = run.compiled[run.phase][2]
@@ -324,7 +339,7 @@ def _write_run_info(run: _Run) -> None:
       "peak_flops": peak * (1 if jax.devices()[0].platform == "cpu" else jax.device_count()),
       "peak_source": peak_source,
       "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
-      "train_tokens": int(corpus.train_tokens.size), "val_tokens": int(corpus.val_tokens.size),
+      "train_tokens": n_train, "val_tokens": n_val,
       "tokenizer": config.data.tokenizer, "vocab_size": dims.vocab,
       "adamw_timescale_tau": scaling.adamw_timescale(config),
       "weight_decay": scaling.base_weight_decay(config),
@@ -347,7 +362,7 @@ def _write_run_info(run: _Run) -> None:
   run.say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M "
           f"non-embedding, {n_params['active_non_embedding'] / 1e6:.2f}M active), "
           f"{fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
-          f"({corpus.train_tokens.size / 1e6:.1f}M train / {corpus.val_tokens.size / 1e6:.2f}M "
+          f"({n_train / 1e6:.1f}M train / {n_val / 1e6:.2f}M "
           f"val tokens, fingerprint {corpus.fingerprint[:12]}); devices {run.info['devices']}, "
           f"mesh {run.info['mesh']}; compiled in {run.compile_times[0]:.1f}s")
 
@@ -362,7 +377,16 @@ def _check_finite(step: int, metrics) -> dict:
 
 
 def _eval_row(run: _Run, eval_fn) -> tuple[dict, dict]:
-  row, stats = _evaluate(eval_fn, run.state, run.eval_data)
+  if run.eval_sets:  # data.sources: per source, and the weight-averaged figure
+    per_source = {name: _evaluate(eval_fn, run.state, batches)
+                  for name, batches in run.eval_sets.items()}
+    row = data_lib.mixed_eval_row({n: r for n, (r, _) in per_source.items()},
+                                  run.corpus.weights)
+    stats = {}
+    for _, source_stats in per_source.values():
+      stats = {k: stats.get(k, 0) + v for k, v in source_stats.items()}
+  else:
+    row, stats = _evaluate(eval_fn, run.state, run.eval_data)
   for ext in run.extensions:
     row.update(ext.on_eval(run.state, stats))
   return row, stats
