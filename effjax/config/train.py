@@ -34,6 +34,11 @@ class TrainConfig:
   profile_steps: tuple = _field((), doc="e.g. 20,25: capture a jax.profiler trace of steps [20, 25)")
   plot: bool = True
   log_spectral: bool = _field(True, doc="log the top singular value per matrix type at each eval")
+  reweight: str = _field("none", ("none", "linear", "softmax", "linupper"),
+                         "dynamic loss-based sample reweighting (docs/data.md); linupper: the "
+                         "paper's best")
+  reweight_temperature: float = _field(1.0, doc="softmax / linupper temperature")
+  reweight_warmup: int = _field(0, doc="steps of uniform weights before reweighting starts")
 
   def check(self, config: Config) -> None:
     del config
@@ -49,6 +54,9 @@ class TrainConfig:
                         f"train.grad_accum ({self.grad_accum}).")
     if self.lr <= 0:
       raise ConfigError(f"train.lr must be positive; got {self.lr}.")
+    if self.reweight_temperature <= 0 or self.reweight_warmup < 0:
+      raise ConfigError(f"train.reweight_temperature must be > 0 and train.reweight_warmup >= 0; "
+                        f"got {self.reweight_temperature}, {self.reweight_warmup}.")
     if not 0 <= self.min_lr_ratio <= 1:
       raise ConfigError(f"train.min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}.")
     if not 0 < self.decay_fraction <= 1:

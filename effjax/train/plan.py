@@ -30,6 +30,7 @@ from effjax.config import Config
 from effjax.parallel.sharding import (activation_sharding, batch_sharding, batch_shards,
                                       logical_to_spec, param_shardings, replicated)
 from effjax.train.state import TrainState
+from effjax.train import reweight as reweight_lib
 from effjax.train.step import make_eval_step, make_train_step
 
 
@@ -128,7 +129,8 @@ class StatePlan:
                          hooks=[h for ext in extensions for h in ext.hooks()],
                          grad_hooks=[h for ext in extensions for h in ext.grad_hooks()],
                          metric_fns=[ext.step_metrics for ext in extensions],
-                         model_kwargs=dict(phase))
+                         model_kwargs=dict(phase),
+                         reweight=reweight_lib.from_config(self.config.train))
     t0 = time.perf_counter()
     with activation_sharding(self.mesh, self.rules):  # for sharding.constrain in model code
       compiled = jax.jit(fn, in_shardings=(self.shardings, self.batch_sharding),

@@ -38,16 +38,42 @@ def _split_aux(aux: dict) -> tuple[jax.Array, dict]:
   return extra, kept
 
 
-def make_loss_fn(model, model_kwargs=None):
+def make_loss_fn(model, model_kwargs=None, reweight=None):
+  """loss_fn(params, buffers, batch[, step, weights_B]) -> (loss, (nll, aux)).
+
+  reweight (effjax/train/reweight.py): the NLL term becomes mean_b w_b * nll_b over the
+  batch's sequences, with w_B given or, when not, computed from this forward's per-sequence
+  losses at `step` (no gradient through them); its metrics join the aux.
+  """
   model_kwargs = model_kwargs or {}
 
-  def loss_fn(params, buffers, batch):
+  def loss_fn(params, buffers, batch, step=None, weights_B=None):
     logits, aux = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
                               segment_ids_BxL=batch["segment_ids"], **model_kwargs)
-    nll = jnp.mean(token_nll(logits, batch["targets"]))
+    nll_BxL = token_nll(logits, batch["targets"])
+    nll = jnp.mean(nll_BxL)
     extra, kept = _split_aux(aux)
-    return nll + extra, (nll, kept)
+    if reweight is None:
+      return nll + extra, (nll, kept)
+    seq_B = jnp.mean(nll_BxL, axis=1)
+    if weights_B is None:
+      weights_B, metrics = reweight(seq_B, step)
+      kept = {**kept, **metrics}
+    return jnp.mean(jax.lax.stop_gradient(weights_B) * seq_B) + extra, (nll, kept)
   return loss_fn
+
+
+def _step_weights(model, model_kwargs, reweight, state, micro):
+  """Per-sequence weights of a whole grad-accum step: a forward pass over every micro-batch
+  first (the weights are normalised over the global batch, not per micro-batch)."""
+  def seq_loss(_, mb):
+    logits, _ = model.apply(state.params, state.buffers, mb["inputs"],
+                            positions_BxL=mb["positions"], segment_ids_BxL=mb["segment_ids"],
+                            **(model_kwargs or {}))
+    return None, jnp.mean(token_nll(logits, mb["targets"]), axis=1)
+  _, seq_AxB = jax.lax.scan(seq_loss, None, micro)
+  weights, metrics = reweight(seq_AxB.reshape(-1), state.step)
+  return weights.reshape(seq_AxB.shape), metrics
 
 
 def _metric_name(key: str) -> str:
@@ -57,30 +83,39 @@ def _metric_name(key: str) -> str:
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_accum: int = 1,
                     hooks: Sequence[PostUpdateHook] = (), grad_hooks: Sequence[GradHook] = (),
-                    metric_fns: Sequence[Callable[[dict], dict]] = (), model_kwargs=None):
+                    metric_fns: Sequence[Callable[[dict], dict]] = (), model_kwargs=None,
+                    reweight=None):
   """Returns train_step(state, batch) -> (state, metrics). Micro-batches are scanned.
 
   'stat/*' aux arrays are summed over micro-batches (counts over the whole global
   batch), everything else is averaged; hooks see the stats, metrics do not.
   metric_fns: aux -> {name: scalar} computed from the whole step's aux (e.g. MaxVio from
   the summed counts, not the mean of per-micro-batch values); they override aux metrics.
+  reweight: per-sequence loss weights (effjax/train/reweight.py), normalised over the whole
+  step; None (train.reweight=none) leaves the step unchanged.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(model, model_kwargs), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(model, model_kwargs, reweight), has_aux=True)
 
   def train_step(state: TrainState, batch: dict):
+    rw_metrics = {}
     if grad_accum == 1:
-      (loss, (nll, aux)), grads = grad_fn(state.params, state.buffers, batch)
+      (loss, (nll, aux)), grads = grad_fn(state.params, state.buffers, batch, state.step)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+      w_AxB = None
+      if reweight is not None:
+        w_AxB, rw_metrics = _step_weights(model, model_kwargs, reweight, state, micro)
 
-      def body(carry, mb):
-        (l, (n, a)), g = grad_fn(state.params, state.buffers, mb)
+      def body(carry, xs):
+        mb, w_B = xs
+        (l, (n, a)), g = grad_fn(state.params, state.buffers, mb, state.step, w_B)
         return jax.tree.map(jnp.add, carry, (l, n, a, g)), None
 
-      (l0, (n0, a0)), g0 = jax.eval_shape(grad_fn, state.params, state.buffers,
-                                          jax.tree.map(lambda x: x[0], micro))
+      (l0, (n0, a0)), g0 = jax.eval_shape(
+          grad_fn, state.params, state.buffers, jax.tree.map(lambda x: x[0], micro),
+          state.step, None if w_AxB is None else w_AxB[0])
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, n0, a0, g0))
-      (loss, nll, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+      (loss, nll, aux, grads), _ = jax.lax.scan(body, zeros, (micro, w_AxB))
       loss, nll, grads = jax.tree.map(lambda x: x / grad_accum, (loss, nll, grads))
       aux = {k: v if k.startswith("stat/") else v / grad_accum for k, v in aux.items()}
     for grad_hook in grad_hooks:
@@ -92,7 +127,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, *, grad_a
       new_state = hook(new_state, state, aux)
     metrics = {"train/loss": nll, "train/total_loss": loss, "train/grad_norm": global_norm(grads),
                "train/lr": schedule(state.step), "train/param_norm": global_norm(params),
-               **{_metric_name(k): v for k, v in aux.items() if not k.startswith("stat/")}}
+               **{_metric_name(k): v for k, v in aux.items() if not k.startswith("stat/")},
+               **rw_metrics}
     for metric_fn in metric_fns:
       metrics.update(metric_fn(aux))
     return new_state, metrics
