@@ -7,7 +7,7 @@ import pytest
 
 from effjax import config as C
 from effjax.data import (ByteTokenizer, Corpus, DataError, Mixture, make_mixture_iterator,
-                         mixed_eval_row, parse_sources)
+                         mixed_eval_row, mixture_eval_batches, parse_sources)
 from effjax.data.mixture import Source
 from effjax.train import trainer
 from effjax.train.metrics import read_metrics
@@ -82,6 +82,11 @@ def test_mixed_eval_row_is_weighted():
   row = mixed_eval_row({"a": {"eval/loss": 1.0, "eval/bpb": 2.0}, "b": {"eval/loss": 3.0}},
                        {"a": 0.25, "b": 0.75})
   assert row == {"eval/a/loss": 1.0, "eval/a/bpb": 2.0, "eval/b/loss": 3.0, "eval/loss": 2.5}
+  sets = mixture_eval_batches(_mixture(), seq_len=16, batch_size=4, num_batches=3)
+  assert list(sets) == ["low", "high"] and all(len(b) == 3 for b in sets.values())
+  assert all(np.all(b["inputs"] < 100) for b in sets["low"])
+  with pytest.raises(DataError, match="data.sources 'low': validation split has 2000 tokens"):
+    mixture_eval_batches(_mixture(), seq_len=512, batch_size=8, num_batches=1)
 
 
 def test_trainer_mixture_per_source_eval_and_exact_resume(tmp_path):

@@ -11,13 +11,14 @@ from effjax.data.corpus import (CORPUS_CHOICES, Corpus, builtin_corpus_files,
                                 read_token_shard)
 from effjax.data.errors import DataError
 from effjax.data.mixture import (Mixture, load_mixture, make_mixture_iterator, mixed_eval_row,
+                                 mixture_eval_batches,
                                  parse_sources, token_counts)
 from effjax.data.pipeline import (ShardInfo, WindowSource, eval_batches, make_train_dataset,
                                   make_train_iterator, pack, pack_windows)
 from effjax.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = ["CORPUS_CHOICES", "ByteTokenizer", "Corpus", "DataError", "HFTokenizer", "Mixture",
-           "ShardInfo", "load_mixture", "make_mixture_iterator", "mixed_eval_row",
+           "ShardInfo", "load_mixture", "make_mixture_iterator", "mixed_eval_row", "mixture_eval_batches",
            "parse_sources", "token_counts",
            "WindowSource", "builtin_corpus_files", "builtin_corpus_root", "eval_batches",
            "expand_paths", "is_validation", "load_corpus", "load_tokenizer",

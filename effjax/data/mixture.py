@@ -175,6 +175,18 @@ def make_mixture_iterator(mixture: Mixture, *, seq_len: int, batch_size: int, se
   return iter(ds.to_iter_dataset(read))
 
 
+def mixture_eval_batches(mixture: Mixture, **kwargs) -> dict[str, list[dict]]:
+  """{source name: eval_batches(its validation tokens, **kwargs)}; errors name the source."""
+  from effjax.data.pipeline import eval_batches  # pylint: disable=g-import-not-at-top
+  out = {}
+  for s in mixture.sources:
+    try:
+      out[s.name] = eval_batches(s.corpus.val_tokens, **kwargs)
+    except DataError as e:
+      raise DataError(f"data.sources '{s.name}': {e}") from None
+  return out
+
+
 def mixed_eval_row(per_source: dict[str, dict], weights: dict[str, float]) -> dict:
   """eval/<name>/{loss,bpb} per source, and eval/loss, eval/bpb: the weight-averaged figure
   (the expected loss under the training mixture). bpb is averaged only when every source

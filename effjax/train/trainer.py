@@ -270,10 +270,9 @@ def _setup(config, workdir, data, quiet) -> _Run:
   slot, slots = sharding.process_batch_slot(plan.batch_sharding, t.batch_size)
   shard_kw = dict(batch_size=t.batch_size // slots, process_index=slot, process_count=slots)
   mixture = data.corpus if isinstance(data.corpus, data_lib.Mixture) else None
-  eval_sets = {s.name: data_lib.eval_batches(
-      s.corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches,
-      eos_id=data.tokenizer.eos_id, **shard_kw) for s in mixture.sources} if (
-          mixture and t.eval_batches) else {}
+  eval_sets = data_lib.mixture_eval_batches(
+      mixture, seq_len=t.seq_len, num_batches=t.eval_batches, eos_id=data.tokenizer.eos_id,
+      **shard_kw) if mixture and t.eval_batches else {}
   eval_batches = data_lib.eval_batches(
       data.corpus.val_tokens, seq_len=t.seq_len, num_batches=t.eval_batches,
       eos_id=data.tokenizer.eos_id, **shard_kw) if t.eval_batches and not mixture else []
