@@ -93,8 +93,25 @@ def test_hf_dataset_directory(tmp_path):
   _check_rows(str(tmp_path / "out"), DOCS, TOK)
 
 
-def test_resume_after_interruption_is_identical_and_rerun_skips(tmp_path):
-  src = _jsonl(tmp_path / "d.jsonl", DOCS)
+def _source(tmp_path, fmt):
+  if fmt == "jsonl":
+    return _jsonl(tmp_path / "d.jsonl", DOCS)
+  if fmt == "text":
+    for i, t in enumerate(DOCS):
+      (tmp_path / f"f{i:02d}.txt").write_text(t)
+    return str(tmp_path / "*.txt")
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": DOCS[:30]}), tmp_path / "a.parquet", row_group_size=5)
+  pq.write_table(pa.table({"text": DOCS[30:]}), tmp_path / "b.parquet", row_group_size=5)
+  return str(tmp_path / "*.parquet")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text", "parquet"])
+def test_resume_after_interruption_is_identical_and_rerun_skips(tmp_path, fmt):
+  """Resuming skips the consumed rows (whole files, parquet row groups, jsonl lines) and
+  writes the same bytes as an uninterrupted run."""
+  src = _source(tmp_path, fmt)
   full = prepare(_args(src, tmp_path / "full", batch_rows=4), quiet=True)
   with pytest.raises(KeyboardInterrupt):
     prepare(_args(src, tmp_path / "cut", batch_rows=4), quiet=True, _stop_after_shards=2)
