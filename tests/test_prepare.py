@@ -174,3 +174,15 @@ def test_errors_name_file_and_row(tmp_path):
 def test_cli_exit_code_and_message(tmp_path, capsys):
   assert main([f"--source={tmp_path}/nothing*.jsonl", f"--out={tmp_path}/o", "--quiet"]) == 2
   assert "no file matches" in capsys.readouterr().err
+
+
+def test_missing_optional_extra_says_what_to_install(tmp_path, monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+  with pytest.raises(DataError, match=r"pip install -e '.\[data\]' \(installs datasets\)"):
+    prepare(_args("hf:some/dataset", tmp_path / "o"), quiet=True)
+  monkeypatch.setitem(sys.modules, "pyarrow", None)
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+  (tmp_path / "x.parquet").write_bytes(b"PAR1")
+  with pytest.raises(DataError, match=r"installs pyarrow\) to read parquet"):
+    prepare(_args(tmp_path / "x.parquet", tmp_path / "o2"), quiet=True)
