@@ -29,8 +29,8 @@ from effjax import models
 from effjax.config import Config
 from effjax.parallel.sharding import (activation_sharding, batch_sharding, batch_shards,
                                       logical_to_spec, param_shardings, replicated)
-from effjax.train.state import TrainState
 from effjax.train import reweight as reweight_lib
+from effjax.train.state import TrainState
 from effjax.train.step import make_eval_step, make_train_step
 
 
