@@ -118,6 +118,9 @@ class ModelConfig:
   attn_mult: float = _field(1.0, doc="muP alpha_attn: attention logits scaled by alpha/d_head")
   zero_init_query: bool = _field(False, doc="initialise the query projection at zero")
   zero_init_readout: bool = _field(False, doc="initialise the untied LM head at zero")
+  loss_chunk: int = _field(0, doc="LM head + cross-entropy in chunks of this many sequence "
+                           "positions (x batch tokens), never materialising [B, L, V] logits "
+                           "(effjax/models/lm_head.py); 0: whole sequence at once")
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
@@ -126,7 +129,8 @@ class ModelConfig:
                 "model.n_heads": self.n_heads}
     _check_sign(positive, {"model.vocab_size": self.vocab_size,
                            "model.n_kv_heads": self.n_kv_heads,
-                           "model.head_dim": self.head_dim, "model.mlp_dim": self.mlp_dim})
+                           "model.head_dim": self.head_dim, "model.mlp_dim": self.mlp_dim,
+                           "model.loss_chunk": self.loss_chunk})
     if self.head_dim == 0 and self.d_model % self.n_heads:
       raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
                         f"({self.n_heads}), or set model.head_dim explicitly.")
