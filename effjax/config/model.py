@@ -16,8 +16,10 @@ class AttentionConfig:
   score: str = _field("softmax", ("softmax", "lssa", "lssar"),
                       "attention score function (docs/attention.md)")
   impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
-                              "interpret", "interpret_mgpu", "interpret_tpu"),
+                              "interpret", "interpret_mgpu", "interpret_tpu", "cudnn", "splash",
+                              "interpret_splash"),
                      "attention kernel implementation (pallas_kernels/attention/api.py); "
+                     "cudnn / splash: the vendors' softmax kernels (GPU / TPU); "
                      "auto: see effjax/resolve.py")
   qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
   log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
