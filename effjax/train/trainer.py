@@ -74,7 +74,8 @@ class DataBundle:
 
 def load_data(config: config_lib.Config) -> DataBundle:
   d = config.data
-  tokenizer = data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None)
+  tokenizer = data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None,
+                                      cache_dir=d.cache_dir or None)
   corpus = data_lib.load_corpus(d.corpus, d.paths or None, tokenizer, val_percent=d.val_percent,
                                 token_dtype=d.token_dtype, cache_dir=d.cache_dir or None)
   return DataBundle(tokenizer, corpus)
