@@ -159,7 +159,10 @@ def _splash_kernel(t: int, heads: int, causal: bool, mqa: bool, interpret: bool)
                         block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                         block_kv_dq=blk)
   make = sa.make_splash_mqa if mqa else sa.make_splash_mha
-  return make(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel holds its mask-info arrays: build them as constants, never as tracers of
+  # whichever jit first asked (the kernel is cached across traces).
+  with jax.ensure_compile_time_eval():
+    return make(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q, k, v, segment_ids=None, *, causal: bool, scale: float,
