@@ -46,6 +46,8 @@ from pallas_kernels.attention import attention, kernel, mosaic_gpu
 
 def _fn(impl: str, score: str, seg=None):
   backend = jax.default_backend()
+  if impl == "interpret_splash" and score != "softmax":
+    return None, "interpret_splash: softmax only"
   if impl in ("cudnn", "splash"):
     needs = {"cudnn": "gpu", "splash": "tpu"}[impl]
     if score != "softmax" or backend != needs:
