@@ -25,7 +25,8 @@ pallas_mgpu:BQxBK[+BQxBK] sets forward and backward blocks), jax_mgpu (JAX's
 own Mosaic GPU softmax kernel, forward only: its causal backward is not implemented; fed
 float16 copies, conversion included), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
 (the dispatch table's cudnn: jax.nn.dot_product_attention(implementation="cudnn"), packed
-documents through cuDNN's packed layout; softmax only, GPU only), splash (TPU, softmax). Unavailable
+documents through cuDNN's packed layout with room for T documents per row; cudnn:M with room
+for M, which must cover --segments; softmax only, GPU only), splash (TPU, softmax). Unavailable
 ones are skipped and failures (e.g. out of memory at long T) are noted, in the same run.
 """
 
@@ -41,11 +42,18 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention import attention, kernel, mosaic_gpu
+from pallas_kernels.attention import attention, kernel, mosaic_gpu, vendor
 
 
 def _fn(impl: str, score: str, seg=None):
   backend = jax.default_backend()
+  if impl.startswith("cudnn:"):  # cudnn:M, cuDNN's packed layout with at most M documents
+    if score != "softmax" or backend != "gpu":
+      return None, f"{impl}: softmax on GPU only"
+    m = int(impl.split(":", 1)[1])
+    return (lambda q, k, v: vendor.cudnn_attention(q, k, v, seg, causal=True,
+                                                   scale=q.shape[-1] ** -0.5,
+                                                   max_documents=m)), None
   if impl == "interpret_splash" and score != "softmax":
     return None, "interpret_splash: softmax only"
   if impl in ("cudnn", "splash"):
