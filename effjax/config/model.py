@@ -16,8 +16,10 @@ class AttentionConfig:
   score: str = _field("softmax", ("softmax", "lssa", "lssar"),
                       "attention score function (docs/attention.md)")
   impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
-                              "interpret", "interpret_mgpu", "interpret_tpu"),
+                              "interpret", "interpret_mgpu", "interpret_tpu", "cudnn", "splash",
+                              "interpret_splash"),
                      "attention kernel implementation (pallas_kernels/attention/api.py); "
+                     "cudnn / splash: the vendors' softmax kernels (GPU / TPU); "
                      "auto: see effjax/resolve.py")
   qk_norm: bool = _field(False, doc="RMS-normalise q and k per head (learned gains)")
   log_n_scale: bool = _field(False, doc="softmax baseline: multiply logits by log(position)")
@@ -118,6 +120,9 @@ class ModelConfig:
   attn_mult: float = _field(1.0, doc="muP alpha_attn: attention logits scaled by alpha/d_head")
   zero_init_query: bool = _field(False, doc="initialise the query projection at zero")
   zero_init_readout: bool = _field(False, doc="initialise the untied LM head at zero")
+  loss_chunk: int = _field(0, doc="LM head + cross-entropy in chunks of this many sequence "
+                           "positions (x batch tokens), never materialising [B, L, V] logits "
+                           "(effjax/models/lm_head.py); 0: whole sequence at once")
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
@@ -126,7 +131,8 @@ class ModelConfig:
                 "model.n_heads": self.n_heads}
     _check_sign(positive, {"model.vocab_size": self.vocab_size,
                            "model.n_kv_heads": self.n_kv_heads,
-                           "model.head_dim": self.head_dim, "model.mlp_dim": self.mlp_dim})
+                           "model.head_dim": self.head_dim, "model.mlp_dim": self.mlp_dim,
+                           "model.loss_chunk": self.loss_chunk})
     if self.head_dim == 0 and self.d_model % self.n_heads:
       raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads "
                         f"({self.n_heads}), or set model.head_dim explicitly.")

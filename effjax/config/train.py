@@ -91,7 +91,8 @@ class OptimConfig:
 class DataConfig:
   corpus: str = _field("builtin", ("builtin", "text", "tokens"))
   paths: str = _field("", doc="files or globs (comma separated) for corpus=text|tokens")
-  tokenizer: str = _field("byte", doc="'byte' or a path to a Hugging Face tokenizer.json")
+  tokenizer: str = _field("byte", doc="'byte', a path to a Hugging Face tokenizer.json, or "
+                          "bpe:N (a BPE of N tokens trained on the built-in corpus and cached)")
   eos_token: str = _field("", doc="EOS token string for HF tokenizers ('' = auto-detect)")
   val_percent: int = 5
   token_dtype: str = _field("uint16", ("uint16", "uint32"), "dtype of pre-tokenised shards")

@@ -26,7 +26,8 @@ import numpy as np
 
 from effjax.data.errors import DataError
 
-TOKENIZER_CHOICES = "'byte' or a path to a Hugging Face tokenizer.json file"
+TOKENIZER_CHOICES = ("'byte', a path to a Hugging Face tokenizer.json file, or bpe:<vocab size> "
+                     "(a BPE trained on the built-in corpus, effjax/data/bpe.py)")
 
 
 class ByteTokenizer:
@@ -160,14 +161,18 @@ class HFTokenizer:
     return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"
 
 
-def load_tokenizer(spec: str, eos_token: str | None = None):
-  """'byte' -> ByteTokenizer; a tokenizer.json path (or a folder holding one) -> HFTokenizer.
+def load_tokenizer(spec: str, eos_token: str | None = None, cache_dir: str | None = None):
+  """'byte' -> ByteTokenizer; a tokenizer.json path (or a folder holding one) -> HFTokenizer;
+  'bpe:N' -> the built-in corpus's BPE of N tokens (effjax/data/bpe.py; trained into
+  cache_dir's tokenizers/ folder on first use).
 
   eos_token: for HF tokenizers, the token string that separates documents; default:
   the first of EOS_CANDIDATES the vocabulary has.
   """
   if spec == "byte":
     return ByteTokenizer()
+  from effjax.data import bpe  # pylint: disable=g-import-not-at-top
+  spec = bpe.resolve_spec(spec, cache_dir)
   path = os.path.expanduser(spec)
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
     path = os.path.join(path, "tokenizer.json")

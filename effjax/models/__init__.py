@@ -79,6 +79,7 @@ class FunctionalModel:
 
   def __init__(self, module: Transformer):
     self.dims = module.dims
+    self.loss_chunk = module.loss_chunk  # > 0: apply(..., targets_BxL=) returns per-token NLL
     self.index = ModelIndex(module)
     self.graphdef, param_state, buffer_state = nnx.split(module, nnx.Param, Buffer)
     self._param_template = param_state
@@ -103,12 +104,13 @@ class FunctionalModel:
     return nnx.merge(self.graphdef, p, b)
 
   def apply(self, params: dict, buffers: dict, ids_BxL, *, positions_BxL=None,
-            segment_ids_BxL=None, **context) -> tuple[jax.Array, dict[str, Any]]:
-    """context: the fields of models.Context (moe_top_k, probe); probes come back in aux."""
+            segment_ids_BxL=None, targets_BxL=None, **context) -> tuple[jax.Array, dict[str, Any]]:
+    """context: the fields of models.Context (moe_top_k, probe); probes come back in aux.
+    targets_BxL with model.loss_chunk > 0: returns the per-token NLL instead of the logits."""
     ctx = Context(**context)
     model = self.module(params, buffers)
     logits, aux = model(ids_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
-                        ctx=ctx)
+                        ctx=ctx, targets_BxL=targets_BxL)
     if ctx.probe:
       aux = {**aux, **probes(model)}
     return logits, aux

@@ -116,4 +116,4 @@ class Builder:
     return Transformer(dims=d, embed=embed, positions=positions, stack=stack,
                        final_norm=final_norm, head=head, output_mult=output_mult,
                        compute_dtype=c.compute_dtype, doc_mask=c.attention.doc_mask,
-                       max_positions=c.max_positions)
+                       max_positions=c.max_positions, loss_chunk=c.loss_chunk)

@@ -4,7 +4,8 @@ The parts (embedding, the block stack, the attention and FFN of each block, ever
 linear) are built by effjax/models/builder.py from the config; this module only runs them.
 `Transformer.__call__` returns (logits, aux) where aux is a flat dict: keys starting with
 "loss/" are added to the training loss, "stat/" arrays are summed over micro-batches,
-everything else is reported as a metric.
+everything else is reported as a metric. Given targets and model.loss_chunk > 0 it returns
+(per-token NLL, aux) instead, from the chunked LM head (effjax/models/lm_head.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import ModelConfig
+from effjax.models import lm_head
 from effjax.models.layers import Tag
 from effjax.models.moe import moe_layer_indices
 from effjax.models.stack import RESIDUAL_AXES, Context
@@ -88,7 +90,8 @@ class Transformer(nnx.Module):
   untied), from parts built by effjax/models/builder.py."""
 
   def __init__(self, *, dims: Dims, embed, positions, stack, final_norm, head,
-               output_mult: float, compute_dtype: str, doc_mask: bool, max_positions: int):
+               output_mult: float, compute_dtype: str, doc_mask: bool, max_positions: int,
+               loss_chunk: int = 0):
     self.dims = dims
     # The stack is stored as `blocks`: parameter paths blocks/layers/<i>/... sort before
     # embed/final_norm/head, in the same order as before the builder (reductions over the
@@ -97,9 +100,25 @@ class Transformer(nnx.Module):
     self.final_norm, self.head = final_norm, head
     self.output_mult, self.compute_dtype = output_mult, compute_dtype
     self.doc_mask, self.max_positions = doc_mask, max_positions
+    self.loss_chunk = loss_chunk
     self.tag = Tag("model")
 
-  def __call__(self, ids_BxL, *, positions_BxL=None, segment_ids_BxL=None, ctx=None):
+  def readout(self, x_BxLxD):
+    """The LM head as a function of its input, weight read once (hooks applied here, so
+    the chunked loss does not re-run them per chunk): x_..xD -> logits_..xV, compute dtype."""
+    if self.head is None:
+      table_VxD = self.embed.table[...].astype(x_BxLxD.dtype)
+      return x_BxLxD, lambda x: jnp.einsum("bld,vd->blv", x, table_VxD)
+    for hook in self.head.hooks:
+      x_BxLxD = hook.input(x_BxLxD)
+    w_DxV = self.head.effective_weight().astype(x_BxLxD.dtype)
+    bias = None if self.head.bias is None else self.head.bias[...].astype(x_BxLxD.dtype)
+    return x_BxLxD, lambda x: (jnp.einsum("...i,io->...o", x, w_DxV) if bias is None
+                               else jnp.einsum("...i,io->...o", x, w_DxV) + bias)
+
+  def __call__(self, ids_BxL, *, positions_BxL=None, segment_ids_BxL=None, ctx=None,
+               targets_BxL=None):
+    """targets_BxL with loss_chunk > 0: returns (nll_BxL fp32, aux), never the logits."""
     ctx = ctx or Context()
     b, l = ids_BxL.shape
     if positions_BxL is None:
@@ -118,6 +137,14 @@ class Transformer(nnx.Module):
       self.sow(nnx.Intermediate, "probe_embed", jnp.mean(jnp.abs(x_BxLxD)))
     x_BxLxD, aux = self.blocks(x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
     x_BxLxD = self.final_norm(x_BxLxD)
+    if targets_BxL is not None and self.loss_chunk:
+      x_BxLxD, readout = self.readout(x_BxLxD)
+      nll_BxL, abs_sum = lm_head.chunked_token_nll(x_BxLxD, readout, targets_BxL,
+                                                   chunk=self.loss_chunk,
+                                                   output_mult=self.output_mult)
+      if ctx.probe:
+        self.sow(nnx.Intermediate, "probe_logits", abs_sum / (b * l * self.dims.vocab))
+      return nll_BxL, aux
     if self.head is None:
       logits_BxLxV = self.embed.attend(x_BxLxD)
     else:

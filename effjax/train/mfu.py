@@ -2,11 +2,12 @@
 
   python -m effjax.train.mfu [--config=configs/gpu_small.py] [--impls=xla,pallas_gpu]
                              [--scores=softmax] [--steps=40] [--out=results/perf/mfu.md]
-                             [--config.key=value ...]
+                             [--pairs=softmax/cudnn,lssa/pallas_gpu] [--config.key=value ...]
 
 The table goes to stdout; --out also writes it to a file (the committed
 results/perf/mfu.md only when asked for). Without a GPU backend it exits 2.
 
+--pairs lists (score, impl) pairs explicitly instead of every score x impl.
 Each (score, impl) pair is one short trainer run in this process (same data, same model);
 the table reports the median step time over the logged steps after the first, tokens/s and
 the trainer's own perf/mfu (model FLOPs by formula over the device's peak, effjax.train.flops).
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
   parser.add_argument("--impls", default="xla,pallas_gpu")
   parser.add_argument("--scores", default="softmax")
   parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--pairs", default="", help="score/impl,... (instead of scores x impls)")
   parser.add_argument("--out", default="", help="also write the table here")
   args, overrides = parser.parse_known_args(argv)
   if jax.default_backend() != "gpu":
@@ -58,24 +60,26 @@ def main(argv=None) -> int:
   base = config_lib.apply_overrides(base, {"train": {"steps": args.steps}})
   data = trainer.load_data(base)
   rows, notes = [], []
-  for score in args.scores.split(","):
-    for impl in args.impls.split(","):
-      cfg = config_lib.apply_overrides(base, {"model": {"attention": {"score": score,
-                                                                       "impl": impl}}})
-      try:
-        checks.validate(cfg, jax.device_count())
-        r = _run(cfg, data)
-      except Exception as e:  # pylint: disable=broad-except  (report and go on)
-        notes.append(f"{score}/{impl}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        continue
-      rows.append((score, impl, r["perf/step_time_s"] * 1e3, r["perf/tokens_per_sec"],
-                   r["perf/mfu"]))
-      print(f"{score}/{impl}: {rows[-1][2]:.1f} ms/step, MFU {rows[-1][4]:.3f}", file=sys.stderr,
-            flush=True)
+  pairs = ([tuple(p.split("/", 1)) for p in args.pairs.split(",")] if args.pairs else
+           [(s, i) for s in args.scores.split(",") for i in args.impls.split(",")])
+  for score, impl in pairs:
+    cfg = config_lib.apply_overrides(base, {"model": {"attention": {"score": score,
+                                                                     "impl": impl}}})
+    try:
+      checks.validate(cfg, jax.device_count())
+      r = _run(cfg, data)
+    except Exception as e:  # pylint: disable=broad-except  (report and go on)
+      notes.append(f"{score}/{impl}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    rows.append((score, impl, r["perf/step_time_s"] * 1e3, r["perf/tokens_per_sec"],
+                 r["perf/mfu"]))
+    print(f"{score}/{impl}: {rows[-1][2]:.1f} ms/step, MFU {rows[-1][4]:.3f}", file=sys.stderr,
+          flush=True)
   m, t = base.model, base.train
   header = (f"Device: {jax.devices()[0].device_kind} x {jax.device_count()}; jax {jax.__version__}; "
             f"config {args.config} (d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads; "
-            f"batch {t.batch_size} x {t.seq_len} tokens); {args.steps} steps; "
+            f"batch {t.batch_size} x {t.seq_len} tokens; doc_mask {m.attention.doc_mask}, "
+            f"loss_chunk {m.loss_chunk}); {args.steps} steps; "
             f"{datetime.datetime.now().isoformat(timespec='seconds')}.")
   table = ["| score | attention impl | step ms | tokens/s | MFU |", "|---|---|---:|---:|---:|"]
   table += [f"| {s} | {i} | {ms:.1f} | {tps:,.0f} | {mfu:.3f} |" for s, i, ms, tps, mfu in rows]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effjax.models.lm_head import token_nll
 from effjax.optim.factory import global_norm
 from effjax.train.state import TrainState
 
@@ -21,10 +22,15 @@ PostUpdateHook = Callable[[TrainState, TrainState, dict], TrainState]
 GradHook = Callable[[dict, TrainState], dict]
 
 
-def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood in nats, computed in fp32."""
-  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+def batch_nll(model, params, buffers, batch, model_kwargs) -> tuple[jax.Array, dict]:
+  """(per-token NLL [B, L], aux): through the logits, or with model.loss_chunk > 0 through
+  the chunked LM head, which never materialises them (effjax/models/lm_head.py)."""
+  kwargs = dict(positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"],
+                **model_kwargs)
+  if getattr(model, "loss_chunk", 0):
+    return model.apply(params, buffers, batch["inputs"], targets_BxL=batch["targets"], **kwargs)
+  logits, aux = model.apply(params, buffers, batch["inputs"], **kwargs)
+  return token_nll(logits, batch["targets"]), aux
 
 
 def _split_aux(aux: dict) -> tuple[jax.Array, dict]:
@@ -48,9 +54,7 @@ def make_loss_fn(model, model_kwargs=None, reweight=None):
   model_kwargs = model_kwargs or {}
 
   def loss_fn(params, buffers, batch, step=None, weights_B=None):
-    logits, aux = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
-                              segment_ids_BxL=batch["segment_ids"], **model_kwargs)
-    nll_BxL = token_nll(logits, batch["targets"])
+    nll_BxL, aux = batch_nll(model, params, buffers, batch, model_kwargs)
     nll = jnp.mean(nll_BxL)
     extra, kept = _split_aux(aux)
     if reweight is None:
@@ -67,10 +71,8 @@ def _step_weights(model, model_kwargs, reweight, state, micro):
   """Per-sequence weights of a whole grad-accum step: a forward pass over every micro-batch
   first (the weights are normalised over the global batch, not per micro-batch)."""
   def seq_loss(_, mb):
-    logits, _ = model.apply(state.params, state.buffers, mb["inputs"],
-                            positions_BxL=mb["positions"], segment_ids_BxL=mb["segment_ids"],
-                            **(model_kwargs or {}))
-    return None, jnp.mean(token_nll(logits, mb["targets"]), axis=1)
+    nll_BxL, _ = batch_nll(model, state.params, state.buffers, mb, model_kwargs or {})
+    return None, jnp.mean(nll_BxL, axis=1)
   _, seq_AxB = jax.lax.scan(seq_loss, None, micro)
   weights, metrics = reweight(seq_AxB.reshape(-1), state.step)
   return weights.reshape(seq_AxB.shape), metrics
@@ -142,9 +144,7 @@ def make_eval_step(model, token_bytes_V: jax.Array | None, model_kwargs=None):
   model_kwargs = model_kwargs or {}
 
   def eval_step(params, buffers, batch):
-    logits, aux = model.apply(params, buffers, batch["inputs"], positions_BxL=batch["positions"],
-                              segment_ids_BxL=batch["segment_ids"], **model_kwargs)
-    nll = token_nll(logits, batch["targets"])
+    nll, aux = batch_nll(model, params, buffers, batch, model_kwargs)
     nbytes = (jnp.sum(token_bytes_V[batch["targets"]]) if token_bytes_V is not None
               else jnp.float32(jnp.nan))
     stats = {k: v for k, v in aux.items() if k.startswith("stat/")}

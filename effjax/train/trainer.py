@@ -74,7 +74,8 @@ class DataBundle:
 
 def load_data(config: config_lib.Config) -> DataBundle:
   d = config.data
-  tokenizer = data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None)
+  tokenizer = data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None,
+                                      cache_dir=d.cache_dir or None)
   if d.sources:  # a weighted mixture (effjax/data/mixture.py)
     return DataBundle(tokenizer, data_lib.load_mixture(
         d.sources, tokenizer, val_percent=d.val_percent, token_dtype=d.token_dtype,

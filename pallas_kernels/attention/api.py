@@ -20,10 +20,20 @@
               hardware: auto does not pick it unless AUTO_GPU_KERNEL is flipped.
   interpret_mgpu  the pallas_mgpu kernels in Pallas' GPU interpret mode (simulated SMEM,
               barriers, TMA and wgmma) on any backend: how they are tested on CPU.
+  cudnn       softmax only: cuDNN flash attention (vendor.py: jax.nn.dot_product_attention,
+              packed documents through cuDNN's packed layout on Hopper); bf16/f16,
+              head_dim a multiple of 8 <= 128, an NVIDIA GPU.
+  splash      softmax only: JAX's splash attention for TPU (vendor.py), T a multiple of 128.
+  interpret_splash  splash in Pallas' interpreter on any backend (its tests on CPU).
   auto        the first backend of auto_order(platform) whose supports() accepts the call:
-              pallas_tpu on TPU (T <= AUTO_MAX_LEN = 2^24), AUTO_GPU_KERNEL then
-              pallas_gpu on GPU, and always xla last (the reasons of the skipped ones are
-              logged once per platform, score and reasons).
+              splash for softmax then pallas_tpu on TPU (T <= AUTO_MAX_LEN = 2^24),
+              cudnn for softmax then AUTO_GPU_KERNEL then pallas_gpu on GPU, and always
+              xla last (the reasons of the skipped ones are logged once per platform,
+              score and reasons; a softmax-only backend is passed over silently for
+              LSSA/LSSAR).
+  A named softmax-only vendor backend (cudnn, splash) that cannot run a call it was asked
+  for (packed documents on a jax or GPU without cuDNN's packed layout, say) falls back to
+  auto's pick, with the reason logged once, instead of failing the run.
 
 The backends are a table, BACKENDS = {name: Backend(platform, supports, run)}: attention()
 validates, builds a Problem (with the kernels' ScoreOptions, built once), and runs the named
@@ -47,7 +57,7 @@ from typing import Any, Callable
 
 import jax
 
-from pallas_kernels.attention import kernel, mosaic_gpu, reference, tpu_streaming
+from pallas_kernels.attention import kernel, mosaic_gpu, reference, tpu_streaming, vendor
 from pallas_kernels.attention.options import ScoreOptions
 
 SCORES = ("softmax", "lssa", "lssar")
@@ -130,11 +140,15 @@ class Problem:
 class Backend:
   """platform: the jax backend it needs (None: any). supports(problem): None, or why it
   cannot run the call. run(problem) -> [B, Tq, H, D]. auto_max_len: the longest sequence
-  `auto` sends to it (None: no limit; a named call is not limited)."""
+  `auto` sends to it (None: no limit; a named call is not limited). scores: the score
+  functions it implements (auto passes over it silently for others). falls_back: named,
+  a call it cannot run goes to auto's pick (logged once) instead of raising."""
   platform: str | None
   supports: Callable[[Problem], str | None]
   run: Callable[[Problem], Any]
   auto_max_len: int | None = None
+  scores: tuple[str, ...] = SCORES
+  falls_back: bool = False
 
 
 def _always(_: Problem) -> None:
@@ -176,6 +190,23 @@ def _mgpu(interpret: bool) -> tuple:
   return supports, run
 
 
+def _cudnn() -> tuple:
+  supports = lambda pb: vendor.supports_cudnn(pb.q, pb.k, pb.v, causal=pb.causal,
+                                              q_offset=pb.q_offset,
+                                              segments=pb.segment_ids is not None)
+  run = lambda pb: vendor.cudnn_attention(pb.q, pb.k, pb.v, pb.segment_ids, causal=pb.causal,
+                                          scale=pb.opts.scale)
+  return supports, run
+
+
+def _splash(interpret: bool) -> tuple:
+  supports = lambda pb: vendor.supports_splash(pb.q, pb.k, q_offset=pb.q_offset)
+  run = lambda pb: vendor.splash_attention(pb.q, pb.k, pb.v, pb.segment_ids, causal=pb.causal,
+                                           scale=pb.opts.scale, interpret=interpret)
+  return supports, run
+
+
+SOFTMAX_ONLY = dict(scores=("softmax",), falls_back=True)
 # Every implementation but auto, in the order IMPLEMENTATIONS lists them.
 BACKENDS = {
     "xla": Backend(None, _always, _reference),
@@ -185,6 +216,9 @@ BACKENDS = {
     "interpret": Backend(None, _always, _kernel("interpret")),
     "interpret_mgpu": Backend(None, *_mgpu(True)),
     "interpret_tpu": Backend(None, *_tpu(True)),
+    "cudnn": Backend("gpu", *_cudnn(), **SOFTMAX_ONLY),
+    "splash": Backend("tpu", *_splash(False), **SOFTMAX_ONLY),
+    "interpret_splash": Backend(None, *_splash(True), **SOFTMAX_ONLY),
 }
 IMPLEMENTATIONS = ("auto", *BACKENDS)
 
@@ -192,7 +226,8 @@ IMPLEMENTATIONS = ("auto", *BACKENDS)
 def auto_order(platform: str) -> tuple[str, ...]:
   """The backends `auto` tries on `platform`, in order; always ends in xla. Read at call
   time, so a changed AUTO_GPU_KERNEL takes effect."""
-  order = {"tpu": ("pallas_tpu",), "gpu": (AUTO_GPU_KERNEL, "pallas_gpu")}.get(platform, ())
+  order = {"tpu": ("splash", "pallas_tpu"),
+           "gpu": ("cudnn", AUTO_GPU_KERNEL, "pallas_gpu")}.get(platform, ())
   return tuple(dict.fromkeys(order + ("xla",)))
 
 
@@ -216,6 +251,8 @@ def select(pb: Problem, platform: str) -> tuple[str, tuple[str, ...]]:
   skipped = []
   for name in auto_order(platform):
     backend = BACKENDS[name]
+    if pb.score not in backend.scores:
+      continue
     length = max(pb.q.shape[1], pb.k.shape[1])
     if backend.auto_max_len is not None and length > backend.auto_max_len:
       why = f"length > {backend.auto_max_len} (N_i is counted in fp32 in the kernels)"
@@ -257,17 +294,30 @@ def attention(q, k, v, *, causal: bool = True, score: str = "softmax", segment_i
     why = unavailable_reason(implementation, platform)
     if why:
       raise ValueError(f"implementation={implementation!r} {why}")
-    why = BACKENDS[implementation].supports(pb)
+    backend = BACKENDS[implementation]
+    why = (backend.supports(pb) if pb.score in backend.scores else
+           f"it implements {', '.join(backend.scores)} only, not score={score!r}")
+    if why and backend.falls_back and pb.score in backend.scores:
+      name, skipped = select(pb, platform)
+      _log_once(platform, score, tuple(dict.fromkeys((f"{implementation}: {why}",) + skipped)),
+                f"implementation={implementation!r} falls back", name)
+      return BACKENDS[name].run(pb)
     if why:
       *others, last = ["auto"] + [n for n in auto_order(platform) if n != implementation]
       raise ValueError(f"implementation={implementation!r} cannot run this call: {why}. Use "
                        f"implementation={', '.join(map(repr, others))} or {last!r}.")
     return BACKENDS[implementation].run(pb)
   name, skipped = select(pb, platform)
-  if skipped and (platform, score, skipped) not in _logged:
-    _logged.add((platform, score, skipped))
-    using = "the XLA reference" if name == "xla" else name
-    _LOG.log(logging.INFO if platform == "cpu" else logging.WARNING,
-             "attention(score=%r, implementation='auto'): %s; using %s", score,
-             "; ".join(skipped), using)
+  if skipped:
+    _log_once(platform, score, skipped, "implementation='auto'", name)
   return BACKENDS[name].run(pb)
+
+
+def _log_once(platform: str, score: str, reasons: tuple, what: str, name: str) -> None:
+  """One log line per (platform, score, reasons): what was skipped and what ran."""
+  if (platform, score, reasons) in _logged:
+    return
+  _logged.add((platform, score, reasons))
+  using = "the XLA reference" if name == "xla" else name
+  _LOG.log(logging.INFO if platform == "cpu" else logging.WARNING,
+           "attention(score=%r, %s): %s; using %s", score, what, "; ".join(reasons), using)

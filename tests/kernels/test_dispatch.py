@@ -52,9 +52,11 @@ def test_dispatch_errors_name_the_argument():
 
 def test_the_table_lists_every_implementation_with_its_platform():
   assert api.IMPLEMENTATIONS == ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
-                                 "interpret", "interpret_mgpu", "interpret_tpu")
+                                 "interpret", "interpret_mgpu", "interpret_tpu", "cudnn",
+                                 "splash", "interpret_splash")
   assert {n: b.platform for n, b in api.BACKENDS.items() if b.platform} == {
-      "pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
+      "pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu", "cudnn": "gpu",
+      "splash": "tpu"}
   for platform in ("cpu", "gpu", "tpu"):
     assert api.auto_order(platform)[-1] == "xla"
 
@@ -63,7 +65,7 @@ def test_unavailable_reason_is_the_platform_check():
   """The text config validation reports: which backend a name needs and what is valid."""
   assert api.unavailable_reason("pallas_tpu", "cpu") == (
       "needs a TPU backend; this is 'cpu'. Valid here: auto, xla, interpret, "
-      "interpret_mgpu, interpret_tpu.")
+      "interpret_mgpu, interpret_tpu, interpret_splash.")
   assert "needs a GPU backend; this is 'tpu'. Valid here: auto, xla, pallas_tpu," in (
       api.unavailable_reason("pallas_mgpu", "tpu"))
   for name in ("auto", "xla", "interpret", "interpret_mgpu", "interpret_tpu"):
@@ -86,23 +88,25 @@ def test_auto_falls_back_to_reference_and_logs_once(caplog):
 
 def test_auto_on_tpu_takes_the_kernels_at_long_lengths():
   """auto on TPU: the streaming kernels at any length up to AUTO_MAX_LEN (the old limit was
-  8192: whole-sequence VMEM blocks); the reference where the kernels refuse the call."""
+  8192: whole-sequence VMEM blocks); the reference where the kernels refuse the call.
+  (Softmax goes to splash first: test_vendor.py.)"""
   for t in (8192, 32768, 131072):
     x = jax.ShapeDtypeStruct((1, t, 8, 128), jnp.bfloat16)
-    assert api.select(_problem(x), "tpu") == ("pallas_tpu", ())
+    assert api.select(_problem(x, score="lssa"), "tpu") == ("pallas_tpu", ())
   x = jax.ShapeDtypeStruct((1, api.AUTO_MAX_LEN + 1, 1, 128), jnp.bfloat16)
-  name, why = api.select(_problem(x), "tpu")
+  name, why = api.select(_problem(x, score="lssa"), "tpu")
   assert name == "xla" and "length > " in why[0]
   short = jax.ShapeDtypeStruct((1, 64, 1, 8), jnp.float16)
-  assert api.select(_problem(short), "tpu") == (
+  assert api.select(_problem(short, score="lssa"), "tpu") == (
       "xla", ("pallas_tpu: dtype float16 is not float32/bfloat16",))
 
 
 def test_auto_on_gpu_picks_the_configured_kernel_and_falls_back(monkeypatch):
   """auto on a GPU runs AUTO_GPU_KERNEL: the Triton path today (the Mosaic GPU kernels have
   never run on hardware); flipped to pallas_mgpu it runs those where they accept the call
-  and falls back to the Triton path where they refuse it."""
-  pb = _problem(jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16))
+  and falls back to the Triton path where they refuse it. (Softmax goes to cuDNN first:
+  test_vendor.py.)"""
+  pb = _problem(jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16), score="lssa")
 
   def refuse(name, why):
     monkeypatch.setitem(api.BACKENDS, name, dataclasses.replace(

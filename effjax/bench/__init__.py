@@ -1,0 +1,1 @@
+"""Benchmarks that span the package (effjax/bench/accelerator.py)."""
