@@ -187,3 +187,158 @@ def test_eval_model_runs_threshold_rule():
   assert models.for_evaluation(cfg).model.mor.rule == "threshold"
   cfg_topk = _cfg(**{"model.mor.router": "expert", "model.mor.eval_rule": "topk"})
   assert models.for_evaluation(cfg_topk) is cfg_topk
+
+
+# ----------------------------------------------------------------------------- token choice
+
+
+def test_token_choice_depths_and_balance_loss():
+  """Depth = argmax of the softmax router; recursion r updates exactly the tokens of depth
+  >= r; the Switch loss is N_r * sum_j f_j P_j and the z-loss mean(logsumexp(z)^2)."""
+  cfg = _cfg(**{"model.mor.router": "token"})
+  m = models.build(cfg, VOCAB)
+  module = m.module(m.initial_params, m.initial_buffers)
+  ids = _ids()
+  _, aux = m.apply(m.initial_params, m.initial_buffers, ids)
+  # the hidden state entering the recursions = after the unique first layer (middle_cycle)
+  x = module.embed(ids, jnp.float32)
+  x, _ = module.blocks.layers[0](x, jnp.broadcast_to(jnp.arange(16), ids.shape), None, Context())
+  z = np.asarray(x @ module.blocks.router.kernel[...], np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  depth = p.argmax(-1)
+  counts = np.bincount(depth.ravel(), minlength=3)
+  np.testing.assert_allclose(aux["stat/mor_depth_counts"], counts)
+  np.testing.assert_allclose(aux["stat/mor_selected"], [(depth >= r).sum() for r in range(3)])
+  f, pm = counts / depth.size, p.reshape(-1, 3).mean(0)
+  np.testing.assert_allclose(float(aux["loss/mor_balance"]), 0.1 * 3 * np.sum(f * pm), rtol=1e-4)
+  lse = np.log(np.exp(z).sum(-1))
+  np.testing.assert_allclose(float(aux["loss/mor_z"]), 1e-5 * np.mean(lse ** 2), rtol=1e-4)
+
+
+def test_token_choice_loss_free_bias_moves_toward_balance():
+  from tests.conftest import tiny_step_setup
+  cfg = _cfg(**{"model.mor.router": "token", "model.mor.token_balance": "alf",
+                "model.mor.bias_update_rate": 0.05})
+  _, exts, step, batch, state = tiny_step_setup(cfg, seq_len=16, batch_size=4)
+  assert "mor" in [e.name for e in exts]
+  new, _ = step(state, batch)
+  bias = np.asarray(new.buffers["blocks"]["depth_bias"])
+  # the over-loaded depths go down, the under-loaded up (sign rule)
+  m = models.build(cfg, VOCAB)
+  _, aux = m.apply(state.params, state.buffers, batch["inputs"],
+                   positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"])
+  c = np.asarray(aux["stat/mor_depth_counts"])
+  np.testing.assert_allclose(bias, 0.05 * np.sign(c.mean() - c))
+  assert "loss/mor_balance" not in aux
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def test_flops_count_applied_recursions_by_hand():
+  from effjax.train import flops
+  cfg = _cfg(**{"model.mor.router": "expert", "model.n_layers": 4, "model.mor.recursions": 2,
+                "model.mor.sharing": "middle_cycle"})
+  dims = models.resolve_dims(cfg.model, VOCAB)
+  d, T, v = 32, 16, dims.vocab
+  ffn = 3 * d * dims.mlp_dim
+  proj = d * 4 * 8 * 2 + d * 2 * 8 * 2  # q, o: 4 heads of 8; k, v: 2 kv heads of 8
+  attn = 2 * 2 * T * 4 * 8 / 2
+  # layers 0 and 3 once on every token; layers 1, 2 at recursion 0 (cap 1) and 1 (cap 1/2)
+  matmul = 2 * (proj + ffn) + 2 * (1 + 0.5) * (proj + ffn) + d * v + 2 * d
+  attention = 2 * attn + 2 * (1 + 0.25) * attn
+  want = 3 * (2 * matmul + attention)
+  got = flops.flops_per_token(dims, T, tie_embeddings=False, mor=cfg.model.mor)
+  assert got == pytest.approx(want, rel=1e-12)
+  # plain recursion (every token, depth 6) costs more; a dense stack of the 4 unique layers less
+  plain = flops.flops_per_token(dims, T, tie_embeddings=False,
+                                mor=dataclasses.replace(cfg.model.mor, router="none"))
+  dense = flops.flops_per_token(dims, T, tie_embeddings=False)
+  assert plain > got > dense
+  assert flops.isoflop_token_ratio(plain, got) == pytest.approx(plain / got)
+
+
+def test_param_count_includes_routers():
+  for router, extra in [("none", 0), ("expert", 3 * 32), ("token", 32 * 3)]:
+    cfg = _cfg(**{"model.mor.router": router})
+    m = models.build(cfg, VOCAB)
+    n = sum(x.size for x in jax.tree.leaves(m.initial_params))
+    dims = models.resolve_dims(cfg.model, VOCAB)
+    assert models.count_params(dims, False, cfg.model)["total"] == n
+    assert models.count_params(dims, False, C.Config().model)["total"] + extra == n
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def test_mor_with_moe_trains_a_step_and_routes_every_application():
+  from tests.conftest import tiny_step_setup
+  cfg = _cfg(**{"model.mor.router": "expert", "model.moe.num_experts": 4, "model.moe.top_k": 1,
+                "model.moe.balance": "alf+aux", "model.mor.recursions": 2})
+  _, exts, step, batch, state = tiny_step_setup(cfg, seq_len=16, batch_size=4)
+  assert {"moe", "mor"} <= {e.name for e in exts}
+  new, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["train/loss"]))
+  assert "train/loss/mor_bce" in metrics and "train/loss/moe_aux/layer1" in metrics
+  # layer 1 (shared) ran at recursion 0 on all 64 tokens and at recursion 1 on 32 of them
+  m = models.build(cfg, VOCAB)
+  _, aux = m.apply(state.params, state.buffers, batch["inputs"],
+                   positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"])
+  assert float(aux["stat/moe_counts/layer1"].sum()) == 64 + 32
+  assert float(aux["stat/moe_counts/layer0"].sum()) == 64
+  assert not np.array_equal(new.buffers["blocks"]["layers"][1]["ffn"]["bias"],
+                            state.buffers["blocks"]["layers"][1]["ffn"]["bias"])
+
+
+def test_mor_with_qat_and_loss_falls():
+  from tests.conftest import tiny_step_setup
+  cfg = _cfg(**{"model.mor.router": "expert", "quant.method": "quest", "train.lr": 1e-2,
+                "train.warmup_steps": 0})
+  _, _, step, batch, state = tiny_step_setup(cfg, seq_len=16, batch_size=4)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  assert losses[-1] < losses[0] - 0.2, losses
+
+
+def _trainer_args(*extra):
+  from tests.conftest import TINY
+  return ["--config=" + TINY, "--config.model.n_layers=3", "--config.model.mor.recursions=2",
+          "--config.train.steps=4", "--config.train.warmup_steps=1", "--config.train.eval_every=2",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=100",
+          "--config.train.seq_len=16", "--config.train.batch_size=4",
+          "--config.train.eval_batches=1", *extra]
+
+
+def test_trainer_eval_reports_both_rules(tmp_path):
+  """eval/loss under the causal threshold rule and eval/mor/topk/loss under top-k, with the
+  eval-set routing metrics."""
+  from effjax.train import trainer
+  from effjax.train.metrics import read_metrics
+  cfg, _ = C.load(_trainer_args("--config.model.mor.router=expert"))
+  assert trainer.train(cfg, str(tmp_path), quiet=True).exit_code == 0
+  last = read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
+  for key in ("eval/loss", "eval/mor/topk/loss", "eval/mor/router_acc", "eval/mor/bce",
+              "eval/mor/selected/rec1", "eval/mor/dead_tokens", "mor/selected/rec1"):
+    assert np.isfinite(last[key]), key
+  assert last["mor/selected/rec1"] == 0.5  # top-k in training: exactly cap_1 = 1/2
+
+
+@pytest.mark.slow
+def test_token_choice_resume_is_exact(tmp_path):
+  """2N steps in one go == N, stop, resume: the token-choice depth bias (ALF-LB buffer) is
+  checkpointed and restored (slow: three short runs)."""
+  from effjax.train import trainer
+  from effjax.train.metrics import read_metrics
+  cfg, _ = C.load(_trainer_args("--config.model.mor.router=token",
+                                "--config.model.mor.token_balance=alf"))
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  assert trainer.train(cfg, a, quiet=True).exit_code == 0
+  assert trainer.train(cfg, b, quiet=True, stop_at=2).step == 2
+  assert trainer.train(cfg, b, quiet=True).step == 4
+  ra, rb = read_metrics(a + "/metrics.jsonl"), read_metrics(b + "/metrics.jsonl")
+  keys = ("train/loss", "eval/loss", "mor/selected/rec1", "mor/depth_maxvio")
+  pick = lambda rows: {(r["step"], k): r[k] for r in rows for k in keys if k in r}
+  assert len(pick(ra)) == 4 * 3 + 2 and pick(ra) == pick(rb)

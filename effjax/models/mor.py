@@ -25,7 +25,9 @@ attention restricted to the selected ones (unselected tokens get a private docum
 their outputs are discarded), which gives the selected tokens the same result as a gather.
 
 aux keys: loss/mor_bce, loss/mor_balance, loss/mor_z; stat/mor_selected [N_r] (selected
-tokens per recursion), stat/mor_tokens, stat/mor_depth_counts [N_r] (token-choice);
+tokens per recursion), stat/mor_tokens, stat/mor_depth_counts [N_r] (token-choice),
+stat/mor_router_agree and stat/mor_bce [N_r] (expert-choice: tokens whose threshold decision
+sigma > 0.5 matches their top-k membership, and the summed per-token BCE);
 mor/* scalar metrics. A block applied several times reports its aux once, under its unique
 layer index: loss/ and stat/ values summed over its applications, metrics averaged.
 """
@@ -237,20 +239,23 @@ class RecursionStack(nnx.Module):
                                         positions_BxL, segment_ids_BxL, ctx, acc)
         selected_BxL = topk_BxL
       target = topk_BxL.astype(jnp.float32)
-      bce.append(jnp.mean(sigmoid_bce(logits_BxL, target)))
-      accs.append(jnp.mean(((logits_BxL > 0) == topk_BxL).astype(jnp.float32)))
+      bce.append(jnp.sum(sigmoid_bce(logits_BxL, target)))
+      accs.append(jnp.sum(((logits_BxL > 0) == topk_BxL).astype(jnp.float32)))
       sel_counts.append(jnp.sum(selected_BxL.astype(jnp.float32)))
       aux[f"mor/selected/rec{r}"] = jnp.mean(selected_BxL.astype(jnp.float32))
-      aux[f"mor/router_acc/rec{r}"] = accs[-1]
+      aux[f"mor/router_acc/rec{r}"] = accs[-1] / (b * l)
       if r == 1:
         aux["mor/dead_tokens"] = 1.0 - jnp.mean(selected_BxL.astype(jnp.float32))
       active_BxL = selected_BxL
-    bce_sum = sum(bce[1:], bce[0])
+    bce_sum = sum(bce[1:], bce[0]) / (b * l)  # mean over tokens, summed over recursions
     if cfg.bce_coef and not threshold:
       aux["loss/mor_bce"] = cfg.bce_coef * bce_sum
     aux["mor/bce"] = bce_sum
     routed = [a for r, a in enumerate(accs) if ks[r] < l]
-    aux["mor/router_acc"] = sum(routed[1:], routed[0]) / len(routed) if routed else 1.0
+    aux["mor/router_acc"] = (sum(routed[1:], routed[0]) / (len(routed) * b * l) if routed
+                             else jnp.float32(1.0))
+    aux["stat/mor_bce"] = jnp.stack(bce)
+    aux["stat/mor_router_agree"] = jnp.stack(accs)
     aux["stat/mor_selected"] = jnp.stack(sel_counts)
     aux["stat/mor_tokens"] = jnp.float32(b * l)
     return x_BxLxD, aux
