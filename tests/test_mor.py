@@ -342,3 +342,40 @@ def test_token_choice_resume_is_exact(tmp_path):
   keys = ("train/loss", "eval/loss", "mor/selected/rec1", "mor/depth_maxvio")
   pick = lambda rows: {(r["step"], k): r[k] for r in rows for k in keys if k in r}
   assert len(pick(ra)) == 4 * 3 + 2 and pick(ra) == pick(rb)
+
+
+_SHARDED = r"""
+import json, sys
+import jax
+from effjax import checks
+from effjax.train import trainer
+cfg, _ = checks.load(["--config=configs/tiny.py", "--config.train.steps=4",
+                      "--config.train.warmup_steps=1", "--config.train.log_every=1",
+                      "--config.train.eval_every=4", "--config.model.d_model=64",
+                      "--config.model.n_heads=4", "--config.model.n_kv_heads=2",
+                      "--config.model.n_layers=3", "--config.model.mor.recursions=3",
+                      "--config.model.mor.router=expert"] + sys.argv[2:],
+                     num_devices=jax.device_count())
+r = trainer.train(cfg, sys.argv[1], quiet=True)
+print(json.dumps({"devices": jax.device_count(), "exit": r.exit_code}))
+"""
+
+
+@pytest.mark.slow
+def test_eight_device_fsdp_tensor_run_matches_one_device(tmp_path):
+  """The gather / scatter of expert-choice under an fsdp x tensor mesh (slow: two runs)."""
+  import os
+  from effjax.train.metrics import read_metrics
+  from tests.conftest import run_module
+  one = run_module(["-c", _SHARDED, str(tmp_path / "one")])
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = run_module(["-c", _SHARDED, str(tmp_path / "eight"), "--config.mesh.fsdp=4",
+                      "--config.mesh.tensor=2"],
+                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  losses = lambda d: [r["train/loss"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))
+                      if "train/loss" in r]
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+  assert len(a) == len(b) == 4
+  # as tests/test_train.py: sharded reductions sum in another order (fp32 round-off)
+  np.testing.assert_allclose(b, a, rtol=1e-4)
