@@ -32,7 +32,8 @@ from effjax.train.step import make_loss_fn
 VOCAB = 256
 
 
-def _time_step(cfg, ids, repeats: int) -> float:
+def _compiled_step(cfg, ids):
+  """A jitted fwd+bwd of the loss for `cfg`, compiled and run once; () -> grads."""
   m = models.build(cfg, VOCAB)
   loss_fn = make_loss_fn(m)
   batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
@@ -40,12 +41,19 @@ def _time_step(cfg, ids, repeats: int) -> float:
            "segment_ids": jnp.ones(ids[:, 1:].shape, jnp.int32)}
   step = jax.jit(jax.grad(lambda p: loss_fn(p, m.initial_buffers, batch)[0]))
   jax.block_until_ready(step(m.initial_params))
-  times = []
+  return lambda: step(m.initial_params)
+
+
+def _time_round_robin(steps: dict, repeats: int) -> dict:
+  """Median seconds per variant, timing the variants in turn `repeats` times (load changes
+  on a shared machine then hit every variant alike)."""
+  times = {name: [] for name in steps}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(m.initial_params))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(step())
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _fpt(cfg) -> float:
@@ -61,7 +69,7 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--recursions", default="2,3")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=11)
   parser.add_argument("--out", default="", help="also write the table here")
   args = parser.parse_args(argv)
   base = config_lib.apply_overrides(config_lib.Config(), {
@@ -74,11 +82,12 @@ def main(argv=None) -> int:
     for router in ("none", "expert", "token"):
       variants.append((f"{router} N_r={n}", config_lib.validate(config_lib.apply_overrides(
           base, {"model": {"mor": {"recursions": n, "router": router}}}))))
-  results = {}
+  steps = {}
   for name, cfg in variants:
-    t = _time_step(cfg, ids, args.repeats)
-    results[name] = (t, _fpt(cfg))
-    print(f"{name:16s} {t * 1e3:8.1f} ms", file=sys.stderr, flush=True)
+    steps[name] = _compiled_step(cfg, ids)
+    print(f"compiled {name}", file=sys.stderr, flush=True)
+  times = _time_round_robin(steps, args.repeats)
+  results = {name: (times[name], _fpt(cfg)) for name, cfg in variants}
   t0, f0 = results["vanilla"]
   rows = []
   for name, (t, f) in results.items():
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
     overhead = ((t / f) / (plain[0] / plain[1]) - 1) if plain else float("nan")
     rows.append((name, t * 1e3, t / t0, f / f0, (t / t0) / (f / f0), overhead))
   header = (f"batch {args.batch} x {args.seq} tokens, d_model {args.d}, {args.layers} unique layers "
-            f"(middle_cycle), fwd+bwd of the loss, median of {args.repeats}; device "
+            f"(middle_cycle), fwd+bwd of the loss, median of {args.repeats} round-robin rounds; device "
             f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} host "
             f"cores; jax {jax.__version__}; {datetime.date.today()}.")
   table = ["| variant | fwd+bwd (ms) | time x vanilla | FLOPs x vanilla | time/FLOP x vanilla "
