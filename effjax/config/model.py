@@ -6,6 +6,7 @@ import dataclasses
 import typing
 
 from effjax.config.base import ConfigError, _check_sign, _field
+from effjax.config.mor import MoRConfig
 
 if typing.TYPE_CHECKING:
   from effjax.config import Config
@@ -125,6 +126,7 @@ class ModelConfig:
                            "(effjax/models/lm_head.py); 0: whole sequence at once")
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  mor: MoRConfig = dataclasses.field(default_factory=MoRConfig)
 
   def check(self, config: Config) -> None:
     positive = {"model.d_model": self.d_model, "model.n_layers": self.n_layers,
@@ -153,3 +155,4 @@ class ModelConfig:
                         f"train.seq_len ({seq_len}); set it >= seq_len or 0 (= seq_len).")
     self.attention.check(config)
     self.moe.check(config)
+    self.mor.check(config)

@@ -130,13 +130,15 @@ class FunctionalModel:
 
 def for_evaluation(config: Config) -> Config:
   """The config evaluation and sampling run: model.attention.score replaced by eval_score
-  (same parameters; e.g. an LSSA-trained model evaluated with LSSAR re-weighting)."""
-  att = config.model.attention
-  if not att.eval_score or att.eval_score == att.score:
-    return config
-  model = dataclasses.replace(config.model,
-                              attention=dataclasses.replace(att, score=att.eval_score))
-  return dataclasses.replace(config, model=model)
+  (same parameters; e.g. an LSSA-trained model evaluated with LSSAR re-weighting), and an
+  expert-choice MoR's model.mor.rule by eval_rule (the causal threshold rule)."""
+  att, mor = config.model.attention, config.model.mor
+  model = config.model
+  if att.eval_score and att.eval_score != att.score:
+    model = dataclasses.replace(model, attention=dataclasses.replace(att, score=att.eval_score))
+  if mor.enabled and mor.router == "expert" and mor.rule != mor.eval_rule:
+    model = dataclasses.replace(model, mor=dataclasses.replace(mor, rule=mor.eval_rule))
+  return config if model is config.model else dataclasses.replace(config, model=model)
 
 
 def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,

@@ -25,6 +25,7 @@ from effjax.models.attention import Attention
 from effjax.models.layers import Embed, Linear, RMSNorm, Tag
 from effjax.models.mlp import SwiGLU
 from effjax.models.moe import MoE, moe_layer_indices
+from effjax.models.mor import RecursionStack
 from effjax.models.qkr import QKRAttention
 from effjax.models.stack import Block, PlainStack, ScannedStack
 from effjax.models.transformer import (Dims, Transformer, attention_scale, expert_dim,
@@ -96,6 +97,10 @@ class Builder:
 
   def stack(self):
     blocks = [self.block(i) for i in range(self.dims.n_layers)]
+    c = self.model_config
+    if c.mor.enabled:  # Mixture-of-Recursions: the unique blocks in a recursion schedule
+      return RecursionStack(blocks, c.mor, d_model=self.dims.d_model, init_std=c.init_std,
+                            rngs=self.rngs, remat=c.remat)
     kind = ScannedStack if self.model_config.scan_layers else PlainStack
     return kind(blocks, remat=self.model_config.remat)
 

@@ -191,6 +191,8 @@ def count_params(dims: Dims, tie_embeddings: bool, config: ModelConfig | None = 
     embed += config.max_positions * d  # resolved by config.validate (0 = train.seq_len)
   head = 0 if tie_embeddings else d * dims.vocab
   blocks = dims.n_layers * attn + sum(ffn_total) + 2 * d * dims.n_layers
+  if config is not None and config.mor.enabled:  # MoR routers (models/mor.py)
+    blocks += config.mor.recursions * d if config.mor.router != "none" else 0
   return {"embedding": embed, "head": head, "blocks": blocks,
           "attention": dims.n_layers * attn, "mlp": sum(ffn_total),
           "active_non_embedding": dims.n_layers * attn + sum(ffn_active) + norms,

@@ -8,6 +8,8 @@ An extension may contribute
   * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
     returns hashable model-context fields; the trainer compiles one step per distinct phase;
   * metrics at each eval from the state and the eval-set stats: `on_eval(state, stats)`;
+  * extra evaluations of the same parameters under other model configs (e.g. MoR's other
+    selection rule), reported as eval/<name>/loss: `eval_variants()`;
   * end-of-run artifacts (plots): `on_end(workdir, eval_stats)`.
 The list of extensions and when each is on: effjax/train/registry.py.
 """
@@ -43,6 +45,11 @@ class Extension:
   def on_eval(self, state, stats: dict) -> dict:
     """Metrics at an eval: `state` (params, buffers) and the eval set's summed 'stat/*'."""
     del state, stats
+    return {}
+
+  def eval_variants(self) -> dict:
+    """{name: Config}: configs of the same parameters the eval set is also evaluated under;
+    their eval metrics are reported as eval/<name>/loss (and bpb)."""
     return {}
 
   def on_end(self, workdir: str, eval_stats: dict) -> list[str]:

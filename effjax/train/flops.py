@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.config import MoRConfig
+from effjax.models import mor as mor_lib
 from effjax.models.transformer import Dims
 
 # Peak dense bf16 matmul FLOP/s per chip (vendor datasheets).
@@ -33,11 +35,16 @@ PEAK_FLOPS = {
 
 
 def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training: bool = True,
-                    ffn_active_params: list[int] | None = None) -> float:
+                    ffn_active_params: list[int] | None = None,
+                    mor: MoRConfig | None = None) -> float:
   """Model FLOPs per token (causal attention counted at half).
 
   ffn_active_params: per-layer FFN parameters a token touches (MoE: top-k experts,
   shared experts and router); default a dense SwiGLU in every layer.
+  mor: Mixture-of-Recursions (model.mor): each unique layer counts once per application,
+  times the fraction cap_r of tokens its recursion processes (sum over r of cap_r); the
+  selected tokens attend among cap_r * T tokens, so that application's attention costs
+  cap_r^2 of a full one per token; plus the routers (d x N_r per token).
   """
   d, h, kv, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
   attn_proj = d * h * hd * 2 + d * kv * hd * 2
@@ -45,10 +52,26 @@ def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training:
          else sum(ffn_active_params))
   head = d * dims.vocab
   del tie_embeddings  # tied or not, the readout matmul is done
-  matmul_params = dims.n_layers * attn_proj + ffn + head
-  attention = dims.n_layers * 2 * 2 * seq_len * h * hd / 2
+  full_attention = 2 * 2 * seq_len * h * hd / 2
+  if mor is None or not mor.enabled:
+    matmul_params = dims.n_layers * attn_proj + ffn + head
+    attention = dims.n_layers * full_attention
+  else:
+    ffn_layers = (ffn_active_params if ffn_active_params is not None
+                  else [3 * d * dims.mlp_dim] * dims.n_layers)
+    uses = mor_lib.layer_capacities(mor, dims.n_layers)
+    matmul_params = (sum(sum(caps) * (attn_proj + f) for caps, f in zip(uses, ffn_layers))
+                     + head + mor_lib.router_params(mor, d))
+    attention = sum(c * c for caps in uses for c in caps) * full_attention
   forward = 2 * matmul_params + attention
   return 3 * forward if training else forward
+
+
+def isoflop_token_ratio(dense_flops_per_token: float, other_flops_per_token: float) -> float:
+  """How many more tokens a model (e.g. MoR) trains on for the dense model's FLOP budget:
+  the ratio of FLOPs per token (the MoR paper reports about 1.34x for N_r = 2 and 1.5x for
+  N_r = 3 against its vanilla baselines)."""
+  return dense_flops_per_token / other_flops_per_token
 
 
 def peak_flops_per_device() -> tuple[float, str]:

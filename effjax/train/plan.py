@@ -138,9 +138,12 @@ class StatePlan:
                          donate_argnums=(0,)).lower(state, batch).compile()
     return compiled, time.perf_counter() - t0
 
-  def eval_step(self, token_bytes_V, phase: tuple = ()):
-    """The jitted eval step (model.attention.eval_score's model) for a phase."""
-    return jax.jit(make_eval_step(self.eval_model, token_bytes_V, dict(phase)),
+  def eval_step(self, token_bytes_V, phase: tuple = (), config: Config | None = None):
+    """The jitted eval step (model.attention.eval_score's model) for a phase; config: the
+    model of another config with the same parameters (an extension's eval variant)."""
+    model = self.eval_model if config is None else abstract_model(config, self.vocab,
+                                                                  self.batch_groups)
+    return jax.jit(make_eval_step(model, token_bytes_V, dict(phase)),
                    out_shardings=replicated(self.mesh))
 
 

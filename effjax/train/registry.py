@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from effjax.train.extensions import Extension
 from effjax.train.moe_extension import MoEExtension
+from effjax.train.mor_extension import MoRExtension
 from effjax.train.quant_extension import QuantExtension
 from effjax.train.spectral import SpectralExtension
 
-EXTENSIONS: tuple[type[Extension], ...] = (SpectralExtension, QuantExtension, MoEExtension)
+EXTENSIONS: tuple[type[Extension], ...] = (SpectralExtension, QuantExtension, MoEExtension,
+                                           MoRExtension)
 
 
 def build_extensions(config, model) -> list[Extension]:

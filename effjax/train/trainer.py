@@ -229,6 +229,7 @@ class _Run:
   changed: dict = dataclasses.field(default_factory=dict)  # key -> [old, new] on a resume
   compiled: dict = dataclasses.field(default_factory=dict)  # phase -> (step, eval, flops)
   compile_times: list = dataclasses.field(default_factory=list)
+  variant_evals: dict = dataclasses.field(default_factory=dict)  # (name, phase) -> eval step
   batch: dict | None = None
   phase: tuple = ()
   info: dict = dataclasses.field(default_factory=dict)
@@ -246,7 +247,8 @@ class _Run:
       fpt = flops_lib.flops_per_token(
           dims, self.config.train.seq_len, tie_embeddings=model_config.tie_embeddings,
           ffn_active_params=models.ffn_params(model_config, dims,
-                                              dict(phase).get("moe_top_k"))[1])
+                                              dict(phase).get("moe_top_k"))[1],
+          mor=model_config.mor)
       self.compiled[phase] = (step_c, self.plan.eval_step(self.token_bytes, phase), fpt)
     return self.compiled[phase]
 
@@ -389,6 +391,12 @@ def _eval_row(run: _Run, eval_fn) -> tuple[dict, dict]:
     row, stats = _evaluate(eval_fn, run.state, run.eval_data)
   for ext in run.extensions:
     row.update(ext.on_eval(run.state, stats))
+    for name, variant in ext.eval_variants().items():  # e.g. MoR's other selection rule
+      key = (name, run.phase)
+      if key not in run.variant_evals:
+        run.variant_evals[key] = run.plan.eval_step(run.token_bytes, run.phase, config=variant)
+      v_row, _ = _evaluate(run.variant_evals[key], run.state, run.eval_data)
+      row.update({f"eval/{name}/{k[len('eval/'):]}": v for k, v in v_row.items()})
   return row, stats
 
 
