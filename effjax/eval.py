@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
   _, overrides, rest = config_lib.parse_override_args(argv)
   args = parser().parse_args(rest)
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from effjax import load  # pylint: disable=g-import-not-at-top
+  from effjax import load, paths  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   _say(f"loading {args.workdir} ...")
   try:
@@ -120,15 +119,11 @@ def main(argv: list[str] | None = None) -> int:
            "eval_score": c.model.attention.eval_score or c.model.attention.score,
            "batch_size": batch_size, "sources": results}
   key = f"{d.corpus}:{d.paths}:{split}:seq{c.train.seq_len}:{entry['eval_score']}"
-  path = args.out or os.path.join(args.workdir, f"eval_{run.step}.json")
-  saved = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  path = paths.as_path(args.out or paths.as_path(args.workdir) / f"eval_{run.step}.json")
+  saved = paths.read_json(path, default={})
   saved.setdefault("step", run.step)
   saved.setdefault("evals", {})[key] = entry
-  with open(path, "w") as f:
-    json.dump(saved, f, indent=1)
+  paths.write_json(path, saved, indent=1)
   print(json.dumps({"step": run.step, **entry}, indent=1))
   _say(f"written to {path}")
   return 0

@@ -12,13 +12,12 @@ than this host has); `run.model` is the evaluation model (model.attention.eval_s
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
 
 from effjax import config as config_lib
+from effjax import paths
 
 
 class RunError(ValueError):
@@ -40,22 +39,21 @@ class LoadedRun:
 
 def read_config(workdir: str, overrides: dict | None = None) -> config_lib.Config:
   """The run's config.json with dotted `overrides` applied and checked."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
+  path = paths.as_path(workdir) / "config.json"
+  if not paths.as_path(workdir).is_dir():
     raise RunError(f"workdir {workdir} does not exist")
-  if not os.path.exists(path):
+  if not path.exists():
     raise RunError(f"{path} not found: {workdir} holds no training run (config.json is written "
                    "when training starts)")
-  with open(path) as f:
-    config = config_lib.from_dict(json.load(f))
+  config = config_lib.from_dict(paths.read_json(path))
   return config_lib.validate(config_lib.apply_overrides(config, overrides or {}))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.as_path(workdir) / "checkpoints"
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def load_run(workdir: str, *, step: int | None = None, overrides: dict | None = None,
@@ -83,7 +81,7 @@ def load_run(workdir: str, *, step: int | None = None, overrides: dict | None = 
   tokenizer = tokenizer or data_lib.load_tokenizer(d.tokenizer, eos_token=d.eos_token or None)
   mesh = make_mesh(config.mesh, devices)
   plan = plan_state(config, tokenizer.vocab_size, mesh, sharding.rules_for(config.mesh))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=max(len(steps), 1))
+  ckpt = Checkpointer(paths.as_path(workdir) / "checkpoints", keep=max(len(steps), 1))
   try:
     state = ckpt.restore(step, plan.abstract())
   except ValueError as e:
