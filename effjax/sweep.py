@@ -49,7 +49,8 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
 # Keys that do not change what a run computes (logging, checkpoints, plots, placement).
 OUTPUT_KEYS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.sample_tokens", "train.sample_prompt",
-               "train.sample_temperature", "train.tensorboard", "train.profile_steps",
+               "train.sample_temperature", "train.tensorboard", "train.wandb_project",
+               "train.profile_steps",
                "train.plot", "train.log_spectral", "data.cache_dir", "mesh.",
                "model.attention.impl", "model.remat")
 

@@ -49,10 +49,12 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
-               tensorboard: bool = False):
+               tensorboard: bool = False, wandb_project: str = "", run_config: dict | None = None):
+    """wandb_project: also log to Weights & Biases (one W&B run per workdir, resumed with it;
+    the config as its config; files under <workdir>/wandb for a local workdir)."""
     self.path = paths.as_path(workdir) / "metrics.jsonl"
     self.enabled = enabled
-    self._tb = None
+    self._tb = self._wandb = None
     if not enabled:
       return
     kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
@@ -66,6 +68,8 @@ class MetricsWriter:
         raise RuntimeError("train.tensorboard=true needs tensorboardX: "
                            "pip install -e '.[tensorboard]'") from e
       self._tb = SummaryWriter(str(paths.as_path(workdir) / "tensorboard"))
+    if wandb_project:
+      self._wandb = _wandb_run(workdir, wandb_project, run_config)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -77,10 +81,12 @@ class MetricsWriter:
     else:
       self._file.write(json.dumps(row) + "\n")
       self._file.flush()
+    scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, step)
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=int(step))
 
   def close(self):
     if self.enabled:
@@ -88,6 +94,21 @@ class MetricsWriter:
         self._file.close()
       if self._tb is not None:
         self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _wandb_run(workdir, project: str, run_config: dict | None):
+  """A W&B run named after the workdir, with an id derived from it so a resume continues it."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import wandb  # pylint: disable=g-import-not-at-top
+  wd = paths.absolute(workdir)
+  local = None if paths.is_url(wd) else str(wd)
+  if local:
+    wd.mkdir(parents=True, exist_ok=True)
+  run_id = f"{paths.name(workdir)}-{hashlib.sha1(str(wd).encode()).hexdigest()[:8]}"
+  return wandb.init(project=project, name=paths.name(workdir), id=run_id, resume="allow",
+                    config=run_config, dir=local)
 
 
 def _fmt_time(seconds: float) -> str:

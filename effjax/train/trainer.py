@@ -258,7 +258,10 @@ def _setup(config, workdir, data, quiet) -> _Run:
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
   say = (lambda *a: None) if quiet or not is_main else warn  # progress: process 0 only
-  data = data or load_data(config)
+  if data is None:  # start-up progress: the first seconds are otherwise silent
+    say(f"loading corpus '{config.data.corpus}' (tokenizer {config.data.tokenizer}) ...")
+    data = load_data(config)
+  say("building the model, optimizer and device mesh ...")
   mesh = make_mesh(config.mesh)
   # `auto` fixed once for the mesh's devices; config.json keeps the user's config.
   user_config, config = config, resolve_lib.resolve(config, mesh.devices.flat)
@@ -285,6 +288,8 @@ def _setup(config, workdir, data, quiet) -> _Run:
       eos_id=data.tokenizer.eos_id, **shard_kw)
   ckpt = Checkpointer(wd / "checkpoints", keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
+  say(f"restoring the checkpoint at step {start} ..." if start else
+      "initialising parameters ...")
   if start:
     try:
       state = ckpt.restore(start, plan.abstract(), data_iter)
@@ -311,6 +316,7 @@ def _compile_first_step(run: _Run) -> None:
   compile time is measured on its own)."""
   run.batch = run.global_batch(next(run.data_iter))
   run.phase = merged_phase(run.extensions, run.start)
+  run.say("compiling the train step ...")
   run.step_for(run.phase)
 
 
@@ -376,7 +382,8 @@ def _loop(run: _Run, stop_at: int | None):
   compiled_step, eval_fn, fpt = run.step_for(run.phase)
   tokens_per_step = t.batch_size * t.seq_len
   writer = MetricsWriter(workdir, enabled=run.is_main, resume_step=run.start,
-                         tensorboard=t.tensorboard)
+                         tensorboard=t.tensorboard, wandb_project=t.wandb_project,
+                         run_config=config_lib.to_dict(run.user_config))
   writer.write(run.start, {"perf/compile_time_s": run.compile_times[0],
                            "optim/tau": run.info["adamw_timescale_tau"]})
   bar = ProgressBar(t.steps, run.start, enabled=run.is_main and not run.quiet)
