@@ -7,7 +7,7 @@ config.py is a leaf; what it cannot know is checked here, above models and paral
   * mesh.rules, and given a device count the mesh shape, its DCN split and the batch
     shards (parallel/sharding.py);
   * model.attention.impl: a named Pallas kernel needs its platform on the target devices;
-  * train.tensorboard: tensorboardX is installed (the extra).
+  * train.tensorboard: tensorboardX is installed (the extra); train.wandb_project: wandb is.
 Entry points call `load` (command line) or `validate` (a Config); a ConfigError names the
 keys involved and the CLIs exit 2 on it.
 """
@@ -91,6 +91,9 @@ def _check_mesh(config: Config, num_devices: int, rules: dict) -> None:
 
 def _check_extras(config: Config) -> None:
   """Optional packages the config asks for (pyproject.toml's extras)."""
+  if config.train.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"train.wandb_project={config.train.wandb_project!r} needs wandb: pip "
+                      "install -e '.[wandb]' (or leave train.wandb_project empty).")
   if config.train.tensorboard and importlib.util.find_spec("tensorboardX") is None:
     raise ConfigError("train.tensorboard=true needs tensorboardX: pip install -e "
                       "'.[tensorboard]' (or set train.tensorboard=false).")

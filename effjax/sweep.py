@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from effjax import checks
 from effjax import config as config_lib
+from effjax import paths
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -47,7 +49,8 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
 # Keys that do not change what a run computes (logging, checkpoints, plots, placement).
 OUTPUT_KEYS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.sample_tokens", "train.sample_prompt",
-               "train.sample_temperature", "train.tensorboard", "train.profile_steps",
+               "train.sample_temperature", "train.tensorboard", "train.wandb_project",
+               "train.profile_steps",
                "train.plot", "train.log_spectral", "data.cache_dir", "mesh.",
                "model.attention.impl", "model.remat")
 
@@ -62,11 +65,10 @@ def config_hash(config_json: dict) -> str:
 def stale_keys(workdir: str, config: config_lib.Config) -> dict | None:
   """{key: [ran, requested]} where a finished run's config.json differs from `config`
   (OUTPUT_KEYS aside); None when the run has no config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = paths.read_json(paths.as_path(workdir) / "config.json")
+  if saved is None:
     return None
-  with open(path) as f:
-    changed = config_lib.diff(json.load(f), config)
+  changed = config_lib.diff(saved, config)
   return {k: v for k, v in changed.items() if not k.startswith(OUTPUT_KEYS)}
 
 
@@ -91,22 +93,22 @@ def collect(out: str, runs: list[dict]) -> str:
   """Writes DIR/results.csv from every finished run's final_metrics.json."""
   rows = []
   for assignment in runs:
-    workdir = os.path.join(out, "runs", run_name(assignment))
-    path = os.path.join(workdir, "final_metrics.json")
-    if os.path.exists(path):
+    workdir = paths.as_path(out) / "runs" / run_name(assignment)
+    final = paths.read_json(workdir / "final_metrics.json")
+    if final is not None:
       row = {"run": run_name(assignment), **assignment}
-      if os.path.exists(os.path.join(workdir, "config.json")):
-        with open(os.path.join(workdir, "config.json")) as f:
-          row["config_hash"] = config_hash(json.load(f))
-      with open(path) as f:
-        rows.append({**row, **json.load(f)})
+      saved = paths.read_json(workdir / "config.json")
+      if saved is not None:
+        row["config_hash"] = config_hash(saved)
+      rows.append({**row, **final})
   fields = list(dict.fromkeys(k for r in rows for k in r))
-  path = os.path.join(out, "results.csv")
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-  return path
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  path = paths.as_path(out) / "results.csv"
+  paths.write_text(path, text.getvalue())
+  return str(path)
 
 
 def main(argv=None) -> int:
@@ -131,22 +133,23 @@ def main(argv=None) -> int:
     print(f"sweep: config error: {e}", file=sys.stderr)
     return 2
   commands = [(a, train_command(config_path, overrides, a,
-                                os.path.join(args.out, "runs", run_name(a)))) for a in runs]
+                                str(paths.as_path(args.out) / "runs" / run_name(a))))
+              for a in runs]
   if args.emit:
     for _, cmd in commands:
       print(shlex.join(cmd))
     return 0
-  os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+  runs_dir = paths.as_path(args.out) / "runs"  # a local folder or a cloud URL
+  runs_dir.mkdir(parents=True, exist_ok=True)
   todo = []
   for (a, c), config in zip(commands, requested):
-    workdir = os.path.join(args.out, "runs", run_name(a))
-    if os.path.exists(os.path.join(workdir, "final_metrics.json")):
+    workdir = runs_dir / run_name(a)
+    if (workdir / "final_metrics.json").exists():
       stale = stale_keys(workdir, config)
       if not stale:
         continue
-      with open(os.path.join(workdir, "config.json")) as f:
-        moved = f"{workdir}.stale-{config_hash(json.load(f))}"
-      os.replace(workdir, moved)
+      moved = f"{workdir}.stale-{config_hash(paths.read_json(workdir / 'config.json'))}"
+      workdir.rename(moved)
       print(f"sweep: {run_name(a)}: finished under another config ("
             + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in stale.items())
             + f"); moved to {moved}, rerunning", file=sys.stderr, flush=True)
@@ -158,10 +161,15 @@ def main(argv=None) -> int:
   def launch(item):
     assignment, cmd = item
     name = run_name(assignment)
-    log = os.path.join(args.out, "runs", name + ".log")
+    log = runs_dir / (name + ".log")
     t0 = time.time()
-    with open(log, "a") as f:
-      code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if paths.is_url(log):  # no appends to cloud objects: the log is written at the end
+      proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      code = proc.returncode
+      log.write_text(proc.stdout)
+    else:
+      with log.open("a") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     status = "ok" if code == 0 else f"exit {code} (log: {log})"
     print(f"sweep: {name}: {status} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     if code != 0:

@@ -133,3 +133,46 @@ def test_compile_check_without_libtpu_exits_2():
                  timeout=300)
   assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
   assert "needs libtpu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_startup_progress_is_reported_before_the_first_step(tmp_path, capsys):
+  """The first seconds (corpus, build, init, compile) say what they do, in order."""
+  assert trainer.train(_cfg("--config.train.steps=1", "--config.train.eval_every=1"),
+                       str(tmp_path)).exit_code == 0
+  err = capsys.readouterr().err
+  lines = ["loading corpus 'builtin'", "building the model", "initialising parameters",
+           "compiling the train step", "model: "]
+  positions = [err.find(line) for line in lines]
+  assert -1 not in positions and positions == sorted(positions), err[:1500]
+
+
+def test_wandb_logging_offline(tmp_path, monkeypatch, tiny_data):
+  """train.wandb_project logs every metrics row to a W&B run (offline: no account needed)."""
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  logged = []
+  import wandb
+  real_init = wandb.init
+
+  def init(**kwargs):
+    run = real_init(**kwargs)
+    log = run.log
+    run.log = lambda data, step=None: (logged.append((step, dict(data))), log(data, step=step))
+    return run
+
+  monkeypatch.setattr(wandb, "init", init)
+  r = trainer.train(_cfg("--config.train.wandb_project=effjax-test"), str(tmp_path),
+                    data=tiny_data, quiet=True)
+  assert r.exit_code == 0
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [s for s, _ in logged] == [row["step"] for row in rows]
+  assert logged[-1][1]["eval/loss"] == rows[-1]["eval/loss"]
+  assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_without_the_package_is_refused_at_config_time(tmp_path):
+  from effjax import checks
+  with pytest.raises(C.ConfigError, match=r"pip install -e '.\[wandb\]'"):
+    checks.validate(_cfg("--config.train.wandb_project=p"), 1)

@@ -31,6 +31,9 @@ class TrainConfig:
   sample_prompt: str = "def "
   sample_temperature: float = 0.8
   tensorboard: bool = _field(False, doc="also write TensorBoard event files (needs tensorboardX)")
+  wandb_project: str = _field("", doc="also log to this Weights & Biases project ('' = off; "
+                              "needs wandb: pip install -e '.[wandb]'; WANDB_MODE=offline logs "
+                              "to <workdir>/wandb without an account)")
   profile_steps: tuple = _field((), doc="e.g. 20,25: capture a jax.profiler trace of steps [20, 25)")
   plot: bool = True
   log_spectral: bool = _field(True, doc="log the top singular value per matrix type at each eval")

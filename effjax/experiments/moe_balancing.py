@@ -24,6 +24,7 @@ import numpy as np
 
 from effjax import config as config_lib
 from effjax.experiments.study import (Variant, base_name, markdown_table, run_variants,
+from effjax.paths import save_figure
                                       study_main, with_seeds, write_part)
 
 OUT = "results/moe_balancing"
@@ -120,7 +121,7 @@ def _plots(recs_a, recs_b, out):
   fig.tight_layout()
   if recs_a:
     paths.append(os.path.join(out, "part_a_balance.png"))
-    fig.savefig(paths[-1])
+    save_figure(fig, paths[-1])
   plt.close(fig)
 
   if recs_b:
@@ -145,7 +146,7 @@ def _plots(recs_a, recs_b, out):
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out, "part_b_sigma.png"))
-    fig.savefig(paths[-1])
+    save_figure(fig, paths[-1])
     plt.close(fig)
   return paths
 

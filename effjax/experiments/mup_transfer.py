@@ -31,6 +31,7 @@ import numpy as np
 from effjax import config as config_lib
 from effjax import coord_check
 from effjax.experiments.study import Variant, markdown_table, run_variants, study_main, write_part
+from effjax.paths import save_figure
 
 OUT = "results/mup_transfer"
 WIDTHS = (64, 128, 256)
@@ -123,7 +124,7 @@ def _plot_lr(records, path):
     ax.legend()
   axes[0].set_ylabel("eval loss after 200 steps")
   fig.tight_layout()
-  fig.savefig(path)
+  save_figure(fig, path)
   plt.close(fig)
 
 
@@ -259,7 +260,7 @@ def _plot_wider(recs, path):
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  save_figure(fig, path)
   plt.close(fig)
 
 

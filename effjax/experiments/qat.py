@@ -23,6 +23,7 @@ import sys
 
 from effjax import config as config_lib
 from effjax.experiments.study import Variant, markdown_table, run_variants, study_main, write_part
+from effjax.paths import save_figure
 
 OUT = "results/qat"
 WIDTHS = (64, 128)
@@ -137,7 +138,7 @@ def _plot(recs_by_width, out: str, noise: dict) -> str:
     ax.grid(alpha=0.3)
   path = os.path.join(out, "loss_vs_bits.png")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path, dpi=120)
   return path
 
 

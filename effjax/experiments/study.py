@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
-import os
-import shutil
 import sys
 import time
 
@@ -26,6 +23,7 @@ import jax
 
 from effjax import checks
 from effjax import config as config_lib
+from effjax import paths
 from effjax.train import trainer
 from effjax.train.metrics import read_metrics
 
@@ -62,7 +60,7 @@ def run_variants(base_config: config_lib.Config, variants: list[Variant], runs_d
   for i, v in enumerate(variants):
     cfg = checks.validate(config_lib.apply_overrides(base_config, v.overrides),
                           jax.device_count())
-    workdir = os.path.join(runs_dir, v.name)
+    workdir = str(paths.as_path(runs_dir) / v.name)  # local or a cloud URL
     if only is None or v.name in only:
       data = data or trainer.load_data(cfg)
       t0 = time.time()
@@ -71,12 +69,11 @@ def run_variants(base_config: config_lib.Config, variants: list[Variant], runs_d
       if result.exit_code not in (trainer.EXIT_OK, trainer.EXIT_NONFINITE):
         raise SystemExit(result.exit_code)  # interrupted: rerun the study to resume
       print(f"[study] {v.name} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    wd = paths.as_path(workdir)
+    if not (wd / "metrics.jsonl").exists():
       continue
-    with open(os.path.join(workdir, "run_info.json")) as f:
-      info = json.load(f)
-    records.append(RunRecord(v, workdir, cfg, read_metrics(os.path.join(workdir, "metrics.jsonl")),
-                             info))
+    info = paths.read_json(wd / "run_info.json")
+    records.append(RunRecord(v, workdir, cfg, read_metrics(wd / "metrics.jsonl"), info))
   return records
 
 
@@ -123,31 +120,35 @@ def write_part(out_dir: str, part: str, title: str, body: str, records: list[Run
                command: str, scale: str, commit: str = "") -> str:
   """results/<study>/parts/<part>.md: '## title', this part's provenance, then body; and the
   part's resolved configs under configs/."""
-  os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
-  os.makedirs(os.path.join(out_dir, "configs"), exist_ok=True)
+  (paths.as_path(out_dir) / "parts").mkdir(parents=True, exist_ok=True)
+  copy_configs(out_dir, records)
+  path = paths.as_path(out_dir) / "parts" / f"{part}.md"
+  paths.write_text(path, f"## {title}\n\n{provenance(records, command, scale, commit)}\n\n"
+                   f"{body.strip()}\n")
+  return str(path)
+
+
+def copy_configs(out_dir: str, records: list[RunRecord]) -> None:
+  """Each run's config.json as configs/<variant>.json (run and output dirs: local or URLs)."""
+  configs = paths.as_path(out_dir) / "configs"
+  configs.mkdir(parents=True, exist_ok=True)
   for r in records:
-    shutil.copy(os.path.join(r.workdir, "config.json"),
-                os.path.join(out_dir, "configs", f"{r.variant.name}.json"))
-  path = os.path.join(out_dir, "parts", f"{part}.md")
-  with open(path, "w") as f:
-    f.write(f"## {title}\n\n{provenance(records, command, scale, commit)}\n\n{body.strip()}\n")
-  return path
+    (configs / f"{r.variant.name}.json").write_text(
+        (paths.as_path(r.workdir) / "config.json").read_text())
 
 
 def assemble_readme(out_dir: str, title: str, intro: str, part_order: tuple) -> str:
   """README.md = title + intro + every parts/<part>.md that exists, in the study's order."""
   sections = []
   for part in part_order:
-    path = os.path.join(out_dir, "parts", f"{part}.md")
-    if os.path.exists(path):
-      with open(path) as f:
-        sections.append(f.read().strip())
+    path = paths.as_path(out_dir) / "parts" / f"{part}.md"
+    if path.exists():
+      sections.append(path.read_text().strip())
   text = (f"# {title}\n\n{intro.strip()}\n\n" + "\n\n".join(sections)
           + "\n\n## What reproduced\n\nSee FINDINGS.md (written by hand from the tables above).\n")
-  path = os.path.join(out_dir, "README.md")
-  with open(path, "w") as f:
-    f.write(text)
-  return path
+  path = paths.as_path(out_dir) / "README.md"
+  paths.write_text(path, text)
+  return str(path)
 
 
 def seed_stats(values: list) -> tuple:
@@ -163,10 +164,7 @@ def seed_stats(values: list) -> tuple:
 def write_summary(out_dir: str, title: str, body: str, records: list[RunRecord], command: str,
                   scale: str) -> str:
   """README.md with provenance, plus each variant's resolved config under configs/."""
-  os.makedirs(os.path.join(out_dir, "configs"), exist_ok=True)
-  for r in records:
-    shutil.copy(os.path.join(r.workdir, "config.json"),
-                os.path.join(out_dir, "configs", f"{r.variant.name}.json"))
+  copy_configs(out_dir, records)
   info = records[0].info if records else {}
   commits = sorted({r.info.get("commit", "?") for r in records})
   text = (f"# {title}\n\n"
@@ -176,10 +174,9 @@ def write_summary(out_dir: str, title: str, body: str, records: list[RunRecord],
           f"devices: {info.get('devices')}, jax {info.get('jax_version')}, commit(s) "
           f"{', '.join(commits)}, written {datetime.date.today()}. Resolved configs: `configs/`.\n\n"
           f"{body}\n")
-  path = os.path.join(out_dir, "README.md")
-  with open(path, "w") as f:
-    f.write(text)
-  return path
+  path = paths.as_path(out_dir) / "README.md"
+  paths.write_text(path, text)
+  return str(path)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -207,9 +204,9 @@ def study_main(argv, *, name: str, doc: str, title: str, parts: dict, out: str) 
   parser.add_argument("--out", default=out)
   args = parser.parse_args(argv)
   only = set(args.only.split(",")) if args.only else None
-  os.makedirs(args.out, exist_ok=True)
+  paths.as_path(args.out).mkdir(parents=True, exist_ok=True)
   for part in parse_parts(args.parts, tuple(parts)):
     print(f"[{name}] part {part}: {parts[part](args, only)}", file=sys.stderr)
   path = assemble_readme(args.out, title, PARTS_INTRO, tuple(parts))
-  print(open(path).read())
+  print(paths.as_path(path).read_text())
   return 0

@@ -115,6 +115,15 @@ class FunctionalModel:
       aux = {**aux, **probes(model)}
     return logits, aux
 
+  def init_cache(self, batch: int, max_len: int):
+    """Empty KV caches for incremental decoding (shapes only depend on the graph)."""
+    return self.module(self.initial_params, self.initial_buffers).init_cache(batch, max_len)
+
+  def decode(self, params: dict, buffers: dict, ids_BxS, cache, *, start, **context):
+    """(logits [B, S, V], cache) of S new tokens at positions start ... (docs/generate.md)."""
+    model = self.module(params, buffers)
+    return model.decode(ids_BxS, start=start, cache=cache, ctx=Context(**context))
+
   def node(self, module, path: tuple, stacked: int | None = None):
     """The submodule of a merged `module` at an index path; stacked (an entry's layer row in
     a scanned stack): that layer's module, with its rows of the stacked state."""

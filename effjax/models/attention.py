@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import AttentionConfig
+from effjax.models import kv_cache
 from effjax.models.layers import RMSNorm
 
 def rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -144,3 +145,27 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x_BxLxD, positions_BxL)
     out = self._attend(q, k, v, positions_BxL, segment_ids_BxL)
     return self.o(out.reshape(b, l, self.n_heads * self.head_dim))
+
+  # ---- incremental decoding (effjax/models/kv_cache.py)
+  def kv_widths(self) -> tuple[int, int]:
+    """Widths of one cached key and one cached value per kv head."""
+    return self.head_dim, self.head_dim
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> kv_cache.KVCache:
+    return kv_cache.KVCache.zeros(batch, max_len, self.n_kv_heads, *self.kv_widths(), dtype)
+
+  def _attend_cached(self, q, k, v, positions_BxS, kv_pos_BxT, score=None):
+    c = self.config
+    return kv_cache.attend_cached(q, k, v, positions_BxS=positions_BxS, kv_pos_BxT=kv_pos_BxT,
+                                  score=score or c.score, scale=self.scale,
+                                  log_n_scale=c.log_n_scale, p=c.lssar_p,
+                                  offset_rows=c.lssar_offset_rows)
+
+  def decode(self, x_BxSxD, *, positions_BxS, cache):
+    """The S new tokens' outputs and the updated cache: equal to the full forward's rows at
+    these positions when the cache holds the tokens before them."""
+    b, s, _ = x_BxSxD.shape
+    q, k, v = self._qkv(x_BxSxD, positions_BxS)
+    cache, k_all, v_all, kv_pos = cache.update(k, v, positions_BxS)
+    out = self._attend_cached(q, k_all, v_all, positions_BxS, kv_pos)
+    return self.o(out.reshape(b, s, self.n_heads * self.head_dim)), cache

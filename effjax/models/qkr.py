@@ -73,3 +73,11 @@ class QKRAttention(Attention):
     log_n = positions_BxL + 1 if self.config.log_n_scale else None
     return xla_softmax_attention(q, k, v, segment_ids_BxL=segment_ids_BxL, scale=self.scale,
                                  log_n_positions_BxL=log_n)
+
+  def kv_widths(self) -> tuple[int, int]:
+    """Keys are the (quantized) inputs: d_model wide."""
+    return self.q.kernel.shape[-2], self.head_dim  # [-2]: d_in (also when stacked)
+
+  def _attend_cached(self, q, k, v, positions_BxS, kv_pos_BxT, score=None):
+    del score  # QKR is softmax-only
+    return super()._attend_cached(q, k, v, positions_BxS, kv_pos_BxT, score="softmax")

@@ -58,6 +58,14 @@ class Block(nnx.Module):
       self.sow(nnx.Intermediate, "probe_residual", jnp.mean(jnp.abs(x_BxLxD)))
     return x_BxLxD, aux
 
+  def decode(self, x_BxSxD, positions_BxS, cache, ctx: Context):
+    """Incremental decoding: the block on S new tokens with the attention's KV cache."""
+    attn_out, cache = self.attn.decode(self.attn_norm(x_BxSxD), positions_BxS=positions_BxS,
+                                       cache=cache)
+    x_BxSxD = x_BxSxD + attn_out
+    y_BxSxD, _ = self.ffn(self.ffn_norm(x_BxSxD), ctx)
+    return x_BxSxD + y_BxSxD, cache
+
 
 def _block_forward(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx):
   return block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
@@ -82,6 +90,17 @@ class PlainStack(nnx.Module):
       x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
     return x_BxLxD, aux
+
+  # ---- incremental decoding: one KV cache per layer (effjax/models/kv_cache.py)
+  def init_cache(self, batch: int, max_len: int, dtype) -> tuple:
+    return tuple(block.attn.init_cache(batch, max_len, dtype) for block in self.layers)
+
+  def decode(self, x_BxSxD, positions_BxS, cache: tuple, ctx: Context):
+    new_cache = []
+    for block, layer_cache in zip(self.layers, cache):
+      x_BxSxD, layer_cache = block.decode(x_BxSxD, positions_BxS, layer_cache, ctx)
+      new_cache.append(layer_cache)
+    return x_BxSxD, tuple(new_cache)
 
 
 def _untag_layers(module) -> None:
@@ -158,3 +177,18 @@ class ScannedStack(nnx.Module):
       nnx.update(self.layers, sown)
     aux = {f"{k}/layer{i}": v[i] for i in range(self.n_layers) for k, v in aux_stacked.items()}
     return x_BxLxD, aux
+
+  # ---- incremental decoding: the layers' KV caches stacked on a leading layer axis
+  def init_cache(self, batch: int, max_len: int, dtype):
+    one = self.layers.attn.init_cache(batch, max_len, dtype)
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_layers,) + x.shape), one)
+
+  def decode(self, x_BxSxD, positions_BxS, cache, ctx: Context):
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x_BxSxD, layer):
+      layer_state, layer_cache = layer
+      block = nnx.merge(graphdef, layer_state)
+      return block.decode(x_BxSxD, positions_BxS, layer_cache, ctx)
+
+    return jax.lax.scan(body, x_BxSxD, (state, cache))

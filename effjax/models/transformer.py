@@ -157,6 +157,29 @@ class Transformer(nnx.Module):
     return logits_BxLxV.astype(jnp.float32), aux
 
 
+  # ---- incremental decoding (effjax/models/kv_cache.py; docs/generate.md)
+  def init_cache(self, batch: int, max_len: int):
+    """Empty KV caches for `batch` sequences of up to `max_len` tokens (the stack's layout)."""
+    return self.blocks.init_cache(batch, max_len, resolve_compute_dtype(self.compute_dtype))
+
+  def decode(self, ids_BxS, *, start, cache, ctx=None):
+    """Logits [B, S, V] of S new tokens at positions start .. start + S - 1 (one document)
+    and the updated caches: the rows the full forward gives at those positions when the
+    caches hold tokens 0 .. start - 1."""
+    ctx = ctx or Context()
+    b, s = ids_BxS.shape
+    positions_BxS = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+    x_BxSxD = self.embed(ids_BxS, resolve_compute_dtype(self.compute_dtype))
+    if self.positions is not None:
+      x_BxSxD = x_BxSxD + self.positions(positions_BxS, x_BxSxD.dtype)
+    x_BxSxD, cache = self.blocks.decode(x_BxSxD, positions_BxS, cache, ctx)
+    x_BxSxD = self.final_norm(x_BxSxD)
+    logits_BxSxV = self.embed.attend(x_BxSxD) if self.head is None else self.head(x_BxSxD)
+    if self.output_mult != 1.0:
+      logits_BxSxV = logits_BxSxV * self.output_mult
+    return logits_BxSxV.astype(jnp.float32), cache
+
+
 def ffn_params(config: ModelConfig, dims: Dims, top_k=None) -> tuple[list[int], list[int]]:
   """Per-layer FFN parameter counts: (total, active per token). top_k: per-layer override."""
   d, moe = dims.d_model, config.moe

@@ -10,20 +10,21 @@ Each checkpoint step directory holds two items:
 from __future__ import annotations
 
 import logging
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from effjax import paths
 from effjax.train.state import TrainState
 
 
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager: save / restore_latest / wait / close."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
+    """directory: a local path or a cloud URL (effjax/paths.py); Orbax writes either."""
+    self.directory = paths.absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Iterable
 
 import numpy as np
+
+from effjax import paths
 
 
 def _to_python(v):
@@ -22,11 +23,13 @@ def _to_python(v):
   return v
 
 
-def read_metrics(path: str) -> list[dict]:
-  if not os.path.exists(path):
+def read_metrics(path) -> list[dict]:
+  """The rows of a metrics.jsonl (local path or URL; effjax/paths.py)."""
+  path = paths.as_path(path)
+  if not path.exists():
     return []
   rows = []
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       line = line.strip()
       if line:
@@ -41,46 +44,71 @@ class MetricsWriter:
   """Appends one JSON object per event to metrics.jsonl (and optionally TensorBoard).
 
   On resume from step S, lines with step > S (written after the checkpoint the run
-  resumes from) are dropped, so the file always describes one consistent run.
+  resumes from) are dropped, so the file always describes one consistent run. In a cloud
+  workdir (no appends) the file is rewritten at each write.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0,
-               tensorboard: bool = False):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+               tensorboard: bool = False, wandb_project: str = "", run_config: dict | None = None):
+    """wandb_project: also log to Weights & Biases (one W&B run per workdir, resumed with it;
+    the config as its config; files under <workdir>/wandb for a local workdir)."""
+    self.path = paths.as_path(workdir) / "metrics.jsonl"
     self.enabled = enabled
-    self._tb = None
+    self._tb = self._wandb = None
     if not enabled:
       return
     kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-    with open(self.path + ".tmp", "w") as f:
-      for r in kept:
-        f.write(json.dumps(r) + "\n")
-    os.replace(self.path + ".tmp", self.path)
-    self._file = open(self.path, "a")
+    self._lines = [json.dumps(r) + "\n" for r in kept]
+    paths.write_text(self.path, "".join(self._lines))
+    self._file = None if paths.is_url(self.path) else self.path.open("a")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       except ImportError as e:
         raise RuntimeError("train.tensorboard=true needs tensorboardX: "
                            "pip install -e '.[tensorboard]'") from e
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(paths.as_path(workdir) / "tensorboard"))
+    if wandb_project:
+      self._wandb = _wandb_run(workdir, wandb_project, run_config)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    if self._file is None:  # a cloud object: rewritten whole
+      self._lines.append(json.dumps(row) + "\n")
+      self.path.write_text("".join(self._lines))
+    else:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+    scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, step)
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=int(step))
 
   def close(self):
     if self.enabled:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _wandb_run(workdir, project: str, run_config: dict | None):
+  """A W&B run named after the workdir, with an id derived from it so a resume continues it."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import wandb  # pylint: disable=g-import-not-at-top
+  wd = paths.absolute(workdir)
+  local = None if paths.is_url(wd) else str(wd)
+  if local:
+    wd.mkdir(parents=True, exist_ok=True)
+  run_id = f"{paths.name(workdir)}-{hashlib.sha1(str(wd).encode()).hexdigest()[:8]}"
+  return wandb.init(project=project, name=paths.name(workdir), id=run_id, resume="allow",
+                    config=run_config, dir=local)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -132,7 +160,7 @@ class ProgressBar:
       self.stream.flush()
 
 
-def plot_metrics(rows: Iterable[dict], path: str, keys=("train/loss", "eval/loss"),
+def plot_metrics(rows: Iterable[dict], path, keys=("train/loss", "eval/loss"),
                  title: str = "") -> str | None:
   """Writes a loss-versus-step plot (PNG). Returns the path, or None if nothing to plot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -159,6 +187,6 @@ def plot_metrics(rows: Iterable[dict], path: str, keys=("train/loss", "eval/loss
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  path = paths.save_figure(fig, path)
   plt.close(fig)
   return path

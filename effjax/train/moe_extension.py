@@ -3,11 +3,10 @@ and the tokens-per-expert heat map (docs/moe.md)."""
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import paths
 from effjax.models.index import get_path, set_path
 from effjax.models.moe import alf_bias_update, alf_rate, balance_methods, topk_schedule
 from effjax.train.extensions import Extension
@@ -96,7 +95,6 @@ class MoEExtension(Extension):
     ax.set_title("tokens per expert / mean (eval set)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path = os.path.join(workdir, "moe_load.png")
-    fig.savefig(path)
+    path = paths.save_figure(fig, paths.as_path(workdir) / "moe_load.png")
     plt.close(fig)
     return [path]

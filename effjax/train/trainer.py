@@ -31,6 +31,7 @@ from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax import models
+from effjax import paths
 from effjax import resolve as resolve_lib
 from effjax.optim import scaling
 from effjax.parallel import make_mesh, replicated, sharding
@@ -257,14 +258,18 @@ def _setup(config, workdir, data, quiet) -> _Run:
   """Data, mesh, resolved config, plan, workdir, restored or initialised state, extensions.
   Everything that can fail on bad input happens before anything is written."""
   config = checks.validate(config, jax.device_count())  # the CLI checked each section only
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  wd = paths.as_path(workdir)  # a local folder or a cloud URL: all workdir I/O goes through it
+  if wd.exists() and not wd.is_dir():
     raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass another "
                        "--workdir")
   t = config.train
   is_main = jax.process_index() == 0
   warn = lambda msg: print(f"[effjax p{jax.process_index()}] {msg}", file=sys.stderr, flush=True)
   say = (lambda *a: None) if quiet or not is_main else warn  # progress: process 0 only
-  data = data or load_data(config)
+  if data is None:  # start-up progress: the first seconds are otherwise silent
+    say(f"loading corpus '{config.data.corpus}' (tokenizer {config.data.tokenizer}) ...")
+    data = load_data(config)
+  say("building the model, optimizer and device mesh ...")
   mesh = make_mesh(config.mesh)
   # `auto` fixed once for the mesh's devices; config.json keeps the user's config.
   user_config, config = config, resolve_lib.resolve(config, mesh.devices.flat)
@@ -286,7 +291,7 @@ def _setup(config, workdir, data, quiet) -> _Run:
   if changed:
     say("note: resuming with a config that differs from the workdir's config.json for: "
         + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items()))
-  os.makedirs(workdir, exist_ok=True)
+  wd.mkdir(parents=True, exist_ok=True)
 
   # Restore the latest checkpoint into this mesh's shardings, or initialise directly into
   # them (each device computes its own shards).
@@ -295,8 +300,10 @@ def _setup(config, workdir, data, quiet) -> _Run:
       **shard_kw) if mixture else data_lib.make_train_iterator(
       data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
       eos_id=data.tokenizer.eos_id, **shard_kw)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  ckpt = Checkpointer(wd / "checkpoints", keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
+  say(f"restoring the checkpoint at step {start} ..." if start else
+      "initialising parameters ...")
   if start:
     try:
       state = ckpt.restore(start, plan.abstract(), data_iter)
@@ -325,6 +332,7 @@ def _compile_first_step(run: _Run) -> None:
   compile time is measured on its own)."""
   run.batch = run.global_batch(next(run.data_iter))
   run.phase = merged_phase(run.extensions, run.start)
+  run.say("compiling the train step ...")
   run.step_for(run.phase)
 
 
@@ -350,17 +358,15 @@ def _write_run_info(run: _Run) -> None:
       "commit": _git_commit(), "command": " ".join(sys.argv),
       "resolved": _resolved(run.user_config, config, dims),
   }
-  path = os.path.join(run.workdir, "run_info.json")
+  path = paths.as_path(run.workdir) / "run_info.json"
   resumes = []
-  if run.start and os.path.exists(path):
-    with open(path) as f:
-      resumes = json.load(f).get("resumes", [])
+  if run.start and path.exists():
+    resumes = json.loads(path.read_text()).get("resumes", [])
   if run.start:  # the step each resume started from, and the config keys it changed
     resumes.append({"step": run.start, "changed": run.changed})
   run.info["resumes"] = resumes
   if run.is_main:
-    with open(path, "w") as f:
-      json.dump(run.info, f, indent=2)
+    paths.write_json(path, run.info, indent=2)
   run.say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M "
           f"non-embedding, {n_params['active_non_embedding'] / 1e6:.2f}M active), "
           f"{fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
@@ -408,7 +414,8 @@ def _loop(run: _Run, stop_at: int | None):
   compiled_step, eval_fn, fpt = run.step_for(run.phase)
   tokens_per_step = t.batch_size * t.seq_len
   writer = MetricsWriter(workdir, enabled=run.is_main, resume_step=run.start,
-                         tensorboard=t.tensorboard)
+                         tensorboard=t.tensorboard, wandb_project=t.wandb_project,
+                         run_config=config_lib.to_dict(run.user_config))
   writer.write(run.start, {"perf/compile_time_s": run.compile_times[0],
                            "optim/tau": run.info["adamw_timescale_tau"]})
   bar = ProgressBar(t.steps, run.start, enabled=run.is_main and not run.quiet)
@@ -422,7 +429,7 @@ def _loop(run: _Run, stop_at: int | None):
   try:
     while step < t.steps:
       if t.profile_steps and step == t.profile_steps[0] and run.is_main:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        jax.profiler.start_trace(str(paths.as_path(workdir) / "profile"))
         profiling = True
       if step > run.start:  # the first batch was taken for compilation
         run.batch = run.global_batch(next(run.data_iter))
@@ -496,14 +503,14 @@ def _loop(run: _Run, stop_at: int | None):
 def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) -> RunResult:
   """Plots, the sample, final_metrics.json (marks a completed run) and the summary line."""
   t, workdir, state = run.config.train, run.workdir, run.state
+  wd = paths.as_path(workdir)
   if run.is_main and t.plot:
-    paths = [plot_metrics(read_metrics(os.path.join(workdir, "metrics.jsonl")),
-                          os.path.join(workdir, "loss.png"),
-                          title=f"{os.path.basename(os.path.abspath(workdir))}")]
+    plots = [plot_metrics(read_metrics(wd / "metrics.jsonl"), wd / "loss.png",
+                          title=paths.name(workdir))]
     for ext in run.extensions:
-      paths += ext.on_end(workdir, eval_stats)
-    if any(paths):
-      run.say(f"plots: {', '.join(p for p in paths if p)}")
+      plots += ext.on_end(workdir, eval_stats)
+    if any(plots):
+      run.say(f"plots: {', '.join(p for p in plots if p)}")
   if exit_code == EXIT_OK and t.sample_tokens:
     params, buffers, rng = state.params, state.buffers, state.rng
     if jax.process_count() > 1:  # all processes gather; process 0 then samples on its own
@@ -513,8 +520,7 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
       text = sample_text(run.plan.eval_model, params, buffers, run.tokenizer,
                          prompt=t.sample_prompt, num_tokens=t.sample_tokens, seq_len=t.seq_len,
                          temperature=t.sample_temperature, rng=jax.random.fold_in(rng, step))
-      with open(os.path.join(workdir, "sample.txt"), "w") as f:
-        f.write(t.sample_prompt + text)
+      paths.write_text(wd / "sample.txt", t.sample_prompt + text)
       run.say(f"sample (temperature {t.sample_temperature}):\n{'-' * 60}\n{t.sample_prompt}"
               f"{text}\n{'-' * 60}")
   last = {k: _to_scalar(v) for k, v in last.items()}  # numpy / jax scalars -> int, float
@@ -524,8 +530,8 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
              **{k: run.info[k] for k in ("params_total", "params_non_embedding",
                                          "params_active_non_embedding", "flops_per_token")},
              "tokens": step * t.batch_size * t.seq_len}
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(final, f, indent=1)  # marks the run complete (sweeps skip it)
+    # marks the run complete (sweeps skip it)
+    paths.write_json(wd / "final_metrics.json", final, indent=1)
   if exit_code == EXIT_OK:
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/bpb")
                         if isinstance(last.get(k), float))
@@ -565,8 +571,7 @@ def _resolved(user_config: config_lib.Config, config: config_lib.Config, dims) -
 
 
 def _write_config(workdir: str, config: config_lib.Config) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
+  paths.write_text(paths.as_path(workdir) / "config.json", config_lib.to_json(config))
 
 
 # Keys a checkpoint cannot be resumed under when they change: the parameter and optimizer
@@ -579,17 +584,16 @@ _RESUME_FREE = ("model.attention.impl", "model.compute_dtype", "model.remat")
 
 
 def _has_checkpoint(workdir: str) -> bool:
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+  directory = paths.as_path(workdir) / "checkpoints"
+  return directory.is_dir() and any(d.name.isdigit() for d in directory.iterdir())
 
 
 def _check_resume(workdir: str, config: config_lib.Config) -> dict:
   """The changed keys of a resume; WorkdirError when one of them does not fit the checkpoint."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = paths.read_json(paths.as_path(workdir) / "config.json")
+  if saved is None:
     return {}
-  with open(path) as f:
-    changed = config_lib.diff(json.load(f), config)
+  changed = config_lib.diff(saved, config)
   fixed = {k: v for k, v in changed.items()
            if k.startswith(_RESUME_FIXED) and k not in _RESUME_FREE}
   if fixed:
@@ -603,6 +607,6 @@ def _check_resume(workdir: str, config: config_lib.Config) -> dict:
 
 def _last_metrics(workdir: str) -> dict:
   last = {}
-  for row in read_metrics(os.path.join(workdir, "metrics.jsonl")):
+  for row in read_metrics(paths.as_path(workdir) / "metrics.jsonl"):
     last.update(row)
   return last

@@ -57,13 +57,18 @@ def _expand_kv(x_BxTxKxD, heads: int):
 
 
 def attention_weights(q, k, *, causal=True, score="softmax", q_offset=0, q_segment_ids=None,
-                      kv_segment_ids=None, scale=None, p=15.0, reweight_offset_rows=3):
-  """Attention weights [B, H, Tq, Tk] in fp32 (each row with a visible key sums to 1)."""
+                      kv_segment_ids=None, scale=None, p=15.0, reweight_offset_rows=3,
+                      mask=None):
+  """Attention weights [B, H, Tq, Tk] in fp32 (each row with a visible key sums to 1).
+
+  mask: an explicit [B or 1, 1, Tq, Tk] visibility (replaces causal, q_offset and the
+  segment ids; N_i is still its row count), e.g. a KV cache's slots (effjax/models/kv_cache.py)."""
   b, tq, h, d = q.shape
   tk = k.shape[1]
   kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-  mask = visibility_mask(tq, tk, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
-                         kv_segment_ids=kv_segment_ids)
+  if mask is None:
+    mask = visibility_mask(tq, tk, causal=causal, q_offset=q_offset,
+                           q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   if score == "softmax":
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
