@@ -49,7 +49,8 @@ def _crc32(path: str) -> int:
 def _files(step_dir: str) -> list[str]:
   out = []
   for root, _, names in os.walk(step_dir):
-    out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names if n != MANIFEST]
+    out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names
+            if not n.startswith(MANIFEST)]  # the manifest and its .tmp
   return sorted(out)
 
 

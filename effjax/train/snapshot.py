@@ -85,6 +85,7 @@ class Snapshots:
     self.settled: Snapshot | None = None
     self.pending: Snapshot | None = None
     self.taken = 0
+    self.seconds = 0.0  # host time of all take + settle calls
 
   def due(self, step: int) -> bool:
     return bool(self.every) and step % self.every == 0
@@ -96,6 +97,7 @@ class Snapshots:
     self.settle()
     leaves, treedef = _start(state)
     self.pending = Snapshot(step, leaves, treedef, data_state, seconds=time.perf_counter() - t0)
+    self.seconds += self.pending.seconds
     self.taken += 1
     if trusted:
       self.settle()
@@ -110,6 +112,7 @@ class Snapshots:
       leaf.shards = {k: np.asarray(a) for k, a in leaf.shards.items()}
     snap.settled = True
     snap.seconds += time.perf_counter() - t0
+    self.seconds += time.perf_counter() - t0
     self.settled, self.pending = snap, None
 
   def discard_pending(self):

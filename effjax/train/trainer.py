@@ -352,8 +352,7 @@ def _write_run_info(run: _Run) -> None:
     resumes.append({"step": run.start, "changed": run.changed})
   run.info["resumes"] = resumes
   if run.is_main:
-    with open(path, "w") as f:
-      json.dump(run.info, f, indent=2)
+    _write_atomic(path, json.dumps(run.info, indent=2))
   run.say(f"model: {n_params['total'] / 1e6:.2f}M params ({n_params['blocks'] / 1e6:.2f}M "
           f"non-embedding, {n_params['active_non_embedding'] / 1e6:.2f}M active), "
           f"{fpt / 1e6:.1f} MFLOPs/token; corpus '{corpus.name}' "
@@ -548,8 +547,8 @@ def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) 
              **{k: run.info[k] for k in ("params_total", "params_non_embedding",
                                          "params_active_non_embedding", "flops_per_token")},
              "tokens": step * t.batch_size * t.seq_len}
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(final, f, indent=1)  # marks the run complete (sweeps skip it)
+    # marks the run complete (sweeps skip it)
+    _write_atomic(os.path.join(workdir, "final_metrics.json"), json.dumps(final, indent=1))
   if exit_code == EXIT_OK:
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("train/loss", "eval/loss", "eval/bpb")
                         if isinstance(last.get(k), float))
@@ -589,8 +588,15 @@ def _resolved(user_config: config_lib.Config, config: config_lib.Config, dims) -
 
 
 def _write_config(workdir: str, config: config_lib.Config) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
+  _write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes a file whole or not at all (a kill mid-write must not leave a torn config.json
+  or run_info.json that the next start cannot read)."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 # Keys a checkpoint cannot be resumed under when they change: the parameter and optimizer
