@@ -204,3 +204,11 @@ def test_snapshot_restores_the_state_bit_for_bit(tiny_data):
     assert a.dtype == b.dtype and a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert snaps.settled.data_state == {"next_index": 1} and snaps.settled.nbytes() > 0
+
+
+def test_cli_restore_step_must_be_a_step(tmp_path):
+  from tests.conftest import run_module
+  proc = run_module(["-m", "effjax.train", "--config=" + TINY, f"--workdir={tmp_path / 'w'}",
+                     "--restore_step=latest"])
+  assert proc.returncode == 2 and "--restore_step must be a positive step number" in proc.stderr
+  assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "w")
