@@ -212,3 +212,16 @@ def test_cli_restore_step_must_be_a_step(tmp_path):
                      "--restore_step=latest"])
   assert proc.returncode == 2 and "--restore_step must be a positive step number" in proc.stderr
   assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "w")
+
+
+def test_another_models_checkpoint_is_refused_not_moved_aside(tmp_path, tiny_data, stopped_at_4):
+  """Without any saved config (old checkpoints, no config.json) a shape mismatch is a refusal,
+  not damage: the checkpoints stay where they are."""
+  workdir = _copy(stopped_at_4, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  for step in (2, 4):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "config"))
+    os.remove(os.path.join(workdir, "checkpoints", str(step), MANIFEST))
+  with pytest.raises(trainer.WorkdirError, match="step 4.*another model"):
+    trainer.train(_cfg("--config.model.d_model=64"), workdir, data=tiny_data, quiet=True)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]

@@ -189,6 +189,8 @@ class Checkpointer:
         elif saved is not None and check_config is not None:
           check_config(s, saved)
       if problem is None:
+        problem = self._shapes_problem(s, abstract_state)
+      if problem is None:
         try:
           return s, self.restore(s, abstract_state, data_iterator)
         except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
@@ -202,6 +204,23 @@ class Checkpointer:
                             + "; ".join(failures) + f"). They were moved to {self.aside}; "
                             "restart from scratch with a new --workdir (or move one back).")
     return 0, None
+
+  def _shapes_problem(self, step: int, abstract_state: TrainState) -> str | None:
+    """A checkpoint of another model is not damage: CheckpointError (nothing moved) when the
+    array shapes differ from this config's; a description when the metadata is unreadable."""
+    try:
+      meta = ocp.StandardCheckpointer().metadata(os.path.join(self.step_dir(step), "state"))
+    except Exception as e:  # pylint: disable=broad-except
+      return f"unreadable state metadata ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    saved = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+    wanted = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(abstract_state))
+    if saved != wanted:
+      raise CheckpointError(
+          f"the checkpoint at step {step} in {self.directory} holds another model or optimizer "
+          f"({len(saved)} arrays, {len(wanted)} expected, or different shapes) and has no "
+          "config to name the keys; use the config it was written with, or a new --workdir")
+    return None
 
   def _saved_config_or_problem(self, step: int):
     try:

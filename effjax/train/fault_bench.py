@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     run = trainer._setup(config, workdir, None, True)  # pylint: disable=protected-access
     trainer._compile_first_step(run)  # pylint: disable=protected-access
     step_fn, batch, state = run.step_for(run.phase)[0], run.batch, run.state
-    state, _, _ = _timed_loop(step_fn, state, batch, 5, 0)  # warm up
+    state, _, _ = _timed_loop(step_fn, state, batch, 5, 1)  # warm up (compiles the copy)
     best, kept = {}, None  # every -> (min step seconds, snapshots, host s per snapshot)
     for _ in range(args.repeats):  # round robin, minimum per setting: a shared CPU drifts
       for every in (0, 20, 5, 1):
