@@ -7,7 +7,7 @@
 
 With no --config, the quick-start config. With no --workdir, runs/<config name>.
 Exit codes: 0 done, 2 bad config, data or workdir, or a resume that does not fit the
-checkpoint (nothing written), 3 non-finite loss,
+checkpoint or no checkpoint that restores (nothing written), 3 non-finite loss,
 75 interrupted (checkpoint saved; rerun the same command to resume).
 """
 

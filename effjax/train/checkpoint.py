@@ -57,13 +57,17 @@ def _files(step_dir: str) -> list[str]:
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager: save / restore_good / wait / close."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               owner: bool = False):
+    """owner: the run that writes here (the trainer): deletes the tmp directories of saves
+    killed mid-write and seals every step on close. Readers (export, tools) leave both alone,
+    so they are safe to run next to a live run."""
     self.directory = os.path.abspath(directory)
     self.aside = self.directory + "_aside"  # checkpoints that failed or were superseded
-    # cleanup_tmp_directories: a save killed mid-write leaves a tmp directory; drop it.
+    self._owner = owner
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=owner)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config"))
     self._is_main = jax.process_index() == 0
@@ -81,6 +85,7 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data_iterator=None, *, config: dict | None = None,
            force: bool = True) -> bool:
+    self._owner = True  # whoever saves seals
     self.seal()  # the previous save is finished and checksummed before this one starts
     items = {"state": ocp.args.StandardSave(state.as_dict())}
     if data_iterator is not None:
@@ -245,5 +250,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self):
-    self.seal()
+    if self._owner:
+      self.seal()
+    self.manager.wait_until_finished()
     self.manager.close()

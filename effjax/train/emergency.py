@@ -57,7 +57,8 @@ def state_at(step: int, sharding):
 def make_manager(root: str, mesh, abstract_state, *, local_every: int = 1,
                  persistent_every: int = PERSISTENT_EVERY):
   import jax  # pylint: disable=g-import-not-at-top
-  from orbax.checkpoint.experimental.emergency import checkpoint_manager as em  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from orbax.checkpoint.experimental.emergency import checkpoint_manager as em
   local = os.path.join(root, f"local_p{jax.process_index()}")  # this process's own storage
   persistent = os.path.join(root, "persistent")
   os.makedirs(local, exist_ok=True)
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   # One replica per process along "data" (the replica axis, index 0).
   mesh = Mesh(np.array(jax.devices()).reshape(args.num_processes, -1), ("data", "model"))
   sharding = NamedSharding(mesh, P())

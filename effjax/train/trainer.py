@@ -6,7 +6,10 @@ wrapper. Behaviour the rest of effjax relies on:
     continues bit-for-bit (params, optimizer, buffers, rng, data position);
   * SIGTERM / Ctrl-C save a checkpoint and exit with EXIT_INTERRUPTED;
   * a non-finite loss stops the run with EXIT_NONFINITE, keeping the last good
-    checkpoint (no checkpoint is written after the bad step);
+    checkpoint (no checkpoint is written after the bad step), or, with
+    train.on_nan=rollback, restores the newest in-memory snapshot and skips the batch;
+  * a damaged checkpoint is reported, moved aside and the next older one restored
+    (checkpoint.Checkpointer.restore_good; docs/fault-tolerance.md);
   * only process 0 writes metrics, plots and the config (the user's, `auto` included;
     what `auto` became for this run's devices is run_info.json's "resolved").
 """
@@ -289,7 +292,7 @@ def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
   data_iter = data_lib.make_train_iterator(
       data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
       eos_id=data.tokenizer.eos_id, **shard_kw)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, owner=True)
   try:  # the newest checkpoint that verifies, fits and restores (or restore_step)
     start, state = ckpt.restore_good(
         plan.abstract(), data_iter, step=restore_step, report=warn,
