@@ -31,7 +31,9 @@ def _report(out):
 def test_restart_restores_the_peers_local_step_not_the_older_persistent_one(tmp_path):
   root = str(tmp_path)
   codes, outs = _phase(root, "train", 12471)
-  assert codes == [-9, -9], [o[1][-2000:] for o in outs]  # both killed after saving step 6
+  # Both saved step 6, then died: SIGKILL, or SIGABRT from JAX once the other was gone.
+  assert all(c in (-9, -6) for c in codes), [o[1][-2000:] for o in outs]
+  assert all(_report(o[0]) == {"process": i, "saved": 6} for i, o in enumerate(outs)), outs
   codes, outs = _phase(root, "restore", 12473)
   assert codes == [0, 0], [o[1][-3000:] for o in outs]
   r0, r1 = (_report(o[0]) for o in outs)

@@ -96,8 +96,12 @@ def main(argv=None) -> int:
       manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(
           state_at(step, sharding))))
     manager.wait_until_finished()
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("effjax_emergency_saved")  # every tier written
     print(json.dumps({"process": jax.process_index(), "saved": args.steps}), flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # a hard loss: no shutdown, no flush
+    # A hard loss: no shutdown, no flush. Whichever process dies first, JAX aborts the other
+    # (SIGABRT) if its own SIGKILL has not landed yet: the job is lost either way.
+    os.kill(os.getpid(), signal.SIGKILL)
   step = manager.latest_step()
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       abstract)))["state"]
