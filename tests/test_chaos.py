@@ -12,7 +12,7 @@ def _check(report, kills):
 
 
 def test_kill_during_a_checkpoint_write_loses_nothing(tmp_path):
-  """Three CLI starts (reference, killed mid-save, resumed): ~45 s on an idle 2-core machine."""
+  """Three CLI starts (reference, killed mid-save, resumed): about 50 s idle (estimated)."""
   report = chaos.chaos(str(tmp_path), kills=1, steps=6, seed=0, say=lambda *a: None)
   _check(report, 1)
   assert report["kills_during_save"] == 1
