@@ -42,6 +42,12 @@ class TrainConfig:
                          "paper's best")
   reweight_temperature: float = _field(1.0, doc="softmax / linupper temperature")
   reweight_warmup: int = _field(0, doc="steps of uniform weights before reweighting starts")
+  snapshot_every: int = _field(0, doc="in-memory snapshot of the state every N steps for "
+                               "rollback (0: none; docs/fault-tolerance.md)")
+  on_nan: str = _field("stop", ("stop", "rollback"),
+                       "on a non-finite loss or a failing step: stop (exit 3) or roll back to "
+                       "the newest snapshot and skip the batch (needs snapshot_every > 0)")
+  max_rollbacks: int = _field(3, doc="rollbacks allowed per run before stopping")
 
   def check(self, config: Config) -> None:
     del config
@@ -52,6 +58,12 @@ class TrainConfig:
                  "train.keep_checkpoints": self.keep_checkpoints},
                 {"train.warmup_steps": self.warmup_steps, "train.eval_batches": self.eval_batches,
                  "train.sample_tokens": self.sample_tokens})
+    if self.snapshot_every < 0 or self.max_rollbacks < 0:
+      raise ConfigError(f"train.snapshot_every ({self.snapshot_every}) and train.max_rollbacks "
+                        f"({self.max_rollbacks}) must be >= 0.")
+    if self.on_nan == "rollback" and not self.snapshot_every:
+      raise ConfigError("train.on_nan=rollback needs in-memory snapshots: set "
+                        "train.snapshot_every > 0 (e.g. 10).")
     if self.batch_size % self.grad_accum:
       raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
                         f"train.grad_accum ({self.grad_accum}).")

@@ -24,8 +24,8 @@ import numpy as np
 
 from effjax import config as config_lib
 from effjax.experiments.study import (Variant, base_name, markdown_table, run_variants,
-from effjax.paths import save_figure
                                       study_main, with_seeds, write_part)
+from effjax.paths import save_figure
 
 OUT = "results/moe_balancing"
 SEEDS_A = (0, 1)

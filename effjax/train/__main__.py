@@ -1,9 +1,13 @@
 """Command line: python -m effjax.train --config=configs/NAME.py --workdir=DIR [--config.k=v]
-    [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed]
+    [--restore_step=N] [--coordinator_address=HOST:PORT --num_processes=N --process_id=I |
+    --distributed]
+
+--restore_step=N resumes from the checkpoint at step N instead of the newest good one
+(newer checkpoints are moved to checkpoints_aside/).
 
 With no --config, the quick-start config. With no --workdir, runs/<config name>.
 Exit codes: 0 done, 2 bad config, data or workdir, or a resume that does not fit the
-checkpoint (nothing written), 3 non-finite loss,
+checkpoint or no checkpoint that restores (nothing written), 3 non-finite loss,
 75 interrupted (checkpoint saved; rerun the same command to resume).
 """
 
@@ -41,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
   except config_lib.ConfigError as e:
     print(f"effjax: config error: {e}", file=sys.stderr)
     return 2
+  restore_step, kept = None, []
+  for arg in rest:
+    if arg.startswith("--restore_step="):
+      value = arg.split("=", 1)[1]
+      if not value.isdigit() or int(value) < 1:
+        print(f"effjax: --restore_step must be a positive step number; got {value!r}.",
+              file=sys.stderr)
+        return 2
+      restore_step = int(value)
+    else:
+      kept.append(arg)
+  rest = kept
   workdir, positional = None, []
   for i, arg in enumerate(rest):
     if arg.startswith("--workdir="):
@@ -67,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         name = os.path.splitext(os.path.basename(a.split("=", 1)[1]))[0]
     workdir = os.path.join("runs", name)
   try:
-    result = trainer.train(config, workdir)
+    result = trainer.train(config, workdir, restore_step=restore_step)
   except (DataError, config_lib.ConfigError, trainer.WorkdirError) as e:
     kind = {DataError: "data", trainer.WorkdirError: "workdir"}.get(type(e), "config")
     print(f"effjax: {kind} error: {e}", file=sys.stderr)

@@ -6,7 +6,10 @@ wrapper. Behaviour the rest of effjax relies on:
     continues bit-for-bit (params, optimizer, buffers, rng, data position);
   * SIGTERM / Ctrl-C save a checkpoint and exit with EXIT_INTERRUPTED;
   * a non-finite loss stops the run with EXIT_NONFINITE, keeping the last good
-    checkpoint (no checkpoint is written after the bad step);
+    checkpoint (no checkpoint is written after the bad step), or, with
+    train.on_nan=rollback, restores the newest in-memory snapshot and skips the batch;
+  * a damaged checkpoint is reported, moved aside and the next older one restored
+    (checkpoint.Checkpointer.restore_good; docs/fault-tolerance.md);
   * only process 0 writes metrics, plots and the config (the user's, `auto` included;
     what `auto` became for this run's devices is run_info.json's "resolved").
 """
@@ -36,12 +39,13 @@ from effjax import resolve as resolve_lib
 from effjax.optim import scaling
 from effjax.parallel import make_mesh, replicated, sharding
 from effjax.train import flops as flops_lib
-from effjax.train.checkpoint import Checkpointer
+from effjax.train.checkpoint import CheckpointError, Checkpointer
 from effjax.train.extensions import merged_phase
 from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
 from effjax.train.plan import plan_state
 from effjax.train.registry import build_extensions
 from effjax.train.sample import sample_text
+from effjax.train.snapshot import FaultInjector, InjectedFault, Snapshots
 from effjax.train.state import TrainState
 from effjax.train.step import summarize_eval
 
@@ -51,7 +55,11 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
 
 
 class NonFiniteLoss(RuntimeError):
-  pass
+  """A non-finite loss or norm; `step` is the step it produced (its batch was drawn at step-1)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 class WorkdirError(ValueError):
@@ -187,13 +195,15 @@ def _global_batch(batch: dict, sharding, global_rows: int) -> dict:
 
 
 def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = None,
-          quiet: bool = False, stop_at: int | None = None) -> RunResult:
+          quiet: bool = False, stop_at: int | None = None,
+          restore_step: int | None = None, faults: FaultInjector | None = None) -> RunResult:
   """Runs or resumes the training run described by `config` in `workdir`.
 
   `stop_at` behaves like a preemption at that step (checkpoint, EXIT_INTERRUPTED):
-  used to test exact resume, and to run a long config in chunks.
+  used to test exact resume, and to run a long config in chunks. `restore_step` resumes
+  from that checkpoint instead of the newest good one (newer ones are moved aside).
   """
-  run = _setup(config, workdir, data, quiet)
+  run = _setup(config, workdir, data, quiet, restore_step)
   if run.start >= run.config.train.steps:
     run.say(f"run already complete at step {run.start} (train.steps = "
             f"{run.config.train.steps}); nothing to do")
@@ -203,7 +213,7 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     _write_config(workdir, run.user_config)
   _compile_first_step(run)
   _write_run_info(run)
-  exit_code, step, last, eval_stats = _loop(run, stop_at)
+  exit_code, step, last, eval_stats = _loop(run, stop_at, faults)
   return _finish(run, exit_code, step, last, eval_stats)
 
 
@@ -235,6 +245,7 @@ class _Run:
   phase: tuple = ()
   info: dict = dataclasses.field(default_factory=dict)
   eval_sets: dict = dataclasses.field(default_factory=dict)  # data.sources: name -> batches
+  start_data_state: Any = None  # the data iterator before the first batch (snapshots)
 
   def global_batch(self, local: dict) -> dict:
     return _global_batch(local, self.plan.batch_sharding, self.config.train.batch_size)
@@ -254,7 +265,7 @@ class _Run:
     return self.compiled[phase]
 
 
-def _setup(config, workdir, data, quiet) -> _Run:
+def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
   """Data, mesh, resolved config, plan, workdir, restored or initialised state, extensions.
   Everything that can fail on bad input happens before anything is written."""
   config = checks.validate(config, jax.device_count())  # the CLI checked each section only
@@ -300,19 +311,21 @@ def _setup(config, workdir, data, quiet) -> _Run:
       **shard_kw) if mixture else data_lib.make_train_iterator(
       data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
       eos_id=data.tokenizer.eos_id, **shard_kw)
-  ckpt = Checkpointer(wd / "checkpoints", keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  say(f"restoring the checkpoint at step {start} ..." if start else
-      "initialising parameters ...")
+  ckpt = Checkpointer(wd / "checkpoints", keep=t.keep_checkpoints, owner=True)
+  if ckpt.latest_step():
+    say("restoring the newest good checkpoint ...")
+  try:  # the newest checkpoint that verifies, fits and restores (or restore_step)
+    start, state = ckpt.restore_good(
+        plan.abstract(), data_iter, step=restore_step, report=warn,
+        check_config=lambda step, saved: _check_fits(saved, user_config,
+                                                     f"the checkpoint at step {step}"))
+  except (CheckpointError, WorkdirError) as e:
+    ckpt.close()
+    raise WorkdirError(str(e)) from None
   if start:
-    try:
-      state = ckpt.restore(start, plan.abstract(), data_iter)
-    except ValueError as e:  # a mismatch config.json did not show (e.g. no config.json)
-      ckpt.close()
-      raise WorkdirError(f"the checkpoint at step {start} in {ckpt.directory} does not fit "
-                         f"this config: {str(e).splitlines()[0][:300]}") from None
     say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
   else:
+    say("initialising parameters ...")
     state = plan.init()
   token_bytes = jnp.asarray(data.tokenizer.token_byte_lengths, jnp.float32)
   token_bytes = jnp.pad(token_bytes, (0, plan.model.dims.vocab - token_bytes.shape[0]))
@@ -330,6 +343,7 @@ def _setup(config, workdir, data, quiet) -> _Run:
 def _compile_first_step(run: _Run) -> None:
   """AOT-compiles the step of the starting phase on the first batch (one step per phase;
   compile time is measured on its own)."""
+  run.start_data_state = run.data_iter.get_state()
   run.batch = run.global_batch(next(run.data_iter))
   run.phase = merged_phase(run.extensions, run.start)
   run.say("compiling the train step ...")
@@ -380,7 +394,7 @@ def _check_finite(step: int, metrics) -> dict:
   host = jax.device_get(metrics)
   for key in ("train/loss", "train/grad_norm", "train/param_norm"):
     if not math.isfinite(float(host[key])):
-      raise NonFiniteLoss(f"non-finite {key} ({float(host[key])}) at step {step}")
+      raise NonFiniteLoss(f"non-finite {key} ({float(host[key])}) at step {step}", step)
   return host
 
 
@@ -406,10 +420,11 @@ def _eval_row(run: _Run, eval_fn) -> tuple[dict, dict]:
   return row, stats
 
 
-def _loop(run: _Run, stop_at: int | None):
+def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
   """The training loop. Periodic actions, each a named helper: profile window, phase
-  change (recompile), log, eval, checkpoint, stop. The NaN check runs one step late (it
-  never blocks dispatch) and at every log/eval/checkpoint step."""
+  change (recompile), log, eval, checkpoint, snapshot, stop. The NaN check runs one step
+  late (it never blocks dispatch) and at every log/eval/checkpoint step. With
+  train.on_nan=rollback a fault restores the newest in-memory snapshot (_rollback)."""
   t, workdir = run.config.train, run.workdir
   compiled_step, eval_fn, fpt = run.step_for(run.phase)
   tokens_per_step = t.batch_size * t.seq_len
@@ -426,12 +441,21 @@ def _loop(run: _Run, stop_at: int | None):
   pending = None  # (step, device metrics) of the previous step, checked one step late
   step = run.start
   profiling = False
+  snaps = Snapshots(t.snapshot_every)
+  if t.snapshot_every:
+    snaps.take(step, run.state, run.start_data_state, trusted=True)
+  skip = dict.fromkeys(faults.skip_at, 1) if faults else {}  # step -> batches to skip there
+  have_batch, rollbacks = True, 0  # the first batch was taken for compilation
   try:
     while step < t.steps:
+     try:
       if t.profile_steps and step == t.profile_steps[0] and run.is_main:
         jax.profiler.start_trace(str(paths.as_path(workdir) / "profile"))
         profiling = True
-      if step > run.start:  # the first batch was taken for compilation
+      if not have_batch:
+        run.batch = run.global_batch(next(run.data_iter))
+      have_batch = False
+      for _ in range(skip.get(step, 0)):  # batches that faulted at this step: the next one
         run.batch = run.global_batch(next(run.data_iter))
       new_phase = merged_phase(run.extensions, step)
       if new_phase != run.phase:
@@ -441,11 +465,15 @@ def _loop(run: _Run, stop_at: int | None):
                     f"{run.compile_times[-1]:.1f}s)")
         writer.write(step, {"perf/compile_time_s": run.compile_times[-1],
                             "train/phase_change": 1.0})
+      batch_step = step
       run.state, metrics = compiled_step(run.state, run.batch)
+      if faults:
+        run.state, metrics = faults.after_step(step, run.batch, run.state, metrics)
       step += 1
       window_steps += 1
       if pending is not None:
         _check_finite(*pending)
+      snaps.settle()  # the previous step is finite: its snapshot can be trusted
       pending = (step, metrics)
       if profiling and step >= t.profile_steps[1]:
         jax.profiler.stop_trace()
@@ -474,14 +502,31 @@ def _loop(run: _Run, stop_at: int | None):
                       + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))
         writer.write(step, row)
         last.update(row)
-        if ckpt_now and not run.ckpt.save(step, run.state, run.data_iter):
+        if ckpt_now and step > (run.ckpt.latest_step() or 0) and not run.ckpt.save(
+            step, run.state, run.data_iter, config=json.loads(config_lib.to_json(run.user_config))):
           run.warn(f"WARNING: orbax did not save a checkpoint at step {step}")
         window_t0, window_steps = time.perf_counter(), 0
+      if snaps.due(step):
+        snaps.take(step, run.state, run.data_iter.get_state())
       if stopping:
         bar.message(f"{stopping}: saved checkpoint at step {step}; rerun the same "
                     "command to resume")
         exit_code = EXIT_INTERRUPTED
         break
+     except (NonFiniteLoss, InjectedFault, jax.errors.JaxRuntimeError) as e:
+      if t.on_nan != "rollback" or snaps.settled is None or rollbacks >= t.max_rollbacks:
+        if t.on_nan == "rollback":
+          run.warn(f"no rollback left ({rollbacks} of train.max_rollbacks={t.max_rollbacks} "
+                   "used)")
+        raise
+      rollbacks += 1
+      bad = e.step - 1 if isinstance(e, NonFiniteLoss) else batch_step
+      step, pending, have_batch = _rollback(run, snaps, skip, bad, e, rollbacks), None, False
+      writer.close()  # rows after the snapshot are rewritten by the replay
+      writer = MetricsWriter(workdir, enabled=run.is_main, resume_step=step,
+                             tensorboard=t.tensorboard)
+      writer.write(step, {"fault/rollback": rollbacks, "fault/batch_step": bad})
+      window_t0, window_steps = time.perf_counter(), 0
     if pending is not None:
       _check_finite(*pending)
   except NonFiniteLoss as e:
@@ -498,6 +543,21 @@ def _loop(run: _Run, stop_at: int | None):
     run.ckpt.close()
     writer.close()
   return exit_code, step, last, eval_stats
+
+
+def _rollback(run: _Run, snaps: Snapshots, skip: dict, bad: int, error: Exception,
+              rollbacks: int) -> int:
+  """Restores the newest settled snapshot (state and data position) and marks the batch of
+  step `bad` to be skipped; returns the snapshot's step."""
+  snaps.discard_pending()
+  snap = snaps.settled
+  run.state = snaps.restore()
+  run.data_iter.set_state(snap.data_state)
+  skip[bad] = skip.get(bad, 0) + 1
+  run.warn(f"fault: {str(error).splitlines()[0][:200]}; rollback {rollbacks}/"
+           f"{run.config.train.max_rollbacks} to the in-memory snapshot of step {snap.step}, "
+           f"skipping the batch of step {bad}")
+  return snap.step
 
 
 def _finish(run: _Run, exit_code: int, step: int, last: dict, eval_stats: dict) -> RunResult:
@@ -593,12 +653,18 @@ def _check_resume(workdir: str, config: config_lib.Config) -> dict:
   saved = paths.read_json(paths.as_path(workdir) / "config.json")
   if saved is None:
     return {}
+  return _check_fits(saved, config, f"{workdir}'s config.json")
+
+
+def _check_fits(saved: dict, config: config_lib.Config, what: str) -> dict:
+  """The keys `config` changes from a saved config (a dict); WorkdirError naming the keys
+  that cannot change on resume."""
   changed = config_lib.diff(saved, config)
   fixed = {k: v for k, v in changed.items()
            if k.startswith(_RESUME_FIXED) and k not in _RESUME_FREE}
   if fixed:
     raise WorkdirError(
-        f"{workdir} holds a checkpoint of another run; these keys differ from its config.json "
+        f"the workdir holds a checkpoint of another run; these keys differ from {what} "
         "and cannot change on resume: "
         + ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
         + ". Use the same values, or a new --workdir.")
