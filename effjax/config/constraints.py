@@ -15,6 +15,10 @@ if typing.TYPE_CHECKING:
 
 METHODS = ("none", "spectral_normalize", "spectral_hammer", "spectral_weight_decay", "soft_cap",
            "hard_cap", "svd_clip")
+# The soft cap's f is increasing on [0, k] (so it maps every sigma <= k into the bound) while
+# k <= 1.3065 w_max (docs/constraints.md): one Muon step may move a matrix by at most 0.3 w_max.
+SOFT_CAP_MAX_STEP = 0.3
+MUON_GAIN_BOUND = 1.25  # >= the largest singular value Newton-Schulz outputs (optim/muon.py)
 # Methods that read sigma_1 (u_1, v_1) by power iteration, warm-started from a buffer.
 POWER_METHODS = ("spectral_normalize", "spectral_hammer", "spectral_weight_decay")
 
@@ -41,6 +45,7 @@ class ConstraintsConfig:
   cond_stop_grad: bool = _field(False, doc="weight_cond: no gradient through E")
 
   def check(self, config: Config) -> None:
+    _check_lipschitz_arch(config)
     if self.method != "none":
       if self.w_max <= 0:
         raise ConfigError(f"constraints.w_max must be > 0; got {self.w_max}.")
@@ -57,6 +62,13 @@ class ConstraintsConfig:
                           f"it needs optim.name=muon (got {o.name}) and every role of "
                           f"constraints.roles in optim.muon_roles (not: {uncoupled}); use "
                           "spectral_normalize or hard_cap otherwise.")
+      step = config.train.lr * o.muon_lr_mult * MUON_GAIN_BOUND
+      if step > SOFT_CAP_MAX_STEP * self.w_max:
+        raise ConfigError(f"constraints.method=soft_cap: one Muon step at the peak lr may move a "
+                          f"matrix by train.lr x optim.muon_lr_mult x {MUON_GAIN_BOUND} = "
+                          f"{step:.3g}, above {SOFT_CAP_MAX_STEP} x constraints.w_max = "
+                          f"{SOFT_CAP_MAX_STEP * self.w_max:.3g}, where the soft cap no longer "
+                          "guarantees the bound; lower the lr or raise w_max.")
     bad = [k for k in self.reparam_kinds if k not in ("qkv", "attn_out", "mlp")]
     if self.reparam != "none" and (bad or not self.reparam_kinds):
       raise ConfigError(f"constraints.reparam_kinds has {bad or 'nothing'}; valid: qkv, "
@@ -64,3 +76,22 @@ class ConstraintsConfig:
     if self.reparam != "none" and config.quant.method != "none":
       raise ConfigError("constraints.reparam and quant.method both hook the block weights; "
                         "combining them is not supported: set one of them to none.")
+
+
+def _check_lipschitz_arch(config: Config) -> None:
+  """model.arch=lipschitz: the parts its certified bound covers (docs/constraints.md)."""
+  m = config.model
+  if m.arch != "lipschitz":
+    return
+  a = m.attention
+  problems = [msg for bad, msg in (
+      (m.moe.num_experts > 0, "model.moe.num_experts > 0 (the bound covers the dense MLP)"),
+      (m.param != "sp", f"model.param={m.param} (the logit scale is fixed at 1/d_head)"),
+      (a.qk_norm, "model.attention.qk_norm=true (no norms in a Lipschitz model)"),
+      (a.score != "softmax" or a.log_n_scale, "model.attention.score is not plain softmax"),
+      (config.quant.method != "none", f"quant.method={config.quant.method}"),
+      (config.constraints.reparam != "none",
+       f"constraints.reparam={config.constraints.reparam} (the bound reads the stored kernels)"),
+  ) if bad]
+  if problems:
+    raise ConfigError("model.arch=lipschitz cannot run with: " + "; ".join(problems) + ".")

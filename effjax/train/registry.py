@@ -3,12 +3,14 @@ the loop is one line here (its class says when it is on: `enabled(config)`)."""
 
 from __future__ import annotations
 
+from effjax.train.constraints_extension import ConstraintsExtension
 from effjax.train.extensions import Extension
 from effjax.train.moe_extension import MoEExtension
 from effjax.train.quant_extension import QuantExtension
 from effjax.train.spectral import SpectralExtension
 
-EXTENSIONS: tuple[type[Extension], ...] = (SpectralExtension, QuantExtension, MoEExtension)
+EXTENSIONS: tuple[type[Extension], ...] = (SpectralExtension, QuantExtension, MoEExtension,
+                                           ConstraintsExtension)
 
 
 def build_extensions(config, model) -> list[Extension]:

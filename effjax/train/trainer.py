@@ -301,6 +301,8 @@ def _setup(config, workdir, data, quiet) -> _Run:
              eval_data=[], token_bytes=token_bytes, is_main=is_main, quiet=quiet, say=say,
              warn=warn)
   run.eval_data = [run.global_batch(b) for b in eval_batches]
+  for ext in run.extensions:
+    ext.eval_data = run.eval_data
   return run
 
 
@@ -542,7 +544,8 @@ def _write_config(workdir: str, config: config_lib.Config) -> None:
 # scaling-law inputs assume one batch shape per run). Other keys may change and are logged.
 _RESUME_FIXED = ("model.", "quant.method", "quant.act_bits", "quant.layers", "quant.qkr",
                  "quant.hadamard", "data.tokenizer", "data.token_dtype", "train.batch_size",
-                 "train.seq_len", "optim.name")
+                 "train.seq_len", "optim.name", "constraints.method", "constraints.roles",
+                 "constraints.reparam", "constraints.cond_gain")
 _RESUME_FREE = ("model.attention.impl", "model.compute_dtype", "model.remat")
 
 
