@@ -207,7 +207,8 @@ def test_power_iteration_buffer_is_in_the_state_and_resume_is_exact(tmp_path):
   import os
   from effjax.train import trainer
   from effjax.train.metrics import read_metrics
-  overrides = ("--config.train.steps=4", "--config.train.log_every=1",
+  overrides = ("--config.train.steps=4", "--config.train.warmup_steps=1",
+               "--config.train.log_every=1",
                "--config.train.checkpoint_every=100", "--config.train.eval_every=2",
                "--config.constraints.method=spectral_normalize", "--config.constraints.w_max=0.5",
                "--config.train.lr=0.05")
@@ -286,3 +287,58 @@ def test_certified_bound_holds_and_needs_every_term():
     if term is not None:
       without = float(bound(params, (term,))["constraints/lipschitz_bound_residual"])
       assert without < seen, (name, term, without, seen)
+
+
+# ----------------------------------------------------------------------------- reparam
+
+
+def test_weight_conditioning_gives_unit_rows_and_lowers_kappa():
+  from effjax.constraints.reparam import WeightCond, condition
+  hook = WeightCond(24, axes=("embed", "mlp"), gain=False, stop_grad=False)
+  rng = np.random.default_rng(0)
+  for seed in range(20):
+    # random matrices whose output units (columns here, rows of the paper's W) differ in scale
+    scales = np.exp(rng.uniform(-2, 2, size=24))
+    w = jnp.asarray(rng.normal(size=(40, 24)) * scales, jnp.float32)
+    cond = hook.weight(w)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(cond), axis=0), 1.0, rtol=1e-5)
+    assert float(condition(cond)) <= float(condition(w)), seed
+
+
+def test_weight_norm_forward_is_g_v_over_norm_v_and_conditioning_gradients():
+  cfg = _cfg("--config.constraints.reparam=weight_norm")
+  plain_cfg = _cfg()
+  m, plain = models.build(cfg, 257), models.build(plain_cfg, 257)
+  params = jax.tree.map(lambda x: x, m.initial_params)
+  rng = np.random.default_rng(1)
+  q = params["blocks"]["layers"][0]["attn"]["q"]
+  q["reparam"]["gain"] = jnp.asarray(rng.uniform(0.5, 2.0, q["reparam"]["gain"].shape),
+                                     jnp.float32)
+  # The plain model with every block kernel replaced by g V / ||V|| (columns = output units).
+  plain_params = jax.tree.map(lambda x: x, plain.initial_params)
+  for i, layer in params["blocks"]["layers"].items():
+    for mod, slots in (("attn", "qkvo"), ("ffn", ("gate", "up", "down"))):
+      for slot in slots:
+        lin = layer[mod][slot]
+        v = np.asarray(lin["kernel"], np.float64)
+        w = np.asarray(lin["reparam"]["gain"]) * v / np.linalg.norm(v, axis=0)
+        plain_params["blocks"]["layers"][i][mod][slot]["kernel"] = jnp.asarray(w, jnp.float32)
+  for key in ("embed", "head", "final_norm"):
+    plain_params[key] = params[key]
+  ids = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 256)
+  got = m.apply(params, m.initial_buffers, ids)[0]
+  want = plain.apply(plain_params, plain.initial_buffers, ids)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+  # Weight conditioning: with the gradient through E the loss is invariant to each column's
+  # scale, so dL/dW_j is orthogonal to W_j; with stop-gradient it is E dL/dW~, which is not.
+  def column_dots(extra):
+    c = _cfg("--config.constraints.reparam=weight_cond", *extra)
+    mc = models.build(c, 257)
+    loss = lambda p: jnp.mean(mc.apply(p, mc.initial_buffers, ids)[0] ** 2)
+    g = jax.grad(loss)(mc.initial_params)["blocks"]["layers"][0]["ffn"]["up"]["kernel"]
+    w = mc.initial_params["blocks"]["layers"][0]["ffn"]["up"]["kernel"]
+    return np.abs(np.sum(np.asarray(g) * np.asarray(w), axis=0)) / (
+        np.linalg.norm(g, axis=0) * np.linalg.norm(w, axis=0))
+  assert column_dots(()).max() < 1e-4
+  assert column_dots(("--config.constraints.cond_stop_grad=true",)).max() > 1e-2

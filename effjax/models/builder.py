@@ -10,7 +10,8 @@ model from slots.
                  the GELU MLP, norm-free convex-residual blocks, no final norm; 1/d logits)
   projections    `linear(kind, d_in, d_out, *, axes, std, slot)`: every block linear comes
                  from this factory, which tags it (kind, layer, slot) and attaches the
-                 quantizer hooks of quant.* for the kinds in quant.layers
+                 quantizer hooks of quant.* for the kinds in quant.layers, or the
+                 reparameterisation of constraints.reparam (weight norm / conditioning)
 
 Modules receive built parts and never see the config sections they do not run. Parameters
 are created in a fixed order (embedding, positions, per layer: q, k, v, o, FFN; final
@@ -31,6 +32,7 @@ from effjax.models.qkr import QKRAttention
 from effjax.models.stack import Block, PlainStack, ScannedStack
 from effjax.models.transformer import (Dims, Transformer, attention_scale, expert_dim,
                                        hidden_init_std, width_mult)
+from effjax.constraints.reparam import make_reparam
 from effjax.quant.hooks import make_hooks
 
 
@@ -44,6 +46,7 @@ class Builder:
     self.quant = config.quant if config.quant.method != "none" else None
     self.moe_layers = moe_layer_indices(config.model.moe, dims.n_layers)
     self.lipschitz = config.model.arch == "lipschitz"
+    self.reparam = config.constraints if config.constraints.reparam != "none" else None
 
   # ---- projections
   def linear_for(self, layer: int | None):
@@ -54,6 +57,9 @@ class Builder:
       if self.quant is not None and kind in self.quant.layers:
         hooks = make_hooks(self.quant, d_in, d_out, std=d_in ** -0.5 if std is None else std,
                            axes=axes)
+      if self.reparam is not None and kind in self.reparam.reparam_kinds:
+        hooks = make_reparam(self.reparam, d_in, d_out, axes=axes,
+                             std=d_in ** -0.5 if std is None else std)
       return Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
                     tag=Tag(kind, layer, slot), **kwargs)
     return make
