@@ -105,7 +105,8 @@ def _constrained_norms(cfg, params):
   from effjax.models.index import get_path
   import dataclasses
   spec = models.build(cfg, 257).specs
-  cfg = dataclasses.replace(cfg, constraints=dataclasses.replace(cfg.constraints, method="svd_clip"))
+  cfg = dataclasses.replace(cfg, constraints=dataclasses.replace(cfg.constraints,
+                                                                method="svd_clip"))
   paths = constraints.constrained_paths(cfg, spec)  # every matrix of constraints.roles
   assert paths
   return np.concatenate([np.atleast_1d(rms_norms(get_path(params, p))) for p in paths])
@@ -188,8 +189,8 @@ def test_hammer_moves_only_sigma_1_and_experts_are_projected_one_by_one():
   sigma, u, v = P.power_iteration(w, jnp.ones((2, 20)), 30)
   np.testing.assert_allclose(sigma, [5.0, 0.5], rtol=1e-5)
   hammered = P.spectral_hammer(w, sigma, u, v, s)
-  np.testing.assert_allclose(sorted(_svals(hammered[0]), reverse=True)[:5], [2.0, 1.5, 1.2, 1.0, 0.5],
-                             atol=1e-4)
+  np.testing.assert_allclose(sorted(_svals(hammered[0]), reverse=True)[:5],
+                             [2.0, 1.5, 1.2, 1.0, 0.5], atol=1e-4)
   assert np.linalg.matrix_rank(np.asarray(hammered[0] - w[0]), tol=1e-4) == 1
   np.testing.assert_array_equal(hammered[1], w[1])  # within the bound: untouched
   normalized = P.spectral_normalize(w, sigma, s)
@@ -362,3 +363,25 @@ def test_lipschitz_run_logs_its_certificate(tmp_path):
     assert key in last and last[key] > 0, key
   assert 0 < last["constraints/max_activation_norm"] <= last["constraints/activation_bound"]
   assert last["constraints/max_rms_norm"] <= 1.0 + 1e-4
+
+
+def test_eight_device_constrained_muon_run_matches_one_device(tmp_path):
+  """Muon (masked optimizer state) + spectral normalisation (power-iteration buffers sharded
+  along each kernel's output axis) on an fsdp x tensor mesh of 8 CPU devices equals 1 device."""
+  import json
+  from tests.conftest import run_module
+  from tests.test_train import _SHARDED, _train_losses
+  extra = ["--config.optim.name=muon", "--config.constraints.method=spectral_normalize",
+           "--config.constraints.w_max=0.5", "--config.train.lr=0.005",
+           "--config.train.warmup_steps=1"]
+  one = run_module(["-c", _SHARDED, str(tmp_path / "one"), *extra])
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = run_module(["-c", _SHARDED, str(tmp_path / "eight"), *extra, "--config.mesh.fsdp=4",
+                      "--config.mesh.tensor=2"],
+                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  assert json.loads(eight.stdout.strip().splitlines()[-1])["devices"] == 8
+  a, b = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "eight")
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  # As in tests/test_train.py: sharded reductions sum in another order (fp32 round-off).
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-4)

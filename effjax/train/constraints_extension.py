@@ -53,6 +53,7 @@ class ConstraintsExtension(Extension):
     self.bounds = (soft_cap_bounds(config, model.specs, self.paths)
                    if config.constraints.method == "soft_cap" else None)
     self._eval = jax.jit(self._eval_metrics)
+    self._act = jax.jit(lambda p, b, ids: lipschitz.max_activation_norm(model, p, b, ids))
 
   def hooks(self):
     if not self.paths:
@@ -97,5 +98,4 @@ class ConstraintsExtension(Extension):
     batches = self.eval_data
     if not batches:
       return float("nan")
-    fn = jax.jit(lambda p, b, ids: lipschitz.max_activation_norm(self.model, p, b, ids))
-    return float(max(fn(state.params, state.buffers, batch["inputs"]) for batch in batches))
+    return float(max(self._act(state.params, state.buffers, batch["inputs"]) for batch in batches))
