@@ -27,10 +27,12 @@ from effjax.parallel import sharding
 
 
 def _check_roles(config: Config) -> None:
-  unknown = set(config.optim.no_decay_roles) - set(ROLES)
-  if unknown:
-    raise ConfigError(f"optim.no_decay_roles has unknown roles {sorted(unknown)}; valid "
-                      f"roles: {', '.join(ROLES)}.")
+  for key in ("optim.no_decay_roles", "optim.muon_roles", "constraints.roles"):
+    section, name = key.split(".")
+    unknown = set(getattr(getattr(config, section), name)) - set(ROLES)
+    if unknown:
+      raise ConfigError(f"{key} has unknown roles {sorted(unknown)}; valid roles: "
+                        f"{', '.join(ROLES)}.")
 
 
 def _check_moe(config: Config) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 
 from effjax.config.base import ConfigError, _check_sign, _field  # noqa: F401
+from effjax.config.constraints import ConstraintsConfig  # noqa: F401
 from effjax.config.mesh import DcnConfig, MeshConfig  # noqa: F401
 from effjax.config.model import AttentionConfig, ModelConfig, MoEConfig  # noqa: F401
 from effjax.config.mor import MoRConfig  # noqa: F401
@@ -44,6 +45,7 @@ class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+  constraints: ConstraintsConfig = dataclasses.field(default_factory=ConstraintsConfig)
 
 
 # ----------------------------------------------------------------------------- keys

@@ -115,6 +115,8 @@ class ModelConfig:
   scan_layers: bool = _field(False, doc="run the blocks as one jax.lax.scan over parameters "
                              "stacked on a leading 'layers' axis (compile time on deep models); "
                              "needs identical layers (effjax/checks.py)")
+  arch: str = _field("standard", ("standard", "lipschitz"), "lipschitz: no norms, convex "
+                     "residuals, 1/d logits, GELU/1.1289 MLP (docs/constraints.md)")
   param: str = _field("sp", ("sp", "mup"), "standard parameterisation or muP (docs/mup.md)")
   base_width: int = _field(0, doc="muP proxy width d0 (0: d_model, i.e. width multiplier 1)")
   output_mult: float = _field(1.0, doc="muP alpha_out: logits = alpha_out * (W h) / m")

@@ -87,7 +87,9 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  name: str = _field("adamw", ("adamw",))
+  name: str = _field("adamw", ("adamw", "muon"),
+                      "muon: Muon for the matrices of optim.muon_roles, AdamW for the rest "
+                      "(docs/constraints.md)")
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
@@ -100,6 +102,28 @@ class OptimConfig:
                               "al. 2025: e = 1/2 (e = 1 is the mup rule on every matrix)")
   wd_tau: float = _field(0.0, doc="power_lines: target AdamW timescale tau = B/(lr*wd*D) "
                          "(fraction of training); sets wd from lr, batch and steps when > 0")
+  muon_roles: tuple = _field(("hidden", "expert"), doc="muon: parameter roles whose matrices "
+                             "Muon trains (the others: AdamW)")
+  muon_lr_mult: float = _field(10.0, doc="muon: Muon's lr = train.lr x this (its updates have "
+                               "RMS->RMS norm ~ lr)")
+  muon_beta: float = _field(0.95, doc="muon: momentum")
+  muon_nesterov: bool = _field(True, doc="muon: Nesterov momentum")
+  muon_ns: str = _field("quintic", ("quintic", "cubic"), "muon: Newton-Schulz coefficients")
+  muon_ns_steps: int = _field(5, doc="muon: Newton-Schulz iterations")
+
+  def check(self, config: Config) -> None:
+    del config
+    if self.name != "muon":
+      return
+    if self.wd_rule != "none":
+      raise ConfigError(f"optim.wd_rule={self.wd_rule} is derived for AdamW's timescale "
+                        "(docs/mup.md); with optim.name=muon use optim.wd_rule=none.")
+    if self.muon_lr_mult <= 0 or self.muon_ns_steps < 1 or not 0 <= self.muon_beta < 1:
+      raise ConfigError(f"optim.muon_lr_mult must be > 0 (got {self.muon_lr_mult}), "
+                        f"optim.muon_ns_steps >= 1 (got {self.muon_ns_steps}) and "
+                        f"optim.muon_beta in [0, 1) (got {self.muon_beta}).")
+    if not self.muon_roles:
+      raise ConfigError("optim.muon_roles is empty: name the roles Muon trains, e.g. hidden.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 
 from effjax.config import Config
+from effjax import constraints
 from effjax.models import mup
 from effjax.models.builder import Builder
 from effjax.models.index import ModelIndex, tagged
@@ -170,4 +171,5 @@ def build(config: Config, tokenizer_vocab: int | None, seed: int | None = None,
     base = nnx.eval_shape(lambda: Builder(base_config, base_dims, batch_groups=batch_groups,
                                           rngs=nnx.Rngs(params=seed)).model())
     mup.apply_width_rules(module, base)
+  constraints.attach_power_buffers(module, config)  # no-op unless constraints.method needs them
   return FunctionalModel(module)

@@ -6,10 +6,12 @@ model from slots.
                  stacked on a leading layer axis, run by one scan); remat optional; MoR
                  plugs in here
   attention      Attention, or QKRAttention under quant.qkr
-  ffn            SwiGLU, or MoE in the layers model.moe.layers names
+  ffn            SwiGLU, or MoE in the layers model.moe.layers names (model.arch=lipschitz:
+                 the GELU MLP, norm-free convex-residual blocks, no final norm; 1/d logits)
   projections    `linear(kind, d_in, d_out, *, axes, std, slot)`: every block linear comes
                  from this factory, which tags it (kind, layer, slot) and attaches the
-                 quantizer hooks of quant.* for the kinds in quant.layers
+                 quantizer hooks of quant.* for the kinds in quant.layers, or the
+                 reparameterisation of constraints.reparam (weight norm / conditioning)
 
 Modules receive built parts and never see the config sections they do not run. Parameters
 are created in a fixed order (embedding, positions, per layer: q, k, v, o, FFN; final
@@ -23,6 +25,7 @@ from flax import nnx
 from effjax.config import Config
 from effjax.models.attention import Attention
 from effjax.models.layers import Embed, Linear, RMSNorm, Tag
+from effjax.models.lipschitz import GeluMLP, Identity, LipschitzBlock
 from effjax.models.mlp import SwiGLU
 from effjax.models.moe import MoE, moe_layer_indices
 from effjax.models.mor import RecursionStack
@@ -30,6 +33,7 @@ from effjax.models.qkr import QKRAttention
 from effjax.models.stack import Block, PlainStack, ScannedStack
 from effjax.models.transformer import (Dims, Transformer, attention_scale, expert_dim,
                                        hidden_init_std, width_mult)
+from effjax.constraints.reparam import make_reparam
 from effjax.quant.hooks import make_hooks
 
 
@@ -42,6 +46,8 @@ class Builder:
     self.batch_groups, self.rngs = batch_groups, rngs
     self.quant = config.quant if config.quant.method != "none" else None
     self.moe_layers = moe_layer_indices(config.model.moe, dims.n_layers)
+    self.lipschitz = config.model.arch == "lipschitz"
+    self.reparam = config.constraints if config.constraints.reparam != "none" else None
 
   # ---- projections
   def linear_for(self, layer: int | None):
@@ -52,6 +58,9 @@ class Builder:
       if self.quant is not None and kind in self.quant.layers:
         hooks = make_hooks(self.quant, d_in, d_out, std=d_in ** -0.5 if std is None else std,
                            axes=axes)
+      if self.reparam is not None and kind in self.reparam.reparam_kinds:
+        hooks = make_reparam(self.reparam, d_in, d_out, axes=axes,
+                             std=d_in ** -0.5 if std is None else std)
       return Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
                     tag=Tag(kind, layer, slot), **kwargs)
     return make
@@ -64,8 +73,9 @@ class Builder:
   # ---- slots
   def attention(self, layer: int):
     c, d = self.model_config, self.dims
+    scale = 1.0 / d.head_dim if self.lipschitz else attention_scale(c, d.head_dim)
     kwargs = dict(config=c.attention, rope_theta=c.rope_theta, init_std=c.init_std,
-                  n_layers=d.n_layers, norm_eps=c.norm_eps, scale=attention_scale(c, d.head_dim),
+                  n_layers=d.n_layers, norm_eps=c.norm_eps, scale=scale,
                   zero_init_query=c.zero_init_query, use_rope=c.position == "rope",
                   linear=self.linear_for(layer))
     args = (d.d_model, d.n_heads, d.n_kv_heads, d.head_dim)
@@ -86,12 +96,17 @@ class Builder:
       return MoE(d.d_model, c.moe, expert_dim=expert_dim(c, d), init_std=c.init_std,
                  n_layers=d.n_layers, batch_groups=self.batch_groups, rngs=self.rngs,
                  shared_linear=self.plain_linear_for(layer), tag=Tag("moe", layer, "ffn"))
+    if self.lipschitz:
+      return GeluMLP(d.d_model, d.mlp_dim, init_std=c.init_std, n_layers=d.n_layers,
+                     linear=self.linear_for(layer))
     return SwiGLU(d.d_model, d.mlp_dim, init_std=c.init_std, n_layers=d.n_layers,
                   linear=self.linear_for(layer))
 
   def block(self, layer: int) -> Block:
     attn = self.attention(layer)
     ffn = self.ffn(layer)
+    if self.lipschitz:
+      return LipschitzBlock(attn, ffn, n_layers=self.dims.n_layers, tag=Tag("block", layer))
     return Block(attn, ffn, d_model=self.dims.d_model, eps=self.model_config.norm_eps,
                  tag=Tag("block", layer))
 
@@ -111,7 +126,7 @@ class Builder:
     positions = Embed(c.max_positions, d.d_model, rngs=rngs, std=c.init_std,
                       axes=(None, "embed")) if c.position == "learned" else None
     stack = self.stack()
-    final_norm = RMSNorm(d.d_model, eps=c.norm_eps)
+    final_norm = Identity() if self.lipschitz else RMSNorm(d.d_model, eps=c.norm_eps)
     head = None if c.tie_embeddings else Linear(
         d.d_model, d.vocab, rngs=rngs, role="readout", axes=("embed", "vocab"),
         std=c.init_std, zero_init=c.zero_init_readout, tag=Tag("readout"))

@@ -6,6 +6,12 @@ change the multipliers, not the optimizer: see `multipliers_from_roles`.
 
 Update (decoupled AdamW, Loshchilov & Hutter 2019), per leaf with lr multiplier m
 and decay multiplier k:  p <- p - lr_t * m * (adam(g) + wd * k * p).
+
+optim.name=muon: the matrices of optim.muon_roles take the Muon direction
+(effjax/optim/muon.py) instead of adam(g), with m = optim.muon_lr_mult (Muon's
+sqrt(fan_out/fan_in) update scale is already the width rule, so muP's Adam multipliers
+are not applied to them); every other leaf stays on AdamW with its muP multiplier. The
+decay is the same decoupled term for both.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from effjax.config import Config
-from effjax.optim import scaling
+from effjax.models.layers import layer_stacked
+from effjax.optim import muon, scaling
 from effjax.optim.schedules import make_schedule
 
 
@@ -30,6 +37,16 @@ def multipliers_from_roles(config: Config, specs: dict) -> tuple[dict, dict]:
   lr_mult = jax.tree.map(lambda s: scaling.lr_multiplier(s, config), specs, is_leaf=_is_spec)
   wd_mult = jax.tree.map(lambda s: scaling.wd_multiplier(s, config), specs, is_leaf=_is_spec)
   return lr_mult, wd_mult
+
+
+def muon_labels(config: Config, specs: dict) -> dict:
+  """'muon' for the matrices of optim.muon_roles under optim.name=muon, else 'adam'."""
+  o = config.optim
+
+  def label(spec):
+    matrix = len(spec.axes) - layer_stacked(spec.axes) >= 2
+    return "muon" if o.name == "muon" and spec.role in o.muon_roles and matrix else "adam"
+  return jax.tree.map(label, specs, is_leaf=_is_spec)
 
 
 def decoupled_weight_decay(weight_decay: float, wd_mult: dict) -> optax.GradientTransformation:
@@ -72,8 +89,17 @@ def make_optimizer(config: Config, specs: dict) -> tuple[optax.GradientTransform
   parts = []
   if o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
+  adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+  if o.name == "muon":
+    labels = muon_labels(config, specs)
+    lr_mult = jax.tree.map(lambda m, lab: o.muon_lr_mult if lab == "muon" else m, lr_mult, labels)
+    direction = optax.multi_transform({"adam": adam, "muon": muon.scale_by_muon(
+        beta=o.muon_beta, nesterov=o.muon_nesterov, coeffs=muon.NS_COEFFS[o.muon_ns],
+        steps=o.muon_ns_steps)}, labels)
+  else:
+    direction = adam
   parts += [
-      optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+      direction,
       decoupled_weight_decay(scaling.base_weight_decay(config), wd_mult),
       scale_by_tree(lr_mult),
       optax.scale_by_learning_rate(schedule),

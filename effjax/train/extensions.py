@@ -7,7 +7,8 @@ An extension may contribute
     are summed over micro-batches: `step_metrics(aux)` (overrides same-named metrics);
   * a static per-step phase for the model (e.g. a top-k schedule): `phase(step)`
     returns hashable model-context fields; the trainer compiles one step per distinct phase;
-  * metrics at each eval from the state and the eval-set stats: `on_eval(state, stats)`;
+  * metrics at each eval from the state and the eval-set stats: `on_eval(state, stats)`
+    (the eval batches themselves are in `self.eval_data`, set by the trainer);
   * extra evaluations of the same parameters under other model configs (e.g. MoR's other
     selection rule), reported as eval/<name>/loss: `eval_variants()`;
   * end-of-run artifacts (plots): `on_end(workdir, eval_stats)`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 class Extension:
   name = "extension"
+  eval_data: list = []  # the eval batches (global arrays), set by the trainer
 
   def hooks(self) -> list:
     return []

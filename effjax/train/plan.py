@@ -52,8 +52,10 @@ def state_shardings(model: models.FunctionalModel, tx: optax.GradientTransformat
   repl = replicated(mesh)
   p_shard = param_shardings(model.specs, model.initial_params, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, model.initial_params)
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard,
-                                    transform_non_params=lambda _: repl)
+  # optax.multi_transform (optim.name=muon) leaves a MaskedNode where a branch skips a param.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_shard = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_shapes, p_shard,
+                                    transform_non_params=lambda _: repl, is_leaf=masked)
   b_shard = jax.tree.map(
       lambda spec, x: repl if spec.axes is None else NamedSharding(
           mesh, logical_to_spec(spec.axes, x.shape, mesh, rules)),

@@ -3,6 +3,7 @@ the loop is one line here (its class says when it is on: `enabled(config)`)."""
 
 from __future__ import annotations
 
+from effjax.train.constraints_extension import ConstraintsExtension
 from effjax.train.extensions import Extension
 from effjax.train.moe_extension import MoEExtension
 from effjax.train.mor_extension import MoRExtension
@@ -10,7 +11,7 @@ from effjax.train.quant_extension import QuantExtension
 from effjax.train.spectral import SpectralExtension
 
 EXTENSIONS: tuple[type[Extension], ...] = (SpectralExtension, QuantExtension, MoEExtension,
-                                           MoRExtension)
+                                           MoRExtension, ConstraintsExtension)
 
 
 def build_extensions(config, model) -> list[Extension]:

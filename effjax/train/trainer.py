@@ -337,6 +337,8 @@ def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
   run.eval_data = [run.global_batch(b) for b in eval_batches]
   run.eval_sets = {name: [run.global_batch(b) for b in bs] for name, bs in eval_sets.items()}
   run.eval_data = run.eval_data or [b for bs in run.eval_sets.values() for b in bs]
+  for ext in run.extensions:
+    ext.eval_data = run.eval_data
   return run
 
 
@@ -639,7 +641,8 @@ def _write_config(workdir: str, config: config_lib.Config) -> None:
 # scaling-law inputs assume one batch shape per run). Other keys may change and are logged.
 _RESUME_FIXED = ("model.", "quant.method", "quant.act_bits", "quant.layers", "quant.qkr",
                  "quant.hadamard", "data.tokenizer", "data.token_dtype", "train.batch_size",
-                 "train.seq_len", "optim.name")
+                 "train.seq_len", "optim.name", "constraints.method", "constraints.roles",
+                 "constraints.reparam", "constraints.cond_gain")
 _RESUME_FREE = ("model.attention.impl", "model.compute_dtype", "model.remat")
 
 
