@@ -6,6 +6,7 @@ import dataclasses
 import typing
 
 from effjax.config.base import ConfigError, _check_sign, _field
+from effjax.config.masa import SHARING, MasaConfig
 
 if typing.TYPE_CHECKING:
   from effjax.config import Config
@@ -27,6 +28,8 @@ class AttentionConfig:
   lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
   lssar_offset_rows: int = _field(3, doc="rows i <= this use offset O_i = 0")
   doc_mask: bool = _field(True, doc="restrict attention to the token's own packed document")
+  sharing: str = _field("none", SHARING, "attention parameter sharing: MASA or a baseline, "
+                        "sized by model.masa.* (docs/masa.md)")
 
   def check(self, config: Config) -> None:
     del config
@@ -120,6 +123,7 @@ class ModelConfig:
   zero_init_readout: bool = _field(False, doc="initialise the untied LM head at zero")
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+  masa: MasaConfig = dataclasses.field(default_factory=MasaConfig)
 
   def check(self, config: Config) -> None:
     positive = {"model.d_model": self.d_model, "model.n_layers": self.n_layers,
@@ -147,3 +151,4 @@ class ModelConfig:
                         f"train.seq_len ({seq_len}); set it >= seq_len or 0 (= seq_len).")
     self.attention.check(config)
     self.moe.check(config)
+    self.masa.check(config)
