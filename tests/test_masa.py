@@ -312,3 +312,19 @@ def test_masa_composes_with_gqa_moe_lssa_and_scan(overrides):
     np.testing.assert_allclose(_logits(model, params, ids),
                                _logits(plain, unstack_layers(params, 6), ids),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_study_baselines_are_at_an_equal_attention_budget():
+  """Study A's equal-budget group (MASA-QKVO S = L/3, low-rank at the matched rank,
+  sequential and repeat-all-over with L/3 sets) is within 5% of one attention budget, a
+  third of dense; MASA's coefficient MLP is the only extra."""
+  from effjax.experiments import masa as study
+  base = study.base_config()
+  budgets = {v.name: study.attention_budget(C.apply_overrides(base, v.overrides))
+             for v in study.variants_a(base)}
+  masa_qkvo = budgets["masa_qkvo"]["total"]
+  for name in study.EQUAL_BUDGET:
+    assert abs(budgets[name]["total"] / masa_qkvo - 1) < 0.05, (name, budgets[name])
+  assert budgets["masa_qkvo"]["total"] - budgets["masa_qkvo"]["coef"] == \
+      budgets["dense"]["total"] // 3
+  assert budgets["dense"]["total"] == budgets["dense"]["dense"]
