@@ -328,3 +328,14 @@ def test_study_baselines_are_at_an_equal_attention_budget():
   assert budgets["masa_qkvo"]["total"] - budgets["masa_qkvo"]["coef"] == \
       budgets["dense"]["total"] // 3
   assert budgets["dense"]["total"] == budgets["dense"]["dense"]
+
+
+@pytest.mark.parametrize("score", ["softmax", "lssar"])
+def test_query_chunked_attention_equals_the_full_reference(score):
+  """model.attention.query_chunk (long evaluation, Study B) computes the same attention."""
+  from effjax.models.attention import attend
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 40, 4, 8)) for i in range(3))
+  full = C.AttentionConfig(score=score, impl="xla")
+  chunked = C.AttentionConfig(score=score, impl="xla", query_chunk=16)
+  np.testing.assert_allclose(attend(q, k, v, config=chunked), attend(q, k, v, config=full),
+                             rtol=1e-5, atol=1e-5)

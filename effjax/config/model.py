@@ -28,11 +28,17 @@ class AttentionConfig:
   lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
   lssar_offset_rows: int = _field(3, doc="rows i <= this use offset O_i = 0")
   doc_mask: bool = _field(True, doc="restrict attention to the token's own packed document")
+  query_chunk: int = _field(0, doc="the XLA reference path: evaluate this many queries at a time "
+                            "(memory linear in length, for long evaluation; 0: all at once; "
+                            "not the log_n_scale baseline)")
   sharing: str = _field("none", SHARING, "attention parameter sharing: MASA or a baseline, "
                         "sized by model.masa.* (docs/masa.md)")
 
   def check(self, config: Config) -> None:
     del config
+    if self.query_chunk < 0:
+      raise ConfigError(f"model.attention.query_chunk must be >= 0 (0: off); got "
+                        f"{self.query_chunk}.")
     if self.log_n_scale and (self.score != "softmax" or self.impl not in ("auto", "xla")):
       raise ConfigError(f"model.attention.log_n_scale=true is the softmax + log-n baseline: it "
                         f"needs model.attention.score=softmax (got {self.score}) and impl auto or "

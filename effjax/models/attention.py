@@ -71,6 +71,12 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
   if impl == "auto" and not platform:
     impl = "xla"
   xla = impl == "xla" or config.log_n_scale
+  if config.query_chunk and impl == "xla" and not config.log_n_scale:
+    from pallas_kernels.attention import reference  # pylint: disable=g-import-not-at-top
+    return reference.chunked_attention(
+        q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, chunk_size=config.query_chunk, causal=True,
+        score=config.score, segment_ids=segment_ids_BxL, scale=scale, p=config.lssar_p,
+        reweight_offset_rows=config.lssar_offset_rows)
   if config.score == "softmax" and xla:
     log_n = positions_BxL + 1 if config.log_n_scale else None
     return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
