@@ -339,3 +339,34 @@ def test_query_chunked_attention_equals_the_full_reference(score):
   chunked = C.AttentionConfig(score=score, impl="xla", query_chunk=16)
   np.testing.assert_allclose(attend(q, k, v, config=chunked), attend(q, k, v, config=full),
                              rtol=1e-5, atol=1e-5)
+
+
+_RUN = r"""
+import json, sys
+import jax
+from effjax import checks
+from effjax.train import trainer
+cfg, _ = checks.load(["--config=configs/tiny.py", "--config.train.steps=5",
+                      "--config.train.log_every=1", "--config.train.eval_every=5",
+                      "--config.model.n_layers=3", "--config.model.attention.sharing=masa"]
+                     + sys.argv[2:], num_devices=jax.device_count())
+print(json.dumps({"exit": trainer.train(cfg, sys.argv[1], quiet=True).exit_code}))
+"""
+
+
+@pytest.mark.slow
+def test_masa_on_8_devices_matches_1(tmp_path):
+  """Atoms sharded like their projections (fsdp x tensor): the same losses as one device.
+  (slow: two trainer subprocesses, ~1 min on 2 idle cores)"""
+  from effjax.train.metrics import read_metrics
+  from tests.conftest import run_module
+  one = run_module(["-c", _RUN, str(tmp_path / "one")])
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = run_module(["-c", _RUN, str(tmp_path / "eight"), "--config.mesh.fsdp=4",
+                      "--config.mesh.tensor=2"],
+                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  get = lambda d: [r["train/loss"] for r in read_metrics(str(d) + "/metrics.jsonl")
+                   if "train/loss" in r]
+  # reduction order differs across shardings: same tolerance as the MoE 8-device test
+  np.testing.assert_allclose(get(tmp_path / "eight"), get(tmp_path / "one"), rtol=1e-4)
