@@ -267,7 +267,7 @@ def test_atoms_and_coefficients_have_roles_sharded_like_their_projections():
   assert tuple(spec) == (None, "fsdp", "tensor")
 
 
-def test_qat_quantizes_the_built_weights_not_the_atoms():
+def test_qat_quantizes_the_built_weights_not_the_atoms(tmp_path):
   """With quant.method=quest the MASA model computes what a dense QuEST model with kernels
   W_l computes: the hook quantizes each built W_l."""
   cfg = _cfg(**{"model.attention.sharing": "masa", "quant.method": "quest",
@@ -281,6 +281,9 @@ def test_qat_quantizes_the_built_weights_not_the_atoms():
                              rtol=1e-5, atol=1e-5)
   unquantized = models.build(C.apply_overrides(cfg, {"quant.method": "none"}), None)
   assert not np.allclose(got, _logits(unquantized, params, ids), atol=1e-3)
+  from effjax.quant.export import export  # it reads stored kernels: refuses, not silently wrong
+  with pytest.raises(ValueError, match="model.attention.sharing"):
+    export(cfg, params, str(tmp_path / "q.npz"), model.index)
 
 
 # ------------------------------------------------------------------------------- composition
