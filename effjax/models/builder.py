@@ -58,13 +58,13 @@ class Builder:
         hooks = make_hooks(self.quant, d_in, d_out, std=d_in ** -0.5 if std is None else std,
                            axes=axes)
       if kind in ("qkv", "attn_out") and slot in self.shared_slots:
-        return self.shared_linear(d_in, d_out, axes=axes, std=std, tag=Tag(kind, layer, slot),
-                                  hooks=hooks, **kwargs)
+        return self.shared_projection(d_in, d_out, axes=axes, std=std,
+                                      tag=Tag(kind, layer, slot), hooks=hooks, **kwargs)
       return Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
                     tag=Tag(kind, layer, slot), **kwargs)
     return make
 
-  def shared_linear(self, d_in, d_out, *, axes, std, tag, hooks, zero_init=False):
+  def shared_projection(self, d_in, d_out, *, axes, std, tag, hooks, zero_init=False):
     """A shared attention projection (model.attention.sharing): low-rank, or a SharedLinear
     whose weight the stack builds (its dense shape and init recorded for the weight source)."""
     del zero_init  # refused for shared slots by the config check (model.zero_init_query)

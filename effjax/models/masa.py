@@ -43,7 +43,6 @@ from flax import nnx
 
 from effjax.models.layers import LinearHook, Tag, make_param, normal_init
 
-SLOTS = {"q": "q", "k": "k", "v": "v", "o": "o"}  # model.masa.projections letter -> slot
 SHARED = ("masa", "sequential", "repeat_all_over")  # methods with a stack-level weight source
 
 
@@ -60,7 +59,7 @@ def shared_slots(config) -> tuple[str, ...]:
   """The slots (q, k, v, o) the model's attention sharing applies to ('' for none)."""
   if config.attention.sharing == "none":
     return ()
-  return tuple(SLOTS[c] for c in config.masa.projections)
+  return tuple(config.masa.projections)  # the letters are the Attention slot names
 
 
 class SharedLinear(nnx.Module):
