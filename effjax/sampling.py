@@ -9,6 +9,10 @@ The cache holds `context` tokens (default: the training length). When it is full
 `context // 2` tokens are prefilled again at positions 0.. (a sliding window in strides
 of half the context), so the model never sees positions beyond those it was trained on.
 
+Models without incremental decoding (Mixture-of-Recursions, shared attention weights built
+by the stack: `decode_unsupported` names why) are sampled with
+one full forward over a fixed [1, context] window per token instead: the same tokens, slower.
+
 Sampling (`sample`): temperature <= 0 is greedy; otherwise logits / temperature, restricted
 to the top_k most likely tokens (0: all), then to the smallest set whose probability
 reaches top_p (nucleus sampling, Holtzman et al. 2020; 1.0: all).
@@ -17,6 +21,7 @@ reaches top_p (nucleus sampling, Holtzman et al. 2020; 1.0: all).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Sequence
 
 import jax
@@ -46,6 +51,22 @@ def sample(logits_BxV, key, *, temperature: float, top_k: int = 0, top_p: float 
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def decode_unsupported(model, params, buffers) -> str | None:
+  """Why `model` has no KV-cache decoding (None: it has)."""
+  module = model.module(params, buffers)
+  stack = module.blocks
+  if not hasattr(stack, "init_cache"):
+    return f"{type(stack).__name__} has no KV cache (MoR's KV strategies are not built yet)"
+  if getattr(stack, "shared", None) is not None:
+    return "the attention weights are built by the stack (model.attention.sharing)"
+  layers = getattr(stack, "layers", ())
+  blocks = [layers] if hasattr(layers, "decode") else list(layers)  # scanned: one Block
+  for block in blocks:
+    if not hasattr(block, "decode"):
+      return f"{type(block).__name__} has no decode"
+  return None
+
+
 def generate(model, params, buffers, prompt_ids: Sequence[int], *, max_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              context: int, vocab: int | None = None, stop_id: int | None = None,
@@ -59,6 +80,13 @@ def generate(model, params, buffers, prompt_ids: Sequence[int], *, max_tokens: i
     raise ValueError("generate needs a non-empty prompt (e.g. the tokenizer's EOS id)")
   if context < 2:
     raise ValueError(f"context must be at least 2 tokens; got {context}")
+  reason = decode_unsupported(model, params, buffers)
+  if reason is not None:
+    logging.warning("generate: no KV cache for this model (%s); one full forward per token",
+                    reason)
+    return _generate_full(model, params, buffers, ids, max_tokens=max_tokens, rng=rng,
+                          temperature=temperature, top_k=top_k, top_p=top_p, context=context,
+                          vocab=vocab, stop_id=stop_id, **model_context)
   prefill, step = _compiled(model, context, temperature, top_k, top_p, vocab,
                             tuple(sorted(model_context.items())))
   out: list[int] = []
@@ -104,3 +132,27 @@ def _compiled(model, context, temperature, top_k, top_p, vocab, model_context):
 
   return prefill, step
 
+
+
+def _generate_full(model, params, buffers, ids: list[int], *, max_tokens, rng, temperature,
+                   top_k, top_p, context, vocab, stop_id, **model_context) -> list[int]:
+  """`generate` without a cache: the last `context` tokens in a fixed [1, context] window
+  (compiled once), the next token read at the last filled position."""
+  pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  @jax.jit
+  def next_token(window_1xL, length, key):
+    logits, _ = model.apply(params, buffers, window_1xL, **model_context)
+    logits_1xV = jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
+    return pick(logits_1xV[:, :vocab] if vocab else logits_1xV, key)[0]
+
+  out: list[int] = []
+  while len(out) < max_tokens:
+    window = (ids + out)[-context:]
+    padded = jnp.zeros((1, context), jnp.int32).at[0, :len(window)].set(
+        jnp.asarray(window, jnp.int32))
+    rng, key = jax.random.split(rng)
+    out.append(int(next_token(padded, jnp.int32(len(window)), key)))
+    if stop_id is not None and out[-1] == stop_id:
+      break
+  return out

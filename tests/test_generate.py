@@ -27,6 +27,7 @@ VARIANTS = {
     "log_n_tied_qknorm": ["--config.model.attention.log_n_scale=true",
                           "--config.model.tie_embeddings=true",
                           "--config.model.attention.qk_norm=true"],
+    "lipschitz": ["--config.model.arch=lipschitz", "--config.model.init_std=2.0"],
 }
 
 
@@ -111,3 +112,32 @@ def test_generate_cli_from_a_checkpoint(tmp_path):
   missing = run_module(["-m", "effjax.generate", f"--workdir={tmp_path}", "--step=7"])
   assert missing.returncode == 2 and "available: 2" in missing.stderr
   assert "Traceback" not in missing.stderr
+
+
+# Models without a KV cache (MoR, stack-built shared attention weights) sample with one full forward per token instead of failing.
+NO_CACHE = {
+    "mor": ["--config.model.mor.recursions=2", "--config.model.mor.router=expert",
+            "--config.model.mor.sharing=cycle"],
+    "masa": ["--config.model.n_layers=3", "--config.model.attention.sharing=masa"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_CACHE))
+def test_models_without_a_cache_still_generate(name):
+  m, params, buffers = _model(*NO_CACHE[name])
+  assert sampling.decode_unsupported(m, params, buffers)
+  out = sampling.generate(m, params, buffers, [5, 6, 7], max_tokens=3, context=8,
+                          rng=jax.random.PRNGKey(0), temperature=0.0, vocab=256)
+  assert len(out) == 3 and all(0 <= t < 256 for t in out)
+
+
+def test_the_full_forward_fallback_gives_the_cached_tokens():
+  m, params, buffers = _model()
+  assert sampling.decode_unsupported(m, params, buffers) is None
+  kw = dict(max_tokens=12, context=8, rng=jax.random.PRNGKey(0), temperature=0.0, vocab=256)
+  cached = sampling.generate(m, params, buffers, [5, 6, 7], **kw)
+  full = sampling._generate_full(m, params, buffers, [5, 6, 7], top_k=0, top_p=1.0,
+                                 stop_id=None, **kw)
+  # greedy, the window slides once: the cache re-prefills half the context, the fallback
+  # keeps the last `context` tokens, so only the tokens before the first slide must agree
+  assert cached[:5] == full[:5]

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from effjax.config.base import ConfigError, _check_sign, _field  # noqa: F401
 from effjax.config.constraints import ConstraintsConfig  # noqa: F401
+from effjax.config.masa import MasaConfig  # noqa: F401
 from effjax.config.mesh import DcnConfig, MeshConfig  # noqa: F401
 from effjax.config.model import AttentionConfig, ModelConfig, MoEConfig  # noqa: F401
 from effjax.config.mor import MoRConfig  # noqa: F401

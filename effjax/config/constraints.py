@@ -46,6 +46,14 @@ class ConstraintsConfig:
 
   def check(self, config: Config) -> None:
     _check_lipschitz_arch(config)
+    sharing = config.model.attention.sharing
+    if (self.reparam != "none" and sharing != "none"
+        and set(self.reparam_kinds) & {"qkv", "attn_out"}):
+      raise ConfigError(f"constraints.reparam={self.reparam} on attention projections "
+                        f"(constraints.reparam_kinds={','.join(self.reparam_kinds)}) cannot run "
+                        f"with model.attention.sharing={sharing}: the shared weights are built "
+                        f"by the stack, not stored per layer; drop qkv/attn_out from "
+                        f"constraints.reparam_kinds or set model.attention.sharing=none.")
     if self.method != "none":
       if self.w_max <= 0:
         raise ConfigError(f"constraints.w_max must be > 0; got {self.w_max}.")

@@ -7,6 +7,7 @@ import typing
 
 from effjax.config.base import ConfigError, _check_sign, _field
 from effjax.config.mor import MoRConfig
+from effjax.config.masa import SHARING, MasaConfig
 
 if typing.TYPE_CHECKING:
   from effjax.config import Config
@@ -30,9 +31,17 @@ class AttentionConfig:
   lssar_p: float = _field(15.0, doc="LSSAR re-weighting power p")
   lssar_offset_rows: int = _field(3, doc="rows i <= this use offset O_i = 0")
   doc_mask: bool = _field(True, doc="restrict attention to the token's own packed document")
+  query_chunk: int = _field(0, doc="the XLA reference path: evaluate this many queries at a time "
+                            "(memory linear in length, for long evaluation; 0: all at once; "
+                            "not the log_n_scale baseline)")
+  sharing: str = _field("none", SHARING, "attention parameter sharing: MASA or a baseline, "
+                        "sized by model.masa.* (docs/masa.md)")
 
   def check(self, config: Config) -> None:
     del config
+    if self.query_chunk < 0:
+      raise ConfigError(f"model.attention.query_chunk must be >= 0 (0: off); got "
+                        f"{self.query_chunk}.")
     if self.log_n_scale and (self.score != "softmax" or self.impl not in ("auto", "xla")):
       raise ConfigError(f"model.attention.log_n_scale=true is the softmax + log-n baseline: it "
                         f"needs model.attention.score=softmax (got {self.score}) and impl auto or "
@@ -129,6 +138,7 @@ class ModelConfig:
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
   mor: MoRConfig = dataclasses.field(default_factory=MoRConfig)
+  masa: MasaConfig = dataclasses.field(default_factory=MasaConfig)
 
   def check(self, config: Config) -> None:
     positive = {"model.d_model": self.d_model, "model.n_layers": self.n_layers,
@@ -158,3 +168,4 @@ class ModelConfig:
     self.attention.check(config)
     self.moe.check(config)
     self.mor.check(config)
+    self.masa.check(config)

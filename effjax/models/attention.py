@@ -72,6 +72,12 @@ def attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, *, config: AttentionConfig, segment_
   if impl == "auto" and not platform:
     impl = "xla"
   xla = impl == "xla" or config.log_n_scale
+  if config.query_chunk and impl == "xla" and not config.log_n_scale:
+    from pallas_kernels.attention import reference  # pylint: disable=g-import-not-at-top
+    return reference.chunked_attention(
+        q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, chunk_size=config.query_chunk, causal=True,
+        score=config.score, segment_ids=segment_ids_BxL, scale=scale, p=config.lssar_p,
+        reweight_offset_rows=config.lssar_offset_rows)
   if config.score == "softmax" and xla:
     log_n = positions_BxL + 1 if config.log_n_scale else None
     return xla_softmax_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL=segment_ids_BxL,
@@ -117,20 +123,26 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def _qkv(self, x_BxLxD, positions_BxL):
+  def _project(self, slot: str, x, weights):
+    """A projection; one whose weight is shared (MASA etc.) takes its built weight."""
+    if weights is not None and slot in weights:
+      return getattr(self, slot)(x, weights[slot])
+    return getattr(self, slot)(x)
+
+  def _qkv(self, x_BxLxD, positions_BxL, weights=None):
     b, l, _ = x_BxLxD.shape
-    q = self.q(x_BxLxD).reshape(b, l, self.n_heads, self.head_dim)
-    k = self.k(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
-    v = self.v(x_BxLxD).reshape(b, l, self.n_kv_heads, self.head_dim)
+    q = self._project("q", x_BxLxD, weights).reshape(b, l, self.n_heads, self.head_dim)
+    k = self._project("k", x_BxLxD, weights).reshape(b, l, self.n_kv_heads, self.head_dim)
+    v = self._project("v", x_BxLxD, weights).reshape(b, l, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if not self.use_rope:  # absolute positions were added to the embedding
       return q, k, v
     return rope(q, positions_BxL, self.rope_theta), rope(k, positions_BxL, self.rope_theta), v
 
-  def logit_scale_probe(self, x_BxLxD, positions_BxL) -> jax.Array:
+  def logit_scale_probe(self, x_BxLxD, positions_BxL, weights=None) -> jax.Array:
     """Mean |scaled q.k| over causal pairs (coordinate checks only; recomputes q and k)."""
-    q, k, _ = self._qkv(x_BxLxD, positions_BxL)
+    q, k, _ = self._qkv(x_BxLxD, positions_BxL, weights)
     k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
     causal = jnp.tril(jnp.ones(logits.shape[-2:], bool))
@@ -140,11 +152,12 @@ class Attention(nnx.Module):
     return attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
                   positions_BxL=positions_BxL, scale=self.scale)
 
-  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None):
+  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None, weights=None):
+    """weights: {slot: W} of this layer's shared projections (effjax/models/masa.py)."""
     b, l, _ = x_BxLxD.shape
-    q, k, v = self._qkv(x_BxLxD, positions_BxL)
+    q, k, v = self._qkv(x_BxLxD, positions_BxL, weights)
     out = self._attend(q, k, v, positions_BxL, segment_ids_BxL)
-    return self.o(out.reshape(b, l, self.n_heads * self.head_dim))
+    return self._project("o", out.reshape(b, l, self.n_heads * self.head_dim), weights)
 
   # ---- incremental decoding (effjax/models/kv_cache.py)
   def kv_widths(self) -> tuple[int, int]:

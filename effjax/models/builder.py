@@ -11,7 +11,10 @@ model from slots.
   projections    `linear(kind, d_in, d_out, *, axes, std, slot)`: every block linear comes
                  from this factory, which tags it (kind, layer, slot) and attaches the
                  quantizer hooks of quant.* for the kinds in quant.layers, or the
-                 reparameterisation of constraints.reparam (weight norm / conditioning)
+                 reparameterisation of constraints.reparam (weight norm / conditioning); under
+                 model.attention.sharing the attention slots in model.masa.projections
+                 become low-rank, or SharedLinears whose weights the stack builds once per
+                 step (MASA atoms, shared matrix sets: effjax/models/masa.py)
 
 Modules receive built parts and never see the config sections they do not run. Parameters
 are created in a fixed order (embedding, positions, per layer: q, k, v, o, FFN; final
@@ -24,6 +27,7 @@ from flax import nnx
 
 from effjax.config import Config
 from effjax.models.attention import Attention
+from effjax.models import masa
 from effjax.models.layers import Embed, Linear, RMSNorm, Tag
 from effjax.models.lipschitz import GeluMLP, Identity, LipschitzBlock
 from effjax.models.mlp import SwiGLU
@@ -48,6 +52,8 @@ class Builder:
     self.moe_layers = moe_layer_indices(config.model.moe, dims.n_layers)
     self.lipschitz = config.model.arch == "lipschitz"
     self.reparam = config.constraints if config.constraints.reparam != "none" else None
+    self.shared_slots = masa.shared_slots(config.model)
+    self.shared_specs: dict[str, masa.ProjectionSpec] = {}  # slot -> dense shape and init
 
   # ---- projections
   def linear_for(self, layer: int | None):
@@ -58,12 +64,39 @@ class Builder:
       if self.quant is not None and kind in self.quant.layers:
         hooks = make_hooks(self.quant, d_in, d_out, std=d_in ** -0.5 if std is None else std,
                            axes=axes)
+      if kind in ("qkv", "attn_out") and slot in self.shared_slots:
+        return self.shared_projection(d_in, d_out, axes=axes, std=std,
+                                      tag=Tag(kind, layer, slot), hooks=hooks, **kwargs)
       if self.reparam is not None and kind in self.reparam.reparam_kinds:
         hooks = make_reparam(self.reparam, d_in, d_out, axes=axes,
                              std=d_in ** -0.5 if std is None else std)
       return Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
                     tag=Tag(kind, layer, slot), **kwargs)
     return make
+
+  def shared_projection(self, d_in, d_out, *, axes, std, tag, hooks, zero_init=False):
+    """A shared attention projection (model.attention.sharing): low-rank, or a SharedLinear
+    whose weight the stack builds (its dense shape and init recorded for the weight source)."""
+    del zero_init  # refused for shared slots by the config check (model.zero_init_query)
+    std = d_in ** -0.5 if std is None else std
+    if self.model_config.attention.sharing == "lowrank":
+      rank = masa.lowrank_rank(self.model_config, self.dims)
+      return masa.LowRankLinear(d_in, d_out, rank, rngs=self.rngs, axes=axes, std=std,
+                                hooks=hooks, tag=tag)
+    self.shared_specs[tag.slot] = masa.ProjectionSpec(d_in, d_out, tuple(axes), std)
+    return masa.SharedLinear(d_in, d_out, hooks=hooks, tag=tag)
+
+  def shared_weights(self):
+    """The stack's weight source for SharedLinears (None without one)."""
+    method = self.model_config.attention.sharing
+    if method not in masa.SHARED:
+      return None
+    c, n_layers = self.model_config.masa, self.dims.n_layers
+    n = c.resolved_atoms(n_layers) if method == "masa" else c.resolved_groups(n_layers)
+    specs = {s: self.shared_specs[s] for s in self.shared_slots}
+    return masa.SharedAttentionWeights(method, specs, n_layers=n_layers, n_atoms=n,
+                                       mlp_width=c.coef_mlp_width, folded=c.folded,
+                                       rngs=self.rngs)
 
   def plain_linear_for(self, layer: int | None):
     def make(kind: str, d_in: int, d_out: int, *, axes, slot: str = "", **kwargs):
@@ -117,7 +150,7 @@ class Builder:
       return RecursionStack(blocks, c.mor, d_model=self.dims.d_model, init_std=c.init_std,
                             rngs=self.rngs, remat=c.remat)
     kind = ScannedStack if self.model_config.scan_layers else PlainStack
-    return kind(blocks, remat=self.model_config.remat)
+    return kind(blocks, remat=self.model_config.remat, shared=self.shared_weights())
 
   def model(self) -> Transformer:
     c, d, rngs = self.model_config, self.dims, self.rngs

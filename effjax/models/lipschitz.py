@@ -53,15 +53,26 @@ class LipschitzBlock(nnx.Module):
     self.attn, self.ffn, self.tag = attn, ffn, tag
     self.alpha = 1.0 / (2 * n_layers)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights=None):
+    """weights: this layer's built shared attention weights (model.attention.sharing)."""
     a = self.alpha
-    attn_out = self.attn(x_BxLxD, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL)
+    shared = {} if weights is None else {"weights": weights}
+    attn_out = self.attn(x_BxLxD, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                         **shared)
     x_BxLxD = (1 - a) * x_BxLxD + a * ATTENTION_OUT * attn_out
     act_max = jnp.max(token_rms(x_BxLxD))
     y_BxLxD, aux = self.ffn(x_BxLxD, ctx)
     x_BxLxD = (1 - a) * x_BxLxD + a * y_BxLxD
     act_max = jnp.maximum(act_max, jnp.max(token_rms(x_BxLxD)))
     return x_BxLxD, {**aux, "lipschitz/act_max": act_max}
+
+  def decode(self, x_BxSxD, positions_BxS, cache, ctx):
+    """Incremental decoding: the block on S new tokens with the attention's KV cache."""
+    a = self.alpha
+    attn_out, cache = self.attn.decode(x_BxSxD, positions_BxS=positions_BxS, cache=cache)
+    x_BxSxD = (1 - a) * x_BxSxD + a * ATTENTION_OUT * attn_out
+    y_BxSxD, _ = self.ffn(x_BxSxD, ctx)
+    return (1 - a) * x_BxSxD + a * y_BxSxD, cache
 
 
 class Identity(nnx.Module):

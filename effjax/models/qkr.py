@@ -56,9 +56,9 @@ class QKRAttention(Attention):
       w = hook.weight(w)
     return w
 
-  def _qkv(self, x_BxLxD, positions_BxL):
+  def _qkv(self, x_BxLxD, positions_BxL, weights=None):
     """Queries x W_qk^h [B, L, H, d_model]; keys the (quantized) inputs themselves."""
-    del positions_BxL
+    del positions_BxL, weights  # attention sharing is refused with QKR (model.masa check)
     b, l, d = x_BxLxD.shape
     xq_BxLxD = x_BxLxD
     for hook in self.qk_hooks:

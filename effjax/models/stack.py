@@ -45,14 +45,19 @@ class Block(nnx.Module):
     self.ffn = ffn
     self.tag = tag
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context, weights=None):
+    """weights: this layer's built shared projection weights {slot: W} (attention sharing,
+    effjax/models/masa.py), or None."""
     attn_in = self.attn_norm(x_BxLxD)
-    attn_out = self.attn(attn_in, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL)
+    shared = {} if weights is None else {"weights": weights}
+    attn_out = self.attn(attn_in, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                         **shared)
     x_BxLxD = x_BxLxD + attn_out
     y_BxLxD, aux = self.ffn(self.ffn_norm(x_BxLxD), ctx)
     x_BxLxD = x_BxLxD + y_BxLxD
     if ctx.probe:
-      self.sow(nnx.Intermediate, "probe_attn_logits", self.attn.logit_scale_probe(attn_in, positions_BxL))
+      logits = self.attn.logit_scale_probe(attn_in, positions_BxL, **shared)
+      self.sow(nnx.Intermediate, "probe_attn_logits", logits)
       self.sow(nnx.Intermediate, "probe_attn_out", jnp.mean(jnp.abs(attn_out)))
       self.sow(nnx.Intermediate, "probe_mlp_out", jnp.mean(jnp.abs(y_BxLxD)))
       self.sow(nnx.Intermediate, "probe_residual", jnp.mean(jnp.abs(x_BxLxD)))
@@ -67,26 +72,37 @@ class Block(nnx.Module):
     return x_BxSxD + y_BxSxD, cache
 
 
-def _block_forward(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx):
-  return block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
+def _block_forward(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights=None):
+  return block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights)
 
 
 # remat: activations inside a block are recomputed in the backward pass; ctx is static.
 _remat_block_forward = nnx.remat(_block_forward, static_argnums=(4,))
 
 
-class PlainStack(nnx.Module):
-  """Layers applied once each, in order (model.remat: each block rematerialised)."""
+def _layer_weights(weights, i: int):
+  return None if weights is None else {k: w[i] for k, w in weights.items()}
 
-  def __init__(self, blocks, *, remat: bool = False):
+
+class PlainStack(nnx.Module):
+  """Layers applied once each, in order (model.remat: each block rematerialised).
+
+  shared: the weight source of shared attention projections (MASA and its baselines,
+  effjax/models/masa.py), called once per step before the layer loop, or None."""
+
+  def __init__(self, blocks, *, remat: bool = False, shared=None):
     self.layers = nnx.List(blocks) if hasattr(nnx, "List") else list(blocks)
     self.remat = remat
+    if shared is not None:
+      self.shared = shared
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context):
     aux = {}
     call = _remat_block_forward if self.remat else _block_forward
+    weights = self.shared() if hasattr(self, "shared") else None  # {slot: W [L, in, out]}
     for i, block in enumerate(self.layers):
-      x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
+      x_BxLxD, block_aux = call(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx,
+                                _layer_weights(weights, i))
       x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       aux.update({f"{k}/layer{i}": v for k, v in block_aux.items()})
     return x_BxLxD, aux
@@ -153,26 +169,30 @@ class ScannedStack(nnx.Module):
   body is rematerialised). Per-layer aux and probes come out of the scan stacked and are
   returned under per-layer keys, as PlainStack returns them."""
 
-  def __init__(self, blocks, *, remat: bool = False):
+  def __init__(self, blocks, *, remat: bool = False, shared=None):
     self.n_layers = len(blocks)
     self.layers = stack_blocks(blocks)
     self.remat = remat
+    if shared is not None:
+      self.shared = shared
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context):
     if ctx.moe_top_k is not None:
       raise ValueError("a scanned stack runs one block for every layer: a per-layer MoE top-k "
                        "(model.moe.topk_schedule) needs model.scan_layers=false")
     graphdef, state = nnx.split(self.layers)
+    weights = self.shared() if hasattr(self, "shared") else None  # {slot: W [L, in, out]}
 
-    def body(x_BxLxD, layer_state):
+    def body(x_BxLxD, layer_xs):
+      layer_state, layer_weights = layer_xs
       block = nnx.merge(graphdef, layer_state)
-      x_BxLxD, aux = block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
+      x_BxLxD, aux = block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, layer_weights)
       x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       return x_BxLxD, (aux, nnx.pop(block, nnx.Intermediate))  # probes sown by the block
 
     if self.remat:
       body = jax.checkpoint(body, prevent_cse=False)
-    x_BxLxD, (aux_stacked, sown) = jax.lax.scan(body, x_BxLxD, state)
+    x_BxLxD, (aux_stacked, sown) = jax.lax.scan(body, x_BxLxD, (state, weights))
     if ctx.probe:  # stacked [n_layers] values on the stacked module (models.probes reads them)
       nnx.update(self.layers, sown)
     aux = {f"{k}/layer{i}": v[i] for i in range(self.n_layers) for k, v in aux_stacked.items()}

@@ -18,6 +18,7 @@ from flax import nnx
 
 from effjax.config import ModelConfig
 from effjax.models import lm_head
+from effjax.models import masa
 from effjax.models.layers import Tag
 from effjax.models.moe import moe_layer_indices
 from effjax.models.stack import RESIDUAL_AXES, Context
@@ -204,6 +205,9 @@ def count_params(dims: Dims, tie_embeddings: bool, config: ModelConfig | None = 
   parameters a token touches (MoE: top-k experts + shared + router)."""
   d, h, kv, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
   attn = d * h * hd * 2 + d * kv * hd * 2
+  attn_all = dims.n_layers * attn
+  if config is not None and config.attention.sharing != "none":  # MASA and its baselines
+    attn_all = masa.attention_param_counts(config, dims)["total"]
   if config is None:
     ffn_total = ffn_active = [3 * d * dims.mlp_dim] * dims.n_layers
   else:
@@ -213,10 +217,10 @@ def count_params(dims: Dims, tie_embeddings: bool, config: ModelConfig | None = 
   if config is not None and config.position == "learned":
     embed += config.max_positions * d  # resolved by config.validate (0 = train.seq_len)
   head = 0 if tie_embeddings else d * dims.vocab
-  blocks = dims.n_layers * attn + sum(ffn_total) + 2 * d * dims.n_layers
+  blocks = attn_all + sum(ffn_total) + 2 * d * dims.n_layers
   if config is not None and config.mor.enabled:  # MoR routers (models/mor.py)
     blocks += config.mor.recursions * d if config.mor.router != "none" else 0
   return {"embedding": embed, "head": head, "blocks": blocks,
-          "attention": dims.n_layers * attn, "mlp": sum(ffn_total),
-          "active_non_embedding": dims.n_layers * attn + sum(ffn_active) + norms,
+          "attention": attn_all, "mlp": sum(ffn_total),
+          "active_non_embedding": attn_all + sum(ffn_active) + norms,
           "total": embed + head + blocks + d}

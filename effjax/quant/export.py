@@ -56,6 +56,11 @@ def export(config, params, path: str, index) -> dict:
                      "model is not exported yet; convert its params with "
                      "effjax.models.stack.unstack_layers and export them with the index of the "
                      "same model built with model.scan_layers=false")
+  if any(e.module in ("SharedLinear", "LowRankLinear") for e in index.entries):
+    raise ValueError("quantized export reads stored Linear kernels: a model with "
+                     "model.attention.sharing (MASA, low-rank or shared matrix sets) builds its "
+                     "attention weights from shared parameters, which the export does not "
+                     "quantize yet (docs/masa.md, Limits)")
   flat = flatten(jax.device_get(params))
   arrays, meta = {}, {"quant": {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in vars(config.quant).items()},

@@ -36,7 +36,9 @@ PEAK_FLOPS = {
 
 def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training: bool = True,
                     ffn_active_params: list[int] | None = None,
-                    mor: MoRConfig | None = None) -> float:
+                    mor: MoRConfig | None = None,
+                    attn_proj_params: int | None = None,
+                    weight_build_flops: float = 0.0, tokens_per_step: int = 1) -> float:
   """Model FLOPs per token (causal attention counted at half).
 
   ffn_active_params: per-layer FFN parameters a token touches (MoE: top-k experts,
@@ -45,9 +47,13 @@ def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training:
   times the fraction cap_r of tokens its recursion processes (sum over r of cap_r); the
   selected tokens attend among cap_r * T tokens, so that application's attention costs
   cap_r^2 of a full one per token; plus the routers (d x N_r per token).
+  attn_proj_params: per-layer attention-projection matmul parameters a token touches
+  (low-rank projections: effjax/models/masa.py); default dense q, k, v, o.
+  weight_build_flops: forward FLOPs per step spent building weights before the layers
+  (MASA's 'ls,sio->lio' einsum), shared by the step's tokens_per_step tokens.
   """
   d, h, kv, hd = dims.d_model, dims.n_heads, dims.n_kv_heads, dims.head_dim
-  attn_proj = d * h * hd * 2 + d * kv * hd * 2
+  attn_proj = d * h * hd * 2 + d * kv * hd * 2 if attn_proj_params is None else attn_proj_params
   ffn = (3 * d * dims.mlp_dim * dims.n_layers if ffn_active_params is None
          else sum(ffn_active_params))
   head = d * dims.vocab
@@ -63,7 +69,7 @@ def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training:
     matmul_params = (sum(sum(caps) * (attn_proj + f) for caps, f in zip(uses, ffn_layers))
                      + head + mor_lib.router_params(mor, d))
     attention = sum(c * c for caps in uses for c in caps) * full_attention
-  forward = 2 * matmul_params + attention
+  forward = 2 * matmul_params + attention + weight_build_flops / tokens_per_step
   return 3 * forward if training else forward
 
 

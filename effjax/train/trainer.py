@@ -36,6 +36,7 @@ from effjax import data as data_lib
 from effjax import models
 from effjax import paths
 from effjax import resolve as resolve_lib
+from effjax.models import masa
 from effjax.optim import scaling
 from effjax.parallel import make_mesh, replicated, sharding
 from effjax.train import flops as flops_lib
@@ -260,7 +261,8 @@ class _Run:
           dims, self.config.train.seq_len, tie_embeddings=model_config.tie_embeddings,
           ffn_active_params=models.ffn_params(model_config, dims,
                                               dict(phase).get("moe_top_k"))[1],
-          mor=model_config.mor)
+          mor=model_config.mor,
+          **masa.flop_terms(model_config, dims, self.config.train))
       self.compiled[phase] = (step_c, self.plan.eval_step(self.token_bytes, phase), fpt)
     return self.compiled[phase]
 
