@@ -345,6 +345,26 @@ def test_weight_norm_forward_is_g_v_over_norm_v_and_conditioning_gradients():
   assert column_dots(("--config.constraints.cond_stop_grad=true",)).max() > 1e-2
 
 
+def test_lipschitz_block_matrices_start_orthogonal_at_w_max():
+  """model.arch=lipschitz: every block matrix starts with all singular values equal and its
+  RMS->RMS norm sqrt(d_in/d_out) sigma_max at constraints.w_max (a standard model: Gaussian)."""
+  for arch, w_max in (("lipschitz", 1.0), ("lipschitz", 0.5), ("standard", 1.0)):
+    cfg = _cfg(f"--config.model.arch={arch}", f"--config.constraints.w_max={w_max}")
+    m = models.build(cfg, 257)
+    kernels = [(k, v) for k, v in jax.tree_util.tree_flatten_with_path(m.initial_params)[0]
+               if "blocks" in jax.tree_util.keystr(k) and v.ndim == 2 and v.shape[0] > 1
+               and "kernel" in jax.tree_util.keystr(k)]
+    assert len(kernels) >= 4 * cfg.model.n_layers
+    for _, w in kernels:
+      sv = _svals(w)
+      rms_norm = (w.shape[0] / w.shape[1]) ** 0.5 * sv[0]
+      if arch == "lipschitz":
+        np.testing.assert_allclose(rms_norm, w_max, rtol=1e-4)
+        np.testing.assert_allclose(sv[-1], sv[0], rtol=1e-4)
+      else:
+        assert sv[-1] < 0.9 * sv[0]  # a Gaussian's spread of singular values
+
+
 def test_lipschitz_run_logs_its_certificate(tmp_path):
   """A Lipschitz transformer trained with Muon + soft cap: every eval logs the certified bound
   with per-block terms, the activation bound sits above the activations seen on the eval

@@ -23,6 +23,8 @@ norm, head), so a seed gives the same weights as before the builder existed.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import Config
@@ -70,9 +72,20 @@ class Builder:
       if self.reparam is not None and kind in self.reparam.reparam_kinds:
         hooks = make_reparam(self.reparam, d_in, d_out, axes=axes,
                              std=d_in ** -0.5 if std is None else std)
-      return Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
-                    tag=Tag(kind, layer, slot), **kwargs)
+      linear = Linear(d_in, d_out, rngs=self.rngs, axes=axes, std=std, hooks=hooks,
+                      tag=Tag(kind, layer, slot), **kwargs)
+      if self.lipschitz and not kwargs.get("zero_init"):
+        linear.kernel[...] = self.orthogonal_at_w_max(d_in, d_out)
+      return linear
     return make
+
+  def orthogonal_at_w_max(self, d_in: int, d_out: int):
+    """model.arch=lipschitz: a block matrix starts semi-orthogonal with RMS->RMS norm
+    sqrt(d_in / d_out) * sigma_max = constraints.w_max (every singular value equal), as in
+    the Lipschitz-transformer paper's init; a Gaussian at init_std would start far inside the
+    bound, with near-zero logits in a norm-free model."""
+    q = jax.nn.initializers.orthogonal()(self.rngs.params(), (d_in, d_out), jnp.float32)
+    return self.config.constraints.w_max * (d_out / d_in) ** 0.5 * q
 
   def shared_projection(self, d_in, d_out, *, axes, std, tag, hooks, zero_init=False):
     """A shared attention projection (model.attention.sharing): low-rank, or a SharedLinear
