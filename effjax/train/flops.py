@@ -80,6 +80,50 @@ def isoflop_token_ratio(dense_flops_per_token: float, other_flops_per_token: flo
   return dense_flops_per_token / other_flops_per_token
 
 
+def _ns_flops(m: int, n: int, steps: int, quintic: bool) -> float:
+  """Newton-Schulz on an m x n matrix (a = min side): X X^T (2a^2 b), the polynomial in it
+  (quintic: one more a x a product, 2a^3) and its product with X (2a^2 b), per step."""
+  a, b = min(m, n), max(m, n)
+  return steps * (4 * a * a * b + (2 * a ** 3 if quintic else 0))
+
+
+def optimizer_flops_per_step(config, specs: dict, shapes: dict) -> float:
+  """Matrix FLOPs the optimizer and the weight constraints add per training step.
+
+  Muon: Newton-Schulz on each matrix of optim.muon_roles (Jordan et al. 2024). Constraints
+  (constraints.method): power iteration (2 matrix-vector products per iteration, plus the
+  rank-one update), cubic Newton-Schulz for hard_cap, one odd cubic polynomial for
+  soft_cap, an SVD (~4a^2 b + 22a^3, Golub & Van Loan) for svd_clip. Leading axes (stacked
+  layers, experts) are batches of matrices. Element-wise optimizer work is not counted."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from effjax.models.layers import layer_stacked  # pylint: disable=g-import-not-at-top
+  o, c = config.optim, config.constraints
+  total = 0.0
+  leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: hasattr(x, "role"))
+  shape_of = dict(jax.tree_util.tree_leaves_with_path(shapes))
+  for path, spec in leaves:
+    shape = tuple(getattr(shape_of.get(path), "shape", shape_of.get(path)) or ())
+    if len(shape) - layer_stacked(spec.axes) < 2:
+      continue
+    m, n = shape[-2], shape[-1]
+    batch = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    per = 0.0
+    if o.name == "muon" and spec.role in o.muon_roles:
+      per += _ns_flops(m, n, o.muon_ns_steps, o.muon_ns == "quintic")
+    if c.method != "none" and spec.role in c.roles:
+      if c.method in ("spectral_normalize", "spectral_hammer", "spectral_weight_decay"):
+        per += c.power_iters * 4 * m * n + 2 * m * n
+      elif c.method == "hard_cap":
+        per += _ns_flops(m, n, c.hard_cap_steps, quintic=False)
+      elif c.method == "soft_cap":
+        per += _ns_flops(m, n, 1, quintic=False)
+      elif c.method == "svd_clip":
+        a, b = min(m, n), max(m, n)
+        per += 4 * a * a * b + 22 * a ** 3 + 2 * m * n * a
+    total += batch * per
+  return total
+
+
 def peak_flops_per_device() -> tuple[float, str]:
   """(peak FLOP/s, source). Accelerators: datasheet table; CPU: a measured matmul peak."""
   dev = jax.devices()[0]

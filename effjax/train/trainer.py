@@ -256,15 +256,29 @@ class _Run:
     if phase not in self.compiled:
       step_c, seconds = self.plan.compile_step(self.state, self.batch, self.extensions, phase)
       self.compile_times.append(seconds)
-      model_config, dims = self.config.model, self.plan.model.dims
-      fpt = flops_lib.flops_per_token(
-          dims, self.config.train.seq_len, tie_embeddings=model_config.tie_embeddings,
-          ffn_active_params=models.ffn_params(model_config, dims,
-                                              dict(phase).get("moe_top_k"))[1],
-          mor=model_config.mor,
-          **masa.flop_terms(model_config, dims, self.config.train))
-      self.compiled[phase] = (step_c, self.plan.eval_step(self.token_bytes, phase), fpt)
+      self.compiled[phase] = (step_c, self.plan.eval_step(self.token_bytes, phase),
+                              self.flops_per_token(phase))
     return self.compiled[phase]
+
+  def flops_per_token(self, phase: tuple) -> float:
+    """Training FLOPs per token of a phase (MoE top-k schedules change it)."""
+    model_config, dims = self.config.model, self.plan.model.dims
+    return flops_lib.flops_per_token(
+        dims, self.config.train.seq_len, tie_embeddings=model_config.tie_embeddings,
+        ffn_active_params=models.ffn_params(model_config, dims,
+                                            dict(phase).get("moe_top_k"))[1],
+        mor=model_config.mor, **masa.flop_terms(model_config, dims, self.config.train))
+
+  def flops_before(self, step: int) -> float:
+    """Counted training FLOPs of steps [0, step): model FLOPs per token of each step's phase
+    x tokens per step, plus the optimizer's and constraints' matrix FLOPs per step."""
+    t = self.config.train
+    per_phase: dict = {}
+    for s in range(step):
+      phase = merged_phase(self.extensions, s)
+      per_phase[phase] = per_phase.get(phase, 0) + 1
+    return sum(n * (self.flops_per_token(p) * t.batch_size * t.seq_len
+                    + self.info["optimizer_flops_per_step"]) for p, n in per_phase.items())
 
 
 def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
@@ -364,6 +378,8 @@ def _write_run_info(run: _Run) -> None:
       "params_total": n_params["total"], "params_non_embedding": n_params["blocks"],
       "params_active_non_embedding": n_params["active_non_embedding"],
       "flops_per_token": fpt,
+      "optimizer_flops_per_step": flops_lib.optimizer_flops_per_step(
+          config, run.plan.model.specs, run.plan.model.initial_params),
       "peak_flops": peak * (1 if jax.devices()[0].platform == "cpu" else jax.device_count()),
       "peak_source": peak_source,
       "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
@@ -441,6 +457,7 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
   stop = _StopFlag()
   stop.install()
   exit_code, last, eval_stats = EXIT_OK, {}, {}
+  flops_seen = run.flops_before(run.start)  # counted training FLOPs (perf/flops_seen)
   window_t0, window_steps = time.perf_counter(), 0
   pending = None  # (step, device metrics) of the previous step, checked one step late
   step = run.start
@@ -475,6 +492,7 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
         run.state, metrics = faults.after_step(step, run.batch, run.state, metrics)
       step += 1
       window_steps += 1
+      flops_seen += fpt * tokens_per_step + run.info["optimizer_flops_per_step"]
       if pending is not None:
         _check_finite(*pending)
       snaps.settle()  # the previous step is finite: its snapshot can be trusted
@@ -497,7 +515,8 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
           tps = tokens_per_step / dt
           row.update({"perf/step_time_s": dt, "perf/tokens_per_sec": tps,
                       "perf/mfu": fpt * tps / run.info["peak_flops"],
-                      "perf/tokens_seen": step * tokens_per_step})
+                      "perf/tokens_seen": step * tokens_per_step,
+                      "perf/flops_seen": flops_seen})
           bar.update(step, float(row["train/loss"]), tps)
         if eval_now:
           eval_row, eval_stats = _eval_row(run, eval_fn)
@@ -526,6 +545,7 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
       rollbacks += 1
       bad = e.step - 1 if isinstance(e, NonFiniteLoss) else batch_step
       step, pending, have_batch = _rollback(run, snaps, skip, bad, e, rollbacks), None, False
+      flops_seen = run.flops_before(step)  # the FLOPs of the steps kept, as without the fault
       writer.close()  # rows after the snapshot are rewritten by the replay
       writer = MetricsWriter(workdir, enabled=run.is_main, resume_step=step,
                              tensorboard=t.tensorboard)

@@ -1,0 +1,130 @@
+"""The scoreboard's defining arithmetic: a technique that reaches the dense loss of k times
+its compute scores a multiplier of k; plus the pieces the driver relies on."""
+
+import math
+
+import numpy as np
+import pytest
+
+from effjax import checks
+from effjax import config as config_lib
+from effjax.experiments import scoreboard as sb
+from effjax.experiments import scoreboard_fit as sf
+
+TRUE = {"E": 1.2, "A": 40.0, "alpha": 0.34, "B": 400.0, "beta": 0.3}
+FPT_C, FPT_K = 7.0, 1.02  # training FLOPs per token = FPT_C * N^FPT_K
+
+
+def _dense_grid():
+  n = np.repeat([2e4, 8e4, 3e5, 1e6], 3)
+  d = np.tile([3e5, 1e6, 3e6], 4)
+  loss = TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+  return n, d, loss, FPT_C * n ** FPT_K * d
+
+
+def _true_law():
+  n, d, _, flops = _dense_grid()
+  return sf.DenseLaw(TRUE, FPT_C, FPT_K, (n.min(), n.max()), (flops.min(), flops.max()))
+
+
+def test_fit_recovers_law_and_flop_model():
+  law = sf.fit_dense(*_dense_grid())
+  for k in ("E", "alpha", "beta"):
+    assert law.params[k] == pytest.approx(TRUE[k], rel=2e-2), k
+  assert law.fpt_k == pytest.approx(FPT_K, rel=1e-6)
+  assert law.fpt_c == pytest.approx(FPT_C, rel=1e-6)
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0, 3.0])
+def test_multiplier_of_known_factor(factor):
+  """A run that spends C and reaches the frontier loss at factor * C scores `factor`."""
+  law = sf.fit_dense(*_dense_grid())
+  truth = _true_law()
+  c_t = 2e12
+  loss_t = float(truth.frontier([factor * c_t])[0])
+  m = sf.multiplier(law, [loss_t], c_t, [law])
+  assert m.value == pytest.approx(factor, rel=3e-2)
+  assert m.lo == pytest.approx(m.value) and m.hi == pytest.approx(m.value)
+
+
+def test_dense_point_on_frontier_scores_at_most_one():
+  """A dense run is at or above its own frontier: multiplier <= 1 (= 1 at compute-optimal)."""
+  truth = _true_law()
+  n, d, loss, flops = _dense_grid()
+  values = [truth.dense_compute(l)[0] / c for l, c in zip(loss, flops)]
+  assert max(values) <= 1.0 + 1e-6
+  assert max(values) > 0.5
+
+
+def test_verdict_from_interval():
+  assert sf.Multiplier(1.3, 0.9, 1.8, 1.0, False).verdict() == (
+      "no measurable effect at this scale")
+  assert sf.Multiplier(1.3, 1.1, 1.8, 1.0, False).verdict() == "helps"
+  assert sf.Multiplier(0.6, 0.4, 0.8, 1.0, False).verdict() == "costs compute"
+
+
+def test_effective_params_inverts_the_law():
+  truth = _true_law()
+  n_eff = truth.effective_params(2.0, 1e6)
+  assert float(truth.loss(n_eff, 1e6)) == pytest.approx(2.0, rel=1e-9)
+  assert truth.effective_params(TRUE["E"], 1e6) == math.inf
+
+
+def test_bootstrap_interval_covers_and_has_width():
+  n, d, loss, flops = _dense_grid()
+  rng = np.random.default_rng(1)
+  noisy = loss * (1 + 0.01 * rng.standard_normal(loss.shape))
+  law = sf.fit_dense(n, d, noisy, flops)
+  boots = sf.bootstrap_laws(n, d, noisy, flops, law, 30)
+  loss_t = float(_true_law().frontier([4e12])[0])
+  m = sf.multiplier(law, [loss_t, loss_t + 0.01], 2e12, boots)
+  assert m.lo < m.value < m.hi
+
+
+def test_envelope_keeps_only_improving_points():
+  pts = [sb.Point(f"p{i}", "dense", 0, loss, flops, 1, 1, 1, 1)
+         for i, (loss, flops) in enumerate([(3.0, 1), (2.5, 2), (2.7, 3), (2.0, 4)])]
+  pts.append(sb.Point("p9_seed1", "dense", 1, 1.0, 5, 1, 1, 1, 1))
+  assert [p.name for p in sb.envelope(pts)] == ["p0", "p1", "p3"]
+
+
+def test_every_planned_run_is_a_valid_config():
+  """Each dense and technique run (and the full stack) validates, at two scales."""
+  for scale in (1.0, 0.5):
+    plan = sb.Plan(scale)
+    variants = plan.dense() + [plan.technique(t, s) for s in sb.TECH_STEPS
+                               for t in sb.TECHNIQUES]
+    names = [v.name for v in variants]
+    assert len(set(names)) == len(names)
+    for v in variants:
+      checks.validate(config_lib.apply_overrides(config_lib.Config(), v.overrides), 1)
+
+
+def test_emit_prints_one_train_command_per_run(capsys, tmp_path):
+  plan = sb.Plan(1.0)
+  assert sb.emit(plan, str(tmp_path)) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  expected = len(plan.dense()) + len(sb.TECHNIQUES) * (len(sb.TECH_STEPS) + 1)
+  assert len(lines) == expected
+  assert all(line.startswith("python -m effjax.train --workdir=") for line in lines)
+  assert any("--config.quant.weight_bits=4" in line for line in lines)
+
+
+def test_optimizer_flops_count_muon_newton_schulz():
+  """Muon adds quintic Newton-Schulz FLOPs on the hidden matrices only (not the embedding,
+  readout or norms); AdamW adds none; the spectral projection adds power iteration."""
+  from effjax import models  # pylint: disable=g-import-not-at-top
+  from effjax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  base = {"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_dim": 128}}
+  adamw = config_lib.apply_overrides(config_lib.Config(), base)
+  muon = config_lib.apply_overrides(adamw, {"optim": {"name": "muon", "muon_ns_steps": 5}})
+  model = models.build(muon, 256, seed=0)
+  count = lambda c: flops_lib.optimizer_flops_per_step(c, model.specs, model.initial_params)
+  assert count(adamw) == 0
+  ns = lambda a, b: 5 * (4 * a * a * b + 2 * a ** 3)  # a = short side, b = long side
+  per_layer = 4 * ns(32, 32) + 3 * ns(32, 128)  # q, k, v, o; gate, up, down
+  assert count(muon) == 2 * per_layer
+  snorm = config_lib.apply_overrides(adamw, {"constraints": {"method": "spectral_normalize",
+                                                             "power_iters": 3}})
+  per_layer = 4 * (3 * 4 * 32 * 32 + 2 * 32 * 32) + 3 * (3 * 4 * 32 * 128 + 2 * 32 * 128)
+  assert count(snorm) == 2 * per_layer
