@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import sys
-import time
 
 USAGE = __doc__
 
@@ -34,10 +33,6 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=0, help="0: the run's train.batch_size")
   p.add_argument("--out", default="", help="default: <workdir>/eval_<step>.json")
   return p
-
-
-def _say(msg: str) -> None:
-  print(f"[effjax] {msg}", file=sys.stderr, flush=True)
 
 
 def split_tokens(corpus, split: str):
@@ -74,19 +69,12 @@ def evaluate(run, tokens, *, seq_len: int, batch_size: int, num_batches: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  _, overrides, rest = config_lib.parse_override_args(argv)
-  args = parser().parse_args(rest)
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax import load, paths  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  _say(f"loading {args.workdir} ...")
-  try:
-    run = load.load_run(args.workdir, step=args.step, overrides=overrides)
-  except (load.RunError, config_lib.ConfigError) as e:
-    print(f"effjax: {e}", file=sys.stderr)
-    return 2
+  opened = load.open_for_command(argv, parser())
+  if isinstance(opened, int):
+    return opened
+  args, overrides, run = opened.args, opened.overrides, opened.run
   c, d = run.config, run.config.data
   data_overridden = any(k.startswith("data.") for k in overrides)
   split = args.split or ("all" if data_overridden else "val")
@@ -94,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
   num_batches = c.train.eval_batches if args.batches is None else args.batches
   sources = ([p.strip() for p in d.paths.split(",") if p.strip()]
              if d.corpus in ("text", "tokens") else [None])
-  _say(f"step {run.step} loaded in {time.perf_counter() - t0:.1f}s; evaluating {split} split of "
-       f"{len(sources)} source(s) at seq_len {c.train.seq_len} (compiling first) ...")
+  load.say(f"step {run.step} loaded in {opened.seconds:.1f}s; evaluating {split} split of "
+           f"{len(sources)} source(s) at seq_len {c.train.seq_len} (compiling first) ...")
   results = {}
   try:
     for source in sources:
@@ -105,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
       results[name] = evaluate(run, split_tokens(corpus, split), seq_len=c.train.seq_len,
                                batch_size=batch_size, num_batches=num_batches)
       r = results[name]
-      _say(f"{name}: loss {r['loss']:.4f}" + (f", bpb {r['bpb']:.4f}" if "bpb" in r else "")
-           + f" over {r['tokens']} tokens")
+      load.say(f"{name}: loss {r['loss']:.4f}" + (f", bpb {r['bpb']:.4f}" if "bpb" in r else "")
+               + f" over {r['tokens']} tokens")
   except data_lib.DataError as e:
     print(f"effjax: data error: {e}", file=sys.stderr)
     return 2
@@ -125,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
   saved.setdefault("evals", {})[key] = entry
   paths.write_json(path, saved, indent=1)
   print(json.dumps({"step": run.step, **entry}, indent=1))
-  _say(f"written to {path}")
+  load.say(f"written to {path}")
   return 0
 
 
