@@ -33,6 +33,7 @@ from effjax import config as config_lib
 from effjax import data as data_lib
 from effjax.parallel import make_mesh, sharding
 from effjax.resolve import resolve
+from effjax.train import trainer
 from effjax.train.plan import plan_state
 
 MODULES = ("embed", "attn_logits", "attn_out", "mlp_out", "residual", "logits")
@@ -62,18 +63,22 @@ def loglog_slope(widths, values) -> float:
   return float(np.polyfit(np.log2(widths), np.log2(np.maximum(values, 1e-30)), 1)[0])
 
 
+def train_batches(config: config_lib.Config, steps: int) -> tuple[list[dict], int]:
+  """`steps` training batches of the config's data (data.corpus or a data.sources mixture,
+  loaded as the trainer loads it) and the tokenizer's vocabulary size."""
+  data = trainer.load_data(config)
+  it = data_lib.make_data_iterator(data.corpus, seq_len=config.train.seq_len,
+                                   batch_size=config.train.batch_size, seed=config.seed,
+                                   eos_id=data.tokenizer.eos_id)
+  batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+  return batches, data.tokenizer.vocab_size
+
+
 def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_dim: int = 16,
         verbose: bool = True, grow: str = "heads", heads: int = 4) -> dict:
   """grow='heads': n_heads = width // head_dim; grow='head_dim': n_heads = heads,
   head_dim = width // heads."""
-  tokenizer = data_lib.load_tokenizer(base.data.tokenizer)
-  corpus = data_lib.load_corpus(base.data.corpus, base.data.paths or None, tokenizer,
-                                val_percent=base.data.val_percent,
-                                cache_dir=base.data.cache_dir or None)
-  it = data_lib.make_train_iterator(corpus.train_tokens, seq_len=base.train.seq_len,
-                                    batch_size=base.train.batch_size, seed=base.seed,
-                                    eos_id=tokenizer.eos_id)
-  batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+  batches, vocab = train_batches(base, steps)
   out = {"widths": widths, "steps": steps, "lr": lr, "grow": grow,
          **({"head_dim": head_dim} if grow == "heads" else {"heads": heads})}
   for param in ("sp", "mup"):
@@ -86,7 +91,7 @@ def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_
           "train": {"lr": lr, "warmup_steps": 0, "schedule": "constant", "steps": steps,
                     "grad_accum": 1},
           "optim": {"weight_decay": 0.0, "grad_clip": 0.0}})
-      per_width.append(activation_trace(checks.validate(cfg), batches, tokenizer.vocab_size))
+      per_width.append(activation_trace(checks.validate(cfg), batches, vocab))
       if verbose:
         print(f"[coord_check] {param} width {w}: logits "
               f"{per_width[-1]['logits'][-1]:.3g}, attn_logits "
