@@ -20,8 +20,6 @@ logits measure the update alone. MoE (model.moe.*) is kept from the config.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 
@@ -31,6 +29,7 @@ import numpy as np
 from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
+from effjax import paths
 from effjax.parallel import make_mesh, sharding
 from effjax.resolve import resolve
 from effjax.train import trainer
@@ -126,7 +125,7 @@ def plot(result: dict, path: str) -> str:
         ax.set_ylabel("mean |activation|")
   axes[0, 0].legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path)
+  path = paths.save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -157,10 +156,10 @@ def main(argv=None) -> int:
     return 2
   result = run(base, widths, args.steps, args.lr, args.head_dim, grow=args.grow,
                heads=args.heads)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "coord_check.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  path = plot(result, os.path.join(args.out, "coord_check.png"))
+  out = paths.as_path(args.out)  # a local folder, file:// or a cloud URL
+  out.mkdir(parents=True, exist_ok=True)
+  paths.write_json(out / "coord_check.json", result, indent=1)
+  path = plot(result, out / "coord_check.png")
   print("module        SP slope   muP slope")
   for m in MODULES:
     print(f"{m:12s} {result['sp'][m]['slope']:+9.2f} {result['mup'][m]['slope']:+11.2f}")
