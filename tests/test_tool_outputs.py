@@ -65,3 +65,19 @@ def test_export_reads_a_file_url_workdir_and_writes_a_file_url(tmp_path, monkeyp
   loaded, meta = export.load(f"file://{tmp_path}/q.npz")
   assert meta["kernels"] and loaded
   assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "q.npz", "run"]
+
+
+def test_launch_local_writes_process_logs_under_a_file_url(tmp_path):
+  """Processes that exit at once (a missing config): the log of process 1 lands in the
+  file:// workdir, and no relative 'file:' folder appears in the working directory."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "local.py"),
+                         "--num_processes=2", "--port=12399", "--",
+                         f"--workdir=file://{tmp_path}/run", "--config=missing.py"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "exit codes" in proc.stdout
+  assert "missing.py" in (tmp_path / "run" / "process_1.log").read_text()
+  assert sorted(os.listdir(tmp_path)) == ["run"]
