@@ -20,8 +20,6 @@ logits measure the update alone. MoE (model.moe.*) is kept from the config.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 
@@ -31,8 +29,10 @@ import numpy as np
 from effjax import checks
 from effjax import config as config_lib
 from effjax import data as data_lib
+from effjax import paths
 from effjax.parallel import make_mesh, sharding
 from effjax.resolve import resolve
+from effjax.train import trainer
 from effjax.train.plan import plan_state
 
 MODULES = ("embed", "attn_logits", "attn_out", "mlp_out", "residual", "logits")
@@ -62,18 +62,22 @@ def loglog_slope(widths, values) -> float:
   return float(np.polyfit(np.log2(widths), np.log2(np.maximum(values, 1e-30)), 1)[0])
 
 
+def train_batches(config: config_lib.Config, steps: int) -> tuple[list[dict], int]:
+  """`steps` training batches of the config's data (data.corpus or a data.sources mixture,
+  loaded as the trainer loads it) and the tokenizer's vocabulary size."""
+  data = trainer.load_data(config)
+  it = data_lib.make_data_iterator(data.corpus, seq_len=config.train.seq_len,
+                                   batch_size=config.train.batch_size, seed=config.seed,
+                                   eos_id=data.tokenizer.eos_id)
+  batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+  return batches, data.tokenizer.vocab_size
+
+
 def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_dim: int = 16,
         verbose: bool = True, grow: str = "heads", heads: int = 4) -> dict:
   """grow='heads': n_heads = width // head_dim; grow='head_dim': n_heads = heads,
   head_dim = width // heads."""
-  tokenizer = data_lib.load_tokenizer(base.data.tokenizer)
-  corpus = data_lib.load_corpus(base.data.corpus, base.data.paths or None, tokenizer,
-                                val_percent=base.data.val_percent,
-                                cache_dir=base.data.cache_dir or None)
-  it = data_lib.make_train_iterator(corpus.train_tokens, seq_len=base.train.seq_len,
-                                    batch_size=base.train.batch_size, seed=base.seed,
-                                    eos_id=tokenizer.eos_id)
-  batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+  batches, vocab = train_batches(base, steps)
   out = {"widths": widths, "steps": steps, "lr": lr, "grow": grow,
          **({"head_dim": head_dim} if grow == "heads" else {"heads": heads})}
   for param in ("sp", "mup"):
@@ -86,7 +90,7 @@ def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_
           "train": {"lr": lr, "warmup_steps": 0, "schedule": "constant", "steps": steps,
                     "grad_accum": 1},
           "optim": {"weight_decay": 0.0, "grad_clip": 0.0}})
-      per_width.append(activation_trace(checks.validate(cfg), batches, tokenizer.vocab_size))
+      per_width.append(activation_trace(checks.validate(cfg), batches, vocab))
       if verbose:
         print(f"[coord_check] {param} width {w}: logits "
               f"{per_width[-1]['logits'][-1]:.3g}, attn_logits "
@@ -121,7 +125,7 @@ def plot(result: dict, path: str) -> str:
         ax.set_ylabel("mean |activation|")
   axes[0, 0].legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path)
+  path = paths.save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -152,10 +156,10 @@ def main(argv=None) -> int:
     return 2
   result = run(base, widths, args.steps, args.lr, args.head_dim, grow=args.grow,
                heads=args.heads)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "coord_check.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  path = plot(result, os.path.join(args.out, "coord_check.png"))
+  out = paths.as_path(args.out)  # a local folder, file:// or a cloud URL
+  out.mkdir(parents=True, exist_ok=True)
+  paths.write_json(out / "coord_check.json", result, indent=1)
+  path = plot(result, out / "coord_check.png")
   print("module        SP slope   muP slope")
   for m in MODULES:
     print(f"{m:12s} {result['sp'][m]['slope']:+9.2f} {result['mup'][m]['slope']:+11.2f}")

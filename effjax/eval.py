@@ -4,8 +4,10 @@
       [--batches=N] [--batch_size=N] [--config.data.corpus=text --config.data.paths=a.txt,b/*.txt]
       [--config.train.seq_len=N] [--config.model.attention.eval_score=lssar] [--out=FILE]
 
-Each comma-separated entry of data.paths is a source evaluated on its own (with the total
-over all sources when there are several); the built-in corpus is one source. --split:
+Each comma-separated entry of data.paths (or of data.sources, for a mixture run) is a source
+evaluated on its own, with the token-weighted total when there are several; the built-in
+corpus is one source. A mixture also gets `mixture`: the weight-averaged loss and bpb, which
+is the trainer's eval/loss and eval/bpb. --split:
 the run's validation split by default, every token ('all') when data.* is overridden (a
 corpus the run did not train on). --batches: 0 = every full batch of the split (default:
 the run's train.eval_batches). Results are printed and merged into <workdir>/eval_<step>.json
@@ -16,10 +18,10 @@ Exit codes: 0 done, 2 no run, bad arguments or data.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
-import time
 
 USAGE = __doc__
 
@@ -34,10 +36,6 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=0, help="0: the run's train.batch_size")
   p.add_argument("--out", default="", help="default: <workdir>/eval_<step>.json")
   return p
-
-
-def _say(msg: str) -> None:
-  print(f"[effjax] {msg}", file=sys.stderr, flush=True)
 
 
 def split_tokens(corpus, split: str):
@@ -74,39 +72,37 @@ def evaluate(run, tokens, *, seq_len: int, batch_size: int, num_batches: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  _, overrides, rest = config_lib.parse_override_args(argv)
-  args = parser().parse_args(rest)
   from effjax import data as data_lib  # pylint: disable=g-import-not-at-top
   from effjax import load, paths  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  _say(f"loading {args.workdir} ...")
-  try:
-    run = load.load_run(args.workdir, step=args.step, overrides=overrides)
-  except (load.RunError, config_lib.ConfigError) as e:
-    print(f"effjax: {e}", file=sys.stderr)
-    return 2
+  opened = load.open_for_command(argv, parser())
+  if isinstance(opened, int):
+    return opened
+  args, overrides, run = opened.args, opened.overrides, opened.run
   c, d = run.config, run.config.data
   data_overridden = any(k.startswith("data.") for k in overrides)
   split = args.split or ("all" if data_overridden else "val")
   batch_size = args.batch_size or c.train.batch_size
   num_batches = c.train.eval_batches if args.batches is None else args.batches
-  sources = ([p.strip() for p in d.paths.split(",") if p.strip()]
-             if d.corpus in ("text", "tokens") else [None])
-  _say(f"step {run.step} loaded in {time.perf_counter() - t0:.1f}s; evaluating {split} split of "
-       f"{len(sources)} source(s) at seq_len {c.train.seq_len} (compiling first) ...")
-  results = {}
+  kw = dict(val_percent=d.val_percent, token_dtype=d.token_dtype, cache_dir=d.cache_dir or None)
+  mixture = None
   try:
-    for source in sources:
-      corpus = data_lib.load_corpus(d.corpus, source, run.tokenizer, val_percent=d.val_percent,
-                                    token_dtype=d.token_dtype, cache_dir=d.cache_dir or None)
-      name = source or d.corpus
-      results[name] = evaluate(run, split_tokens(corpus, split), seq_len=c.train.seq_len,
+    if d.sources:  # a data.sources mixture: each source on its own, as the trainer evaluates
+      mixture = data_lib.load_mixture(d.sources, run.tokenizer, **kw)
+      sources = [(s.name, lambda s=s: s.corpus) for s in mixture.sources]
+    else:  # one corpus per path, loaded when its turn comes
+      names = ([p.strip() for p in d.paths.split(",") if p.strip()]
+               if d.corpus in ("text", "tokens") else [None])
+      sources = [(n or d.corpus, functools.partial(data_lib.load_corpus, d.corpus, n,
+                                                   run.tokenizer, **kw)) for n in names]
+    load.say(f"step {run.step} loaded in {opened.seconds:.1f}s; evaluating {split} split of "
+             f"{len(sources)} source(s) at seq_len {c.train.seq_len} (compiling first) ...")
+    results = {}
+    for name, corpus in sources:
+      results[name] = evaluate(run, split_tokens(corpus(), split), seq_len=c.train.seq_len,
                                batch_size=batch_size, num_batches=num_batches)
       r = results[name]
-      _say(f"{name}: loss {r['loss']:.4f}" + (f", bpb {r['bpb']:.4f}" if "bpb" in r else "")
-           + f" over {r['tokens']} tokens")
+      load.say(f"{name}: loss {r['loss']:.4f}" + (f", bpb {r['bpb']:.4f}" if "bpb" in r else "")
+               + f" over {r['tokens']} tokens")
   except data_lib.DataError as e:
     print(f"effjax: data error: {e}", file=sys.stderr)
     return 2
@@ -115,17 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     results["total"] = {"loss": total["nll_sum"] / total["tokens"], "tokens": total["tokens"]}
     if all("bpb" in r for r in results.values() if r is not results["total"]):
       results["total"]["bpb"] = total["nll_sum"] / math.log(2) / total["bytes"]
-  entry = {"corpus": d.corpus, "paths": d.paths, "split": split, "seq_len": c.train.seq_len,
+  if mixture:  # the trainer's eval/loss of a mixture: the weight-averaged figure
+    weights = mixture.weights
+    results["mixture"] = {k: sum(w * results[n][k] for n, w in weights.items())
+                          for k in ("loss", "bpb") if all(k in results[n] for n in weights)}
+  corpus = "mixture" if mixture else d.corpus
+  entry = {"corpus": corpus, "paths": d.sources or d.paths, "split": split,
+           "seq_len": c.train.seq_len,
            "eval_score": c.model.attention.eval_score or c.model.attention.score,
            "batch_size": batch_size, "sources": results}
-  key = f"{d.corpus}:{d.paths}:{split}:seq{c.train.seq_len}:{entry['eval_score']}"
+  key = f"{corpus}:{entry['paths']}:{split}:seq{c.train.seq_len}:{entry['eval_score']}"
   path = paths.as_path(args.out or paths.as_path(args.workdir) / f"eval_{run.step}.json")
   saved = paths.read_json(path, default={})
   saved.setdefault("step", run.step)
   saved.setdefault("evals", {})[key] = entry
   paths.write_json(path, saved, indent=1)
   print(json.dumps({"step": run.step, **entry}, indent=1))
-  _say(f"written to {path}")
+  load.say(f"written to {path}")
   return 0
 
 

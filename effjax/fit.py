@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
-import json
 import math
-import os
 import sys
 
 import numpy as np
 from scipy import optimize, special
+
+from effjax import paths
 
 
 class FitError(ValueError):
@@ -167,10 +168,10 @@ def unidentifiable(law: str, cols: dict, *, offset: bool = False) -> dict:
 
 
 def read_csv(path: str) -> list[dict]:
-  if not os.path.isfile(path):
+  p = paths.as_path(path)  # a local file, file:// or a cloud URL
+  if not p.exists() or p.is_dir():
     raise FitError(f"CSV file '{path}' not found")
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+  rows = list(csv.DictReader(io.StringIO(p.read_text(), newline="")))
   if not rows:
     raise FitError(f"CSV file '{path}' has no data rows")
   return rows
@@ -228,7 +229,7 @@ def _plot(law, params, cols, path):
   ax.set_title(f"{law} fit")
   ax.legend(fontsize=7) if ax.get_legend_handles_labels()[0] else None
   fig.tight_layout()
-  fig.savefig(path)
+  paths.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -323,13 +324,14 @@ def main(argv=None) -> int:
     for text, ok in signs.items():
       print(f"  {'yes' if ok else 'NO '}: {text}")
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fit.json"), "w") as f:
-      json.dump({"law": args.law, "csv": args.csv, "points": len(next(iter(cols.values()))),
-                 "params": public, "ci95": ci, "not_identifiable": blind,
-                 "bootstrap": args.bootstrap}, f, indent=1)
-    _plot(args.law, public, cols, os.path.join(args.out, "fit.png"))
-    print(f"wrote {os.path.join(args.out, 'fit.json')} and fit.png")
+    out = paths.as_path(args.out)  # a local folder, file:// or a cloud URL
+    out.mkdir(parents=True, exist_ok=True)
+    paths.write_json(out / "fit.json", {
+        "law": args.law, "csv": args.csv, "points": len(next(iter(cols.values()))),
+        "params": public, "ci95": ci, "not_identifiable": blind, "bootstrap": args.bootstrap},
+        indent=1)
+    _plot(args.law, public, cols, out / "fit.png")
+    print(f"wrote {out / 'fit.json'} and fit.png")
   return 0
 
 

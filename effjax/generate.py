@@ -35,29 +35,20 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def _say(msg: str) -> None:
-  print(f"[effjax] {msg}", file=sys.stderr, flush=True)
+def _check(args) -> str | None:
+  if args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.num_samples < 1:
+    return "--max_tokens and --num_samples must be >= 1, --top_k >= 0 and --top_p in (0, 1]"
+  return None
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  _, overrides, rest = config_lib.parse_override_args(argv)
-  args = parser().parse_args(rest)
-  if args.max_tokens < 1 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.num_samples < 1:
-    print("effjax: --max_tokens and --num_samples must be >= 1, --top_k >= 0 and --top_p in "
-          "(0, 1]", file=sys.stderr)
-    return 2
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from effjax import load, sampling  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  _say(f"loading {args.workdir} ...")
-  try:
-    run = load.load_run(args.workdir, step=args.step, overrides=overrides)
-  except (load.RunError, config_lib.ConfigError) as e:
-    print(f"effjax: {e}", file=sys.stderr)
-    return 2
+  opened = load.open_for_command(argv, parser(), check=_check)
+  if isinstance(opened, int):
+    return opened
+  args, run = opened.args, opened.run
   c = run.config
   limit = c.model.max_positions or c.train.seq_len if c.model.position == "learned" else None
   context = args.context or limit or c.train.seq_len
@@ -67,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   tok = run.tokenizer
   prompt_ids = list(np.asarray(tok.encode(args.prompt)).tolist()) or [tok.eos_id]
-  _say(f"step {run.step} loaded in {time.perf_counter() - t0:.1f}s; generating "
-       f"{args.max_tokens} tokens (context {context}, compiling first) ...")
+  load.say(f"step {run.step} loaded in {opened.seconds:.1f}s; generating "
+           f"{args.max_tokens} tokens (context {context}, compiling first) ...")
   rng = jax.random.PRNGKey(args.seed)
   for i in range(args.num_samples):
     t1 = time.perf_counter()
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if i:
       print("-" * 60)
     print(args.prompt + tok.decode(np.asarray(out, np.int32)), flush=True)
-    _say(f"sample {i}: {len(out)} tokens in {time.perf_counter() - t1:.1f}s")
+    load.say(f"sample {i}: {len(out)} tokens in {time.perf_counter() - t1:.1f}s")
   return 0
 
 

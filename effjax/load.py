@@ -11,13 +11,21 @@ than this host has); `run.model` is the evaluation model (model.attention.eval_s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
+import time
 from typing import Any
 
 import jax
 
 from effjax import config as config_lib
 from effjax import paths
+
+
+def say(msg: str) -> None:
+  """A progress line on stderr (stdout carries the command's result)."""
+  print(f"[effjax] {msg}", file=sys.stderr, flush=True)
 
 
 class RunError(ValueError):
@@ -91,3 +99,41 @@ def load_run(workdir: str, *, step: int | None = None, overrides: dict | None = 
     ckpt.close()
   return LoadedRun(workdir=workdir, step=step, config=config, tokenizer=tokenizer,
                    model=plan.eval_model, params=state.params, buffers=state.buffers, plan=plan)
+
+
+@dataclasses.dataclass
+class CommandRun:
+  """What `open_for_command` gives a command: its parsed flags, the --config.* overrides,
+  the loaded run and the seconds loading took."""
+  args: argparse.Namespace
+  overrides: dict
+  run: LoadedRun
+  seconds: float
+
+
+def open_for_command(argv: list[str] | None, parser: argparse.ArgumentParser, *,
+                     check=None) -> CommandRun | int:
+  """The shared preamble of the commands that read a run (effjax.eval, effjax.generate):
+  split --config.* overrides from argv (default sys.argv[1:]), parse the rest with `parser`
+  (it needs --workdir and --step), run `check(args)` (an error message or None) and load the
+  run. Returns the CommandRun, or the exit code 2 after printing why (no run, bad flags or
+  config)."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    _, overrides, rest = config_lib.parse_override_args(argv)
+  except config_lib.ConfigError as e:
+    print(f"effjax: {e}", file=sys.stderr)
+    return 2
+  args = parser.parse_args(rest)
+  problem = check(args) if check else None
+  if problem:
+    print(f"effjax: {problem}", file=sys.stderr)
+    return 2
+  t0 = time.perf_counter()
+  say(f"loading {args.workdir} ...")
+  try:
+    run = load_run(args.workdir, step=args.step, overrides=overrides)
+  except (RunError, config_lib.ConfigError) as e:
+    print(f"effjax: {e}", file=sys.stderr)
+    return 2
+  return CommandRun(args, overrides, run, time.perf_counter() - t0)

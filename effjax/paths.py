@@ -56,15 +56,25 @@ def read_json(path: Any, default=None):
   return json.loads(p.read_text())
 
 
-def write_text(path: Any, text: str) -> None:
-  """Writes `text`; locally through a temporary file and a rename (never half a file)."""
+def _write_whole(path: Any, write) -> None:
+  """write(p) to `path`; locally into a temporary file renamed over it (never half a file)."""
   p = as_path(path)
   if is_url(p):
-    p.write_text(text)
+    write(p)
     return
   tmp = p.parent / (p.name + ".tmp")
-  tmp.write_text(text)
+  write(tmp)
   os.replace(os.fspath(tmp), os.fspath(p))
+
+
+def write_text(path: Any, text: str) -> None:
+  """Writes `text`; locally through a temporary file and a rename (never half a file)."""
+  _write_whole(path, lambda p: p.write_text(text))
+
+
+def write_bytes(path: Any, data: bytes) -> None:
+  """Writes `data`; locally through a temporary file and a rename (never half a file)."""
+  _write_whole(path, lambda p: p.write_bytes(data))
 
 
 def write_json(path: Any, obj, **kwargs) -> None:
@@ -73,8 +83,7 @@ def write_json(path: Any, obj, **kwargs) -> None:
 
 def save_figure(fig, path: Any, **kwargs) -> str:
   """Saves a matplotlib figure as PNG to any path; returns it as a string."""
-  p = as_path(path)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", **kwargs)
-  p.write_bytes(buf.getvalue())
-  return str(p)
+  write_bytes(path, buf.getvalue())
+  return str(as_path(path))

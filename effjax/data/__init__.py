@@ -10,7 +10,8 @@ from effjax.data.corpus import (CORPUS_CHOICES, Corpus, builtin_corpus_files,
                                 builtin_corpus_root, expand_paths, is_validation, load_corpus,
                                 read_token_shard)
 from effjax.data.errors import DataError
-from effjax.data.mixture import (Mixture, load_mixture, make_mixture_iterator, mixed_eval_row,
+from effjax.data.mixture import (Mixture, load_mixture, make_data_iterator, make_mixture_iterator,
+                                 mixed_eval_row,
                                  mixture_eval_batches,
                                  parse_sources, token_counts)
 from effjax.data.pipeline import (ShardInfo, WindowSource, eval_batches, make_train_dataset,
@@ -18,7 +19,7 @@ from effjax.data.pipeline import (ShardInfo, WindowSource, eval_batches, make_tr
 from effjax.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = ["CORPUS_CHOICES", "ByteTokenizer", "Corpus", "DataError", "HFTokenizer", "Mixture",
-           "ShardInfo", "load_mixture", "make_mixture_iterator", "mixed_eval_row", "mixture_eval_batches",
+           "ShardInfo", "load_mixture", "make_data_iterator", "make_mixture_iterator", "mixed_eval_row", "mixture_eval_batches",
            "parse_sources", "token_counts",
            "WindowSource", "builtin_corpus_files", "builtin_corpus_root", "eval_batches",
            "expand_paths", "is_validation", "load_corpus", "load_tokenizer",

@@ -175,6 +175,16 @@ def make_mixture_iterator(mixture: Mixture, *, seq_len: int, batch_size: int, se
   return iter(ds.to_iter_dataset(read))
 
 
+def make_data_iterator(data, *, seq_len: int, batch_size: int, seed: int, **kwargs):
+  """The training iterator of what the trainer loads (a Corpus, or a Mixture for
+  data.sources): make_mixture_iterator or make_train_iterator with the same arguments."""
+  from effjax.data.pipeline import make_train_iterator  # pylint: disable=g-import-not-at-top
+  if isinstance(data, Mixture):
+    return make_mixture_iterator(data, seq_len=seq_len, batch_size=batch_size, seed=seed, **kwargs)
+  return make_train_iterator(data.train_tokens, seq_len=seq_len, batch_size=batch_size,
+                             seed=seed, **kwargs)
+
+
 def mixture_eval_batches(mixture: Mixture, **kwargs) -> dict[str, list[dict]]:
   """{source name: eval_batches(its validation tokens, **kwargs)}; errors name the source."""
   from effjax.data.pipeline import eval_batches  # pylint: disable=g-import-not-at-top

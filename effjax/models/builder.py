@@ -40,7 +40,9 @@ from effjax.models.stack import Block, PlainStack, ScannedStack
 from effjax.models.transformer import (Dims, Transformer, attention_scale, expert_dim,
                                        hidden_init_std, width_mult)
 from effjax.constraints.reparam import make_reparam
-from effjax.quant.hooks import make_hooks
+# A module, not its names: `python -m effjax.quant.export` imports effjax.quant first, and
+# effjax.quant.hooks (which imports effjax.models.layers) is then only partly initialised.
+from effjax.quant import hooks as quant_hooks
 
 
 class Builder:
@@ -64,8 +66,8 @@ class Builder:
     def make(kind: str, d_in: int, d_out: int, *, axes, std=None, slot: str = "", **kwargs):
       hooks = None
       if self.quant is not None and kind in self.quant.layers:
-        hooks = make_hooks(self.quant, d_in, d_out, std=d_in ** -0.5 if std is None else std,
-                           axes=axes)
+        hooks = quant_hooks.make_hooks(self.quant, d_in, d_out, axes=axes,
+                                       std=d_in ** -0.5 if std is None else std)
       if kind in ("qkv", "attn_out") and slot in self.shared_slots:
         return self.shared_projection(d_in, d_out, axes=axes, std=std,
                                       tag=Tag(kind, layer, slot), hooks=hooks, **kwargs)
@@ -128,8 +130,8 @@ class Builder:
     if self.quant is not None and self.quant.qkr and "qkv" in self.quant.layers:
       std = hidden_init_std(c)
       std_qk = std * std * d.head_dim ** 0.5  # entries of a product of two std-`std` matrices
-      qk_hooks = make_hooks(self.quant, d.d_model, d.n_heads * d.d_model, std=std_qk,
-                            axes=("embed", "heads"), derived=True)
+      qk_hooks = quant_hooks.make_hooks(self.quant, d.d_model, d.n_heads * d.d_model,
+                                        std=std_qk, axes=("embed", "heads"), derived=True)
       attn = QKRAttention(*args, plain_linear=self.plain_linear_for(layer), qk_hooks=qk_hooks,
                           **kwargs)
       attn.tag = Tag("qk", layer, "attn")

@@ -10,8 +10,9 @@ constraints pick matrices by role. Roles are listed in `ROLES` below:
   router     MoE / MoR routers                expert  MoE expert weights
   atom       MASA dictionary atoms            coeff   MASA coefficient MLPs
 
-`Linear` is the meeting point of weight hooks (quantizers, reparameterisations)
-and input hooks (activation quantizers): see `LinearHook`.
+`HookedLinear` (the base of `Linear` and of the attention-sharing projections) is the
+meeting point of weight hooks (quantizers, reparameterisations) and input hooks (activation
+quantizers): see `LinearHook`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Tag:
 
 
 class LinearHook(nnx.Module):
-  """Hook interface for `Linear`: transform the weight and/or the input.
+  """Hook interface for `HookedLinear`s: transform the weight and/or the input.
 
   Quantizers (QuEST, StatsQ, LSQ) and reparameterisations (weight conditioning,
   weight normalisation) subclass this; both methods default to the identity.
@@ -82,21 +83,17 @@ class LinearHook(nnx.Module):
     return x
 
 
-class Linear(nnx.Module):
-  """y = hooks.input(x) @ hooks.weight(W) (+ b). W is stored (in, out), fp32.
+class HookedLinear(nnx.Module):
+  """Base of every projection that carries LinearHooks (`Linear`, and the attention-sharing
+  `SharedLinear` / `LowRankLinear` in effjax/models/masa.py): y = hooks.input(x) @
+  hooks.weight(W). Subclasses own how W is stored; this class owns the hook plumbing.
 
   hooks: named LinearHooks, applied in order (e.g. {"weight_quant": ..., "input_quant": ...});
   each is an attribute of that name, so its state has a stable name in the parameter tree.
   """
 
-  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, role: str = "hidden",
-               axes: tuple[str | None, str | None] = ("embed", "mlp"), std: float | None = None,
-               use_bias: bool = False, zero_init: bool = False,
-               hooks: Mapping[str, LinearHook] | None = None, tag: Tag | None = None):
-    std = d_in ** -0.5 if std is None else std
-    w = jnp.zeros((d_in, d_out), jnp.float32) if zero_init else normal_init(rngs, (d_in, d_out), std)
-    self.kernel = make_param(w, role, axes)
-    self.bias = make_param(jnp.zeros((d_out,), jnp.float32), "vector", axes[1:]) if use_bias else None
+  def attach_hooks(self, hooks: Mapping[str, LinearHook] | None, tag: Tag | None):
+    """Set the module's tag and its hooks (call once, after the weights are created)."""
     self.tag = tag
     self.hook_names = tuple(hooks or ())
     for name, hook in (hooks or {}).items():
@@ -106,17 +103,43 @@ class Linear(nnx.Module):
   def hooks(self) -> list[LinearHook]:
     return [getattr(self, name) for name in self.hook_names]
 
-  def effective_weight(self) -> jax.Array:
-    w = self.kernel[...]
+  def hooked_weight(self, w_IxO: jax.Array) -> jax.Array:
+    """W through every hook's `weight`, in order."""
     for hook in self.hooks:
-      w = hook.weight(w)
-    return w
+      w_IxO = hook.weight(w_IxO)
+    return w_IxO
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def hooked_input(self, x: jax.Array) -> jax.Array:
+    """x through every hook's `input`, in order."""
     for hook in self.hooks:
       x = hook.input(x)
-    w = self.effective_weight().astype(x.dtype)
-    y = jnp.einsum("...i,io->...o", x, w)
+    return x
+
+  def hooked_matmul(self, x: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """hooks.input(x) @ hooks.weight(w_IxO), in x's dtype (the input hooks run first)."""
+    x = self.hooked_input(x)
+    return jnp.einsum("...i,io->...o", x, self.hooked_weight(w_IxO).astype(x.dtype))
+
+
+class Linear(HookedLinear):
+  """y = hooks.input(x) @ hooks.weight(W) (+ b). W is stored (in, out), fp32 (hooks: see
+  `HookedLinear`)."""
+
+  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, role: str = "hidden",
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), std: float | None = None,
+               use_bias: bool = False, zero_init: bool = False,
+               hooks: Mapping[str, LinearHook] | None = None, tag: Tag | None = None):
+    std = d_in ** -0.5 if std is None else std
+    w = jnp.zeros((d_in, d_out), jnp.float32) if zero_init else normal_init(rngs, (d_in, d_out), std)
+    self.kernel = make_param(w, role, axes)
+    self.bias = make_param(jnp.zeros((d_out,), jnp.float32), "vector", axes[1:]) if use_bias else None
+    self.attach_hooks(hooks, tag)
+
+  def effective_weight(self) -> jax.Array:
+    return self.hooked_weight(self.kernel[...])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.hooked_matmul(x, self.kernel[...])
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effjax.models.layers import LinearHook, Tag, make_param, normal_init
+from effjax.models.layers import HookedLinear, Tag, make_param, normal_init
 
 SHARED = ("masa", "sequential", "repeat_all_over")  # methods with a stack-level weight source
 
@@ -62,32 +62,22 @@ def shared_slots(config) -> tuple[str, ...]:
   return tuple(config.masa.projections)  # the letters are the Attention slot names
 
 
-class SharedLinear(nnx.Module):
+class SharedLinear(HookedLinear):
   """A projection whose weight is built outside the block (a MASA combination of atoms or a
   shared matrix set): y = hooks.input(x) @ hooks.weight(w_IxO). Holds only its hooks."""
 
   def __init__(self, d_in: int, d_out: int, *, hooks=None, tag: Tag | None = None):
-    self.d_in, self.d_out, self.tag = d_in, d_out, tag
-    self.hook_names = tuple(hooks or ())
-    for name, hook in (hooks or {}).items():
-      setattr(self, name, hook)
-
-  @property
-  def hooks(self) -> list[LinearHook]:
-    return [getattr(self, name) for name in self.hook_names]
+    self.d_in, self.d_out = d_in, d_out
+    self.attach_hooks(hooks, tag)
 
   def effective_weight(self, w_IxO: jax.Array) -> jax.Array:
-    for hook in self.hooks:
-      w_IxO = hook.weight(w_IxO)
-    return w_IxO
+    return self.hooked_weight(w_IxO)
 
   def __call__(self, x: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    for hook in self.hooks:
-      x = hook.input(x)
-    return jnp.einsum("...i,io->...o", x, self.effective_weight(w_IxO).astype(x.dtype))
+    return self.hooked_matmul(x, w_IxO)
 
 
-class LowRankLinear(nnx.Module):
+class LowRankLinear(HookedLinear):
   """y = x A B, A [d_in, r], B [r, d_out] (the low-rank baseline). A and B ~ N(0, s^2) with
   s^2 = std / sqrt(r), so entries of A B have the dense init std. With quantizer hooks the
   product W = A B is formed and quantized (QAT quantizes the weight a layer applies)."""
@@ -97,27 +87,15 @@ class LowRankLinear(nnx.Module):
     s = math.sqrt(std / math.sqrt(rank))
     self.a = make_param(normal_init(rngs, (d_in, rank), s), "hidden", (axes[0], None))
     self.b = make_param(normal_init(rngs, (rank, d_out), s), "hidden", (None, axes[1]))
-    self.tag = tag
-    self.hook_names = tuple(hooks or ())
-    for name, hook in (hooks or {}).items():
-      setattr(self, name, hook)
-
-  @property
-  def hooks(self) -> list[LinearHook]:
-    return [getattr(self, name) for name in self.hook_names]
+    self.attach_hooks(hooks, tag)
 
   def effective_weight(self) -> jax.Array:
-    w = self.a[...] @ self.b[...]
-    for hook in self.hooks:
-      w = hook.weight(w)
-    return w
+    return self.hooked_weight(self.a[...] @ self.b[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.hooks:
       return (x @ self.a[...].astype(x.dtype)) @ self.b[...].astype(x.dtype)
-    for hook in self.hooks:
-      x = hook.input(x)
-    return jnp.einsum("...i,io->...o", x, self.effective_weight().astype(x.dtype))
+    return self.hooked_matmul(x, self.a[...] @ self.b[...])
 
 
 def _unit_rows(rngs: nnx.Rngs, shape) -> jax.Array:

@@ -110,8 +110,7 @@ class Transformer(nnx.Module):
     if self.head is None:
       table_VxD = self.embed.table[...].astype(x_BxLxD.dtype)
       return x_BxLxD, lambda x: jnp.einsum("bld,vd->blv", x, table_VxD)
-    for hook in self.head.hooks:
-      x_BxLxD = hook.input(x_BxLxD)
+    x_BxLxD = self.head.hooked_input(x_BxLxD)
     w_DxV = self.head.effective_weight().astype(x_BxLxD.dtype)
     bias = None if self.head.bias is None else self.head.bias[...].astype(x_BxLxD.dtype)
     return x_BxLxD, lambda x: (jnp.einsum("...i,io->...o", x, w_DxV) if bias is None

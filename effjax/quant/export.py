@@ -17,12 +17,14 @@ the rotated basis, where that model multiplies); build the model with
 
 from __future__ import annotations
 
+import io
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import paths
 from effjax.models.index import flatten, unflatten
 from effjax.quant import methods
 from effjax.quant.hooks import WEIGHT
@@ -79,13 +81,15 @@ def export(config, params, path: str, index) -> dict:
   for p, v in flat.items():
     arrays[_key(p)] = np.asarray(v, np.float32)
     meta["dense"][_key(p)] = [x if isinstance(x, str) else int(x) for x in p]
-  np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+  buf = io.BytesIO()  # to any path (local, file:// or cloud: effjax/paths.py), as written
+  np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+  paths.write_bytes(path, buf.getvalue())
   return meta
 
 
 def load(path: str) -> tuple[dict, dict]:
   """(params with dequantized kernels, metadata) from an export."""
-  with np.load(path) as f:
+  with np.load(io.BytesIO(paths.as_path(path).read_bytes())) as f:
     meta = json.loads(bytes(f["__meta__"]).decode())
     flat = {tuple(p): f[key] for key, p in meta["dense"].items()}
     half = meta["quant"]["hadamard"] == "half"
@@ -115,7 +119,6 @@ def main(argv=None) -> int:
   loss on the run's validation batches: they must agree."""
   import argparse  # pylint: disable=g-import-not-at-top
   import dataclasses  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from effjax import checks  # pylint: disable=g-import-not-at-top
   from effjax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -133,11 +136,11 @@ def main(argv=None) -> int:
   parser.add_argument("--eval_batches", type=int, default=4)
   args = parser.parse_args(argv)
   fail = lambda msg: (print(f"export: {msg}", file=sys.stderr), 2)[1]
-  config_path = os.path.join(args.workdir, "config.json")
-  if not os.path.isfile(config_path):
+  workdir = paths.as_path(args.workdir)  # a local folder, file:// or a cloud URL
+  config_path = workdir / "config.json"
+  if not config_path.exists():
     return fail(f"{config_path} not found: --workdir must be a training run's workdir")
-  with open(config_path) as f:
-    config = config_lib.from_dict(json.load(f))
+  config = config_lib.from_dict(paths.read_json(config_path))
   if config.quant.method == "none":
     return fail(f"the run in {args.workdir} has quant.method=none: nothing to export")
   if config.model.scan_layers:
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
     return fail(f"{config_path}: {e}")
   bundle = load_data(config)
   vocab = bundle.tokenizer.vocab_size
-  ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=10**6)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=10**6)
   saved = sorted(ckpt.manager.all_steps())
   step = args.step or (saved[-1] if saved else None)
   if step not in saved:
@@ -165,17 +168,21 @@ def main(argv=None) -> int:
   state = ckpt.restore(step, plan.abstract())
   ckpt.close()
   qat = plan.model
-  out = args.out or os.path.join(args.workdir, "quantized.npz")
+  out = paths.as_path(args.out) if args.out else workdir / "quantized.npz"
   meta = export(config, state.params, out, qat.index)
-  print(f"export: step {step} -> {out} ({os.path.getsize(out) / 2**20:.2f} MiB; "
+  print(f"export: step {step} -> {out} ({out.stat().length / 2**20:.2f} MiB; "
         f"{len(meta['kernels'])} quantized kernels as int8 codes + scales)", file=sys.stderr)
   on_grid = dataclasses.replace(config, quant=dataclasses.replace(config.quant,
                                                                   weights_on_grid=True))
   loaded, _ = load(out)
   t = config.train
-  batches = data_lib.eval_batches(bundle.corpus.val_tokens, seq_len=t.seq_len,
-                                  batch_size=t.batch_size, num_batches=args.eval_batches,
-                                  eos_id=bundle.tokenizer.eos_id)
+  kw = dict(seq_len=t.seq_len, batch_size=t.batch_size, num_batches=args.eval_batches,
+            eos_id=bundle.tokenizer.eos_id)
+  if isinstance(bundle.corpus, data_lib.Mixture):  # data.sources: every source's batches
+    batches = [b for per_source in data_lib.mixture_eval_batches(bundle.corpus, **kw).values()
+               for b in per_source]
+  else:
+    batches = data_lib.eval_batches(bundle.corpus.val_tokens, **kw)
   before = _eval_loss(qat, state.params, state.buffers, batches)
   after = _eval_loss(models.build(on_grid, vocab, batch_groups=1), loaded, state.buffers, batches)
   print(f"| model | eval loss ({len(batches)} batches) |\n|---|---|\n| QAT checkpoint | {before:.6f} |"

@@ -63,9 +63,8 @@ def main(argv=None) -> int:
   mesh = make_mesh(config.mesh)
   resolved = resolve(config, mesh.devices.flat)
   plan = plan_state(resolved, data.tokenizer.vocab_size, mesh, sharding.rules_for(config.mesh))
-  it = data_lib.make_train_iterator(data.corpus.train_tokens, seq_len=t.seq_len,
-                                    batch_size=t.batch_size, seed=config.seed,
-                                    eos_id=data.tokenizer.eos_id)
+  it = data_lib.make_data_iterator(data.corpus, seq_len=t.seq_len, batch_size=t.batch_size,
+                                   seed=config.seed, eos_id=data.tokenizer.eos_id)
   batch = {k: jax.device_put(v, plan.batch_sharding) for k, v in next(it).items()}
   state = plan.init()
   step_fn, _ = plan.compile_step(state, batch)  # the trainer's step, without extensions
