@@ -142,7 +142,20 @@ def test_bad_kv_strategy_names_the_key():
     C.apply_overrides(C.Config(), {"model.mor.kv_strategy": "paged"})
 
 
+@pytest.mark.parametrize("strategy", ["recursion_wise", "shared"])
+def test_greedy_generation_with_the_cache_matches_the_full_forward_fallback(strategy):
+  m, params, buffers = _model(**ROUTERS["expert"], **{"model.mor.kv_strategy": strategy})
+  kw = dict(max_tokens=8, context=16, rng=jax.random.PRNGKey(0), temperature=0.0, vocab=256)
+  cached = sampling.generate(m, params, buffers, [5, 6, 7], **kw)
+  full = sampling._generate_full(m, params, buffers, [5, 6, 7], top_k=0, top_p=1.0,
+                                 stop_id=None, **kw)
+  assert cached == full  # no window slide within 3 + 8 tokens: every token must agree
+
+
+@pytest.mark.slow
 def test_generate_cli_decodes_a_mor_run_with_the_cache(tmp_path):
+  """Train a tiny MoR run, then `python -m effjax.generate` decodes it with the cache (its
+  eval model runs the threshold rule). Slow (~45 s); the fast property is the test above."""
   over = ["--config.model.mor.recursions=2", "--config.model.mor.sharing=cycle",
           "--config.model.mor.router=expert", "--config.model.mor.kv_strategy=shared",
           "--config.model.remat=true"]
