@@ -137,6 +137,30 @@ def test_shared_gather_equals_masked_update_with_documents():
   assert float(jnp.max(jnp.abs(moved - masked))) > 1e-4
 
 
+def test_shared_kv_flops_by_hand():
+  """Recursive KV sharing: recursions r >= 1 project no keys/values and their cap_r * T
+  queries attend over all T tokens (cap_r of a full attention instead of cap_r^2)."""
+  from effjax.train import flops
+  over = {"model.mor.router": "expert", "model.n_layers": 4, "model.mor.recursions": 2,
+          "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
+          "model.mor.sharing": "middle_cycle", "train.seq_len": 16}
+  cfg = C.validate(C.apply_overrides(C.Config(), {**over, "model.mor.kv_strategy": "shared"}))
+  dims = models.resolve_dims(cfg.model, VOCAB)
+  d, T, v = 32, 16, dims.vocab
+  ffn = 3 * d * dims.mlp_dim
+  qo, kv = d * 4 * 8 * 2, d * 2 * 8 * 2  # q, o: 4 heads of 8; k, v: 2 kv heads of 8
+  attn = 2 * 2 * T * 4 * 8 / 2
+  # layers 0, 3 once; layers 1, 2 at recursion 0 (cap 1, own k/v) and 1 (cap 1/2, reads)
+  matmul = 2 * (qo + kv + ffn) + 2 * (qo + kv + ffn) + 2 * 0.5 * (qo + ffn) + d * v + 2 * d
+  attention = 2 * attn + 2 * (1 + 0.5) * attn
+  got = flops.flops_per_token(dims, T, tie_embeddings=False, mor=cfg.model.mor)
+  assert got == pytest.approx(3 * (2 * matmul + attention), rel=1e-12)
+  recursion_wise = flops.flops_per_token(
+      dims, T, tie_embeddings=False,
+      mor=C.validate(C.apply_overrides(C.Config(), over)).model.mor)
+  assert got != recursion_wise
+
+
 def test_bad_kv_strategy_names_the_key():
   with pytest.raises(C.ConfigError, match="model.mor.kv_strategy"):
     C.apply_overrides(C.Config(), {"model.mor.kv_strategy": "paged"})

@@ -113,6 +113,22 @@ def layer_capacities(cfg: MoRConfig, n_layers: int) -> list[list[float]]:
   return uses
 
 
+def shared_kv_reads(cfg: MoRConfig, n_layers: int) -> list[list[float]]:
+  """Per unique layer, cap_r of each application that reads recursion 0's keys/values under
+  recursive KV sharing (recursions r >= 1: queries only, attending over all T tokens);
+  empty lists under recursion-wise caching or MoR off. A subset of layer_capacities."""
+  reads: list[list[float]] = [[] for _ in range(n_layers)]
+  if not cfg.enabled or cfg.kv_strategy != "shared":
+    return reads
+  _, blocks, _ = recursion_schedule(cfg.sharing, n_layers, cfg.recursions)
+  caps = capacities(cfg.recursions) if cfg.router != "none" else (1.0,) * cfg.recursions
+  for r, block in enumerate(blocks):
+    for i in block:
+      if r > 0:
+        reads[i].append(caps[r])
+  return reads
+
+
 def router_params(cfg: MoRConfig, d_model: int) -> int:
   """Router parameters: N_r vectors of d (expert) or one d x N_r matrix (token)."""
   return d_model * cfg.recursions if cfg.enabled and cfg.router != "none" else 0
