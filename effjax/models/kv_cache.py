@@ -10,6 +10,9 @@ against the keys and values of the tokens before them. Three pieces, each replac
   stack.init_cache   the stack slot builds the caches of its layers (one per layer here;
   stack.decode       a Mixture-of-Recursions stack builds one per recursion step, or shares
                      one across steps) and threads them through its blocks.
+                     Here: KVCache (contiguous), CompactKVCache (keeps only the tokens a
+                     mask selects: recursion-wise caching) and ReadOnlyKV (another cache's
+                     keys, read without writing: recursive KV sharing).
   attend_cached      the score maths over whatever keys a cache returns: softmax (with the
                      log-n baseline), LSSA and LSSAR (pallas_kernels/attention/reference.py
                      with an explicit visibility mask).
