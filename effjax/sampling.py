@@ -9,8 +9,9 @@ The cache holds `context` tokens (default: the training length). When it is full
 `context // 2` tokens are prefilled again at positions 0.. (a sliding window in strides
 of half the context), so the model never sees positions beyond those it was trained on.
 
-Models without incremental decoding (Mixture-of-Recursions, shared attention weights built
-by the stack: `decode_unsupported` names why) are sampled with
+Models without incremental decoding (shared attention weights built by the stack, an
+expert-choice Mixture-of-Recursions under its top-k training rule: `decode_unsupported`
+names why) are sampled with
 one full forward over a fixed [1, context] window per token instead: the same tokens, slower.
 
 Sampling (`sample`): temperature <= 0 is greedy; otherwise logits / temperature, restricted
@@ -56,7 +57,9 @@ def decode_unsupported(model, params, buffers) -> str | None:
   module = model.module(params, buffers)
   stack = module.blocks
   if not hasattr(stack, "init_cache"):
-    return f"{type(stack).__name__} has no KV cache (MoR's KV strategies are not built yet)"
+    return f"{type(stack).__name__} has no KV cache"
+  if hasattr(stack, "decode_unsupported"):  # the stack knows best (Mixture-of-Recursions)
+    return stack.decode_unsupported()
   if getattr(stack, "shared", None) is not None:
     return "the attention weights are built by the stack (model.attention.sharing)"
   layers = getattr(stack, "layers", ())

@@ -114,7 +114,9 @@ def test_generate_cli_from_a_checkpoint(tmp_path):
   assert "Traceback" not in missing.stderr
 
 
-# Models without a KV cache (MoR, stack-built shared attention weights) sample with one full forward per token instead of failing.
+# Models without a KV cache (an expert-choice MoR under its top-k training rule, stack-built
+# shared attention weights) sample with one full forward per token instead of failing; MoR
+# decoding with its KV strategies is tested in tests/test_mor_kv.py.
 NO_CACHE = {
     "mor": ["--config.model.mor.recursions=2", "--config.model.mor.router=expert",
             "--config.model.mor.sharing=cycle"],

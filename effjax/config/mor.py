@@ -14,6 +14,7 @@ if typing.TYPE_CHECKING:
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTERS = ("none", "expert", "token")
 RULES = ("topk", "threshold")
+KV_STRATEGIES = ("recursion_wise", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,14 @@ class MoRConfig:
   rule: str = _field("topk", RULES,
                      "the rule this model runs (topk for training; models.for_evaluation "
                      "sets eval_rule for evaluation and sampling)")
+  kv_strategy: str = _field("recursion_wise", KV_STRATEGIES,
+                            "recursion_wise: each recursion attends only among the tokens it "
+                            "selected and its decode cache keeps only those (the model as "
+                            "trained by default); shared: recursive KV sharing, every later "
+                            "recursion attends to the keys/values the first recursion computed "
+                            "for all tokens, and its decode cache is the first recursion's "
+                            "alone. shared CHANGES THE MODEL (training forward included): "
+                            "choose it before training, not for an existing checkpoint")
   token_balance: str = _field("aux", ("aux", "alf", "none"),
                               "token-choice balance: Switch aux loss + z-loss, or the "
                               "loss-free bias (ALF-LB, as model.moe)")
@@ -74,6 +83,9 @@ class MoRConfig:
     if config.model.scan_layers:
       raise ConfigError("model.mor.recursions > 0 runs its own recursion schedule: set "
                         "model.scan_layers=false.")
+    if self.kv_strategy not in KV_STRATEGIES:
+      raise ConfigError(f"model.mor.kv_strategy must be one of {', '.join(KV_STRATEGIES)}; "
+                        f"got {self.kv_strategy!r}.")
     if self.rule == "threshold" and self.router != "expert":
       raise ConfigError(f"model.mor.rule=threshold is the expert-choice inference rule; "
                         f"router is {self.router}.")

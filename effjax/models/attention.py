@@ -152,11 +152,18 @@ class Attention(nnx.Module):
     return attend(q, k, v, config=self.config, segment_ids_BxL=segment_ids_BxL,
                   positions_BxL=positions_BxL, scale=self.scale)
 
-  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None, weights=None):
-    """weights: {slot: W} of this layer's shared projections (effjax/models/masa.py)."""
+  def __call__(self, x_BxLxD, *, positions_BxL, segment_ids_BxL=None, weights=None, kv=None):
+    """weights: {slot: W} of this layer's shared projections (effjax/models/masa.py).
+    kv: keys and values computed elsewhere (recursive KV sharing, effjax/models/mor.py: an
+    object with k_BxTxKxD, v_BxTxKxE and mask_Bx1xLxT): the queries attend to those instead
+    of their own keys, with that mask (segment_ids_BxL is then unused)."""
     b, l, _ = x_BxLxD.shape
     q, k, v = self._qkv(x_BxLxD, positions_BxL, weights)
-    out = self._attend(q, k, v, positions_BxL, segment_ids_BxL)
+    if kv is None:
+      out = self._attend(q, k, v, positions_BxL, segment_ids_BxL)
+    else:
+      out = self._attend_cached(q, kv.k_BxTxKxD, kv.v_BxTxKxE, positions_BxL, None,
+                                mask=kv.mask_Bx1xLxT)
     return self._project("o", out.reshape(b, l, self.n_heads * self.head_dim), weights)
 
   # ---- incremental decoding (effjax/models/kv_cache.py)
@@ -167,12 +174,12 @@ class Attention(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype) -> kv_cache.KVCache:
     return kv_cache.KVCache.zeros(batch, max_len, self.n_kv_heads, *self.kv_widths(), dtype)
 
-  def _attend_cached(self, q, k, v, positions_BxS, kv_pos_BxT, score=None):
+  def _attend_cached(self, q, k, v, positions_BxS, kv_pos_BxT, score=None, mask=None):
     c = self.config
     return kv_cache.attend_cached(q, k, v, positions_BxS=positions_BxS, kv_pos_BxT=kv_pos_BxT,
                                   score=score or c.score, scale=self.scale,
                                   log_n_scale=c.log_n_scale, p=c.lssar_p,
-                                  offset_rows=c.lssar_offset_rows)
+                                  offset_rows=c.lssar_offset_rows, mask_Bx1xSxT=mask)
 
   def decode(self, x_BxSxD, *, positions_BxS, cache):
     """The S new tokens' outputs and the updated cache: equal to the full forward's rows at

@@ -53,10 +53,17 @@ class LipschitzBlock(nnx.Module):
     self.attn, self.ffn, self.tag = attn, ffn, tag
     self.alpha = 1.0 / (2 * n_layers)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights=None):
-    """weights: this layer's built shared attention weights (model.attention.sharing)."""
+  def attn_input(self, x_BxLxD):
+    """What the attention reads (no norm in this architecture)."""
+    return x_BxLxD
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights=None, kv=None):
+    """weights: this layer's built shared attention weights (model.attention.sharing);
+    kv: keys and values to attend to instead (recursive KV sharing, effjax/models/mor.py)."""
     a = self.alpha
     shared = {} if weights is None else {"weights": weights}
+    if kv is not None:
+      shared["kv"] = kv
     attn_out = self.attn(x_BxLxD, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
                          **shared)
     x_BxLxD = (1 - a) * x_BxLxD + a * ATTENTION_OUT * attn_out

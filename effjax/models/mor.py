@@ -19,6 +19,14 @@ optional unique prefix, N_r recursions of a shared block, and an optional unique
           softmax, top-1 picks the depth; a token with depth j gets recursions 0..j, gated
           by its chosen probability. Switch balance loss + z-loss, or the loss-free bias.
 
+KV strategies (model.mor.kv_strategy; paper Sec. 2.3): `recursion_wise` (the default; the
+model above: at recursion r the selected tokens attend only to each other, so a decode cache
+per recursion keeps only the tokens that recursion selected) and `shared` (recursive KV
+sharing: the keys and values each layer of recursion 0 computes for every token are reused
+by the same layer position of every later recursion, which computes queries only; a
+different model, trained with the sharing). Incremental decoding (`init_cache`, `decode`)
+needs a causal rule: expert-choice under the threshold rule, or token-choice.
+
 Top-k selection runs on static gathered shapes (k_r static for jit). The threshold rule and
 token-choice select a data-dependent number of tokens; they run the block on all tokens with
 attention restricted to the selected ones (unselected tokens get a private document id, and
@@ -36,11 +44,13 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import MoRConfig
+from effjax.models import kv_cache
 from effjax.models.layers import Buffer, Linear, Tag
 from effjax.models.stack import (RESIDUAL_AXES, Context, _block_forward,
                                  _remat_block_forward)
@@ -103,6 +113,22 @@ def layer_capacities(cfg: MoRConfig, n_layers: int) -> list[list[float]]:
   return uses
 
 
+def shared_kv_reads(cfg: MoRConfig, n_layers: int) -> list[list[float]]:
+  """Per unique layer, cap_r of each application that reads recursion 0's keys/values under
+  recursive KV sharing (recursions r >= 1: queries only, attending over all T tokens);
+  empty lists under recursion-wise caching or MoR off. A subset of layer_capacities."""
+  reads: list[list[float]] = [[] for _ in range(n_layers)]
+  if not cfg.enabled or cfg.kv_strategy != "shared":
+    return reads
+  _, blocks, _ = recursion_schedule(cfg.sharing, n_layers, cfg.recursions)
+  caps = capacities(cfg.recursions) if cfg.router != "none" else (1.0,) * cfg.recursions
+  for r, block in enumerate(blocks):
+    for i in block:
+      if r > 0:
+        reads[i].append(caps[r])
+  return reads
+
+
 def router_params(cfg: MoRConfig, d_model: int) -> int:
   """Router parameters: N_r vectors of d (expert) or one d x N_r matrix (token)."""
   return d_model * cfg.recursions if cfg.enabled and cfg.router != "none" else 0
@@ -136,6 +162,32 @@ def private_segments(selected_BxL, segment_ids_BxL):
   base = segment_ids_BxL if segment_ids_BxL is not None else jnp.zeros((b, l), jnp.int32)
   own = -1 - jnp.broadcast_to(jnp.arange(l, dtype=base.dtype), (b, l))
   return jnp.where(selected_BxL, base, own)
+
+
+@flax.struct.dataclass
+class SharedKV:
+  """Keys/values of the first recursion for one layer position, and which of them each
+  query sees (the `kv` argument of Block / Attention)."""
+  k_BxTxKxD: jax.Array
+  v_BxTxKxE: jax.Array
+  mask_Bx1xLxT: jax.Array
+
+
+class _FirstRecursionKV:
+  """Recursive KV sharing in the training forward: recursion 0 records the keys and values
+  of every layer position (all tokens: cap_0 = 1); recursion r >= 1 reads them. A query in
+  sequence slot s sees slots t <= s of its own packed document."""
+
+  def __init__(self, segment_ids_BxL):
+    self.segment_ids_BxL = segment_ids_BxL
+    self.kv: list[tuple[jax.Array, jax.Array]] = []
+
+  def views(self, slots_BxS, segment_ids_BxS) -> list[SharedKV]:
+    t = self.kv[0][0].shape[1]
+    mask = jnp.arange(t)[None, None, :] <= slots_BxS[:, :, None]
+    if self.segment_ids_BxL is not None:
+      mask = mask & (self.segment_ids_BxL[:, None, :] == segment_ids_BxS[:, :, None])
+    return [SharedKV(k, v, mask[:, None]) for k, v in self.kv]
 
 
 class _Aux:
@@ -186,35 +238,67 @@ class RecursionStack(nnx.Module):
     self.tag = Tag("mor")
 
   # ---- running blocks
-  def _run(self, layer_ids, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc: _Aux):
+  @property
+  def kv_shared(self) -> bool:
+    return self.cfg.kv_strategy == "shared"
+
+  def _run(self, layer_ids, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc: _Aux,
+           kvs=None):
+    """The layers in order; kvs: per layer, the first recursion's keys/values to attend to."""
     call = _remat_block_forward if self.remat else _block_forward
-    for i in layer_ids:
-      x_BxLxD, block_aux = call(self.layers[i], x_BxLxD, positions_BxL, segment_ids_BxL, ctx)
+    for j, i in enumerate(layer_ids):
+      kv = None if kvs is None else kvs[j]
+      x_BxLxD, block_aux = call(self.layers[i], x_BxLxD, positions_BxL, segment_ids_BxL, ctx,
+                                None, kv)
       x_BxLxD = constrain(x_BxLxD, RESIDUAL_AXES)
       acc.add(block_aux, i)
     return x_BxLxD
 
+  def _recursion(self, r, x_BxSxD, positions_BxS, segment_ids_BxS, ctx, acc, first,
+                 slots_BxS=None):
+    """Recursion r's block on S tokens of the sequence (all of them, or gathered ones at
+    sequence slots slots_BxS). first: None (recursion-wise), or the _FirstRecursionKV that
+    recursion 0 fills (recording each layer's keys/values) and later recursions read."""
+    if first is None:
+      return self._run(self.blocks[r], x_BxSxD, positions_BxS, segment_ids_BxS, ctx, acc)
+    if r > 0:
+      if slots_BxS is None:
+        slots_BxS = jnp.broadcast_to(jnp.arange(x_BxSxD.shape[1]), x_BxSxD.shape[:2])
+      return self._run(self.blocks[r], x_BxSxD, positions_BxS, segment_ids_BxS, ctx, acc,
+                       kvs=first.views(slots_BxS, segment_ids_BxS))
+    for i in self.blocks[0]:  # recursion 0 takes every token (cap_0 = 1)
+      block = self.layers[i]
+      _, k, v = block.attn._qkv(block.attn_input(x_BxSxD), positions_BxS)  # pylint: disable=protected-access
+      first.kv.append((k, v))
+      x_BxSxD = self._run((i,), x_BxSxD, positions_BxS, segment_ids_BxS, ctx, acc)
+    return x_BxSxD
+
   def _update_gathered(self, r, x_BxLxD, idx_BxK, gate_BxK, positions_BxL, segment_ids_BxL,
-                       ctx, acc):
+                       ctx, acc, first=None):
     """h <- h + g * (f(h) - h) on the gathered tokens idx (sorted), others unchanged."""
     x_sel = _take(x_BxLxD, idx_BxK)
     seg_sel = None if segment_ids_BxL is None else _take(segment_ids_BxL, idx_BxK)
-    y_sel = self._run(self.blocks[r], x_sel, _take(positions_BxL, idx_BxK), seg_sel, ctx, acc)
+    y_sel = self._recursion(r, x_sel, _take(positions_BxL, idx_BxK), seg_sel, ctx, acc, first,
+                            slots_BxS=idx_BxK)
     delta = gate_BxK[..., None].astype(x_sel.dtype) * (y_sel - x_sel)
     rows = jnp.arange(x_BxLxD.shape[0])[:, None]
     return x_BxLxD.at[rows, idx_BxK].add(delta)
 
   def _update_masked(self, r, x_BxLxD, selected_BxL, gate_BxL, positions_BxL,
-                     segment_ids_BxL, ctx, acc):
+                     segment_ids_BxL, ctx, acc, first=None):
     """The same update for a data-dependent selection: the block runs on every token, the
-    selected ones attending only to each other; unselected tokens keep their value."""
-    seg = private_segments(selected_BxL, segment_ids_BxL)
-    y = self._run(self.blocks[r], x_BxLxD, positions_BxL, seg, ctx, acc)
+    selected ones attending only to each other (recursion-wise) or to the first recursion's
+    keys (shared); unselected tokens keep their value."""
+    if first is None:
+      seg = private_segments(selected_BxL, segment_ids_BxL)
+      y = self._run(self.blocks[r], x_BxLxD, positions_BxL, seg, ctx, acc)
+    else:
+      y = self._recursion(r, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc, first)
     g = jnp.where(selected_BxL, gate_BxL, 0.0)[..., None].astype(x_BxLxD.dtype)
     return x_BxLxD + g * (y - x_BxLxD)
 
   # ---- routers
-  def _expert_choice(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc):
+  def _expert_choice(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc, first):
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     ks = capacity_k(l, cfg.recursions)
@@ -224,19 +308,21 @@ class RecursionStack(nnx.Module):
     for r in range(cfg.recursions):
       logits_BxL = self.routers[r](x_BxLxD.astype(jnp.float32))[..., 0]
       gate_BxL = cfg.alpha * jax.nn.sigmoid(logits_BxL)
-      if ks[r] >= l:  # cap_r = 1 (r = 0): every token, under either rule
-        y_BxLxD = self._run(self.blocks[r], x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc)
+      # cap_0 = 1: every token, under either rule; top-k also when k_r rounds up to T
+      # (the threshold rule stays data-dependent, so it is causal for every length)
+      if r == 0 or (ks[r] >= l and not threshold):
+        y_BxLxD = self._recursion(r, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc, first)
         x_BxLxD = x_BxLxD + gate_BxL[..., None].astype(x_BxLxD.dtype) * (y_BxLxD - x_BxLxD)
         topk_BxL = selected_BxL = active_BxL
       elif threshold:
         _, topk_BxL = select_top_k(logits_BxL, active_BxL, ks[r])  # for the accuracy metric
         selected_BxL = active_BxL & (logits_BxL > 0)  # sigma > 0.5
         x_BxLxD = self._update_masked(r, x_BxLxD, selected_BxL, gate_BxL, positions_BxL,
-                                      segment_ids_BxL, ctx, acc)
+                                      segment_ids_BxL, ctx, acc, first)
       else:
         idx_BxK, topk_BxL = select_top_k(logits_BxL, active_BxL, ks[r])
         x_BxLxD = self._update_gathered(r, x_BxLxD, idx_BxK, _take(gate_BxL, idx_BxK),
-                                        positions_BxL, segment_ids_BxL, ctx, acc)
+                                        positions_BxL, segment_ids_BxL, ctx, acc, first)
         selected_BxL = topk_BxL
       target = topk_BxL.astype(jnp.float32)
       bce.append(jnp.sum(sigmoid_bce(logits_BxL, target)))
@@ -260,20 +346,25 @@ class RecursionStack(nnx.Module):
     aux["stat/mor_tokens"] = jnp.float32(b * l)
     return x_BxLxD, aux
 
-  def _token_choice(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc):
-    cfg, n = self.cfg, self.cfg.recursions
+  def _token_depths(self, x_BxLxD):
+    """Token-choice: (router logits, probabilities, depth j per token, gate p_j)."""
     logits_BxLxN = self.router(x_BxLxD.astype(jnp.float32))
     probs_BxLxN = jax.nn.softmax(logits_BxLxN, axis=-1)
     select = probs_BxLxN
-    if cfg.token_balance == "alf":
+    if self.cfg.token_balance == "alf":
       select = select + jax.lax.stop_gradient(self.depth_bias[...])
     depth_BxL = jnp.argmax(select, axis=-1)
     gate_BxL = jnp.take_along_axis(probs_BxLxN, depth_BxL[..., None], axis=-1)[..., 0]
+    return logits_BxLxN, probs_BxLxN, depth_BxL, gate_BxL
+
+  def _token_choice(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc, first):
+    cfg, n = self.cfg, self.cfg.recursions
+    logits_BxLxN, probs_BxLxN, depth_BxL, gate_BxL = self._token_depths(x_BxLxD)
     aux, sel_counts = {}, []
     for r in range(n):
       selected_BxL = depth_BxL >= r
       x_BxLxD = self._update_masked(r, x_BxLxD, selected_BxL, gate_BxL, positions_BxL,
-                                    segment_ids_BxL, ctx, acc)
+                                    segment_ids_BxL, ctx, acc, first)
       sel_counts.append(jnp.sum(selected_BxL.astype(jnp.float32)))
       aux[f"mor/selected/rec{r}"] = jnp.mean(selected_BxL.astype(jnp.float32))
     if n > 1:
@@ -296,15 +387,100 @@ class RecursionStack(nnx.Module):
     acc = _Aux()
     x_BxLxD = self._run(self.prefix, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc)
     aux = {}
+    first = _FirstRecursionKV(segment_ids_BxL) if self.kv_shared else None
     if self.cfg.router == "none":
       for r in range(self.cfg.recursions):
-        x_BxLxD = self._run(self.blocks[r], x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc)
+        x_BxLxD = self._recursion(r, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc, first)
     elif self.cfg.router == "expert":
-      x_BxLxD, aux = self._expert_choice(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc)
+      x_BxLxD, aux = self._expert_choice(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc,
+                                         first)
     else:
-      x_BxLxD, aux = self._token_choice(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc)
+      x_BxLxD, aux = self._token_choice(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc,
+                                        first)
     x_BxLxD = self._run(self.suffix, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, acc)
     return x_BxLxD, {**acc.result(), **aux}
+
+
+  # ---- incremental decoding (effjax/models/kv_cache.py; docs/mor.md "KV strategies")
+  def decode_unsupported(self) -> str | None:
+    """Why this stack cannot decode incrementally (None: it can)."""
+    if self.cfg.router == "expert" and self.cfg.rule != "threshold":
+      return ("expert-choice top-k ranks a token against later ones; incremental decoding "
+              "needs model.mor.rule=threshold (the eval / sampling model sets it from "
+              "model.mor.eval_rule)")
+    for block in self.layers:
+      if not hasattr(block, "decode"):
+        return f"{type(block).__name__} has no decode"
+    return None
+
+  def _keeps_every_token(self, r: int) -> bool:
+    return r == 0 or self.cfg.router == "none"
+
+  def init_cache(self, batch: int, max_len: int, dtype):
+    """(prefix caches, per-recursion caches, suffix caches). recursion_wise: one cache per
+    layer application; recursion 0 (and plain recursion) keeps every token, a routed
+    recursion a CompactKVCache holding only the tokens it selected (allocated at max_len
+    slots: the threshold rule's counts are data-dependent). shared: recursion 0's caches
+    only, read by every later recursion."""
+    def full(i):
+      return self.layers[i].attn.init_cache(batch, max_len, dtype)
+
+    def compact(i):
+      attn = self.layers[i].attn
+      return kv_cache.CompactKVCache.zeros(batch, max_len, attn.n_kv_heads, *attn.kv_widths(),
+                                           dtype)
+    n_caches = 1 if self.kv_shared else self.cfg.recursions
+    recs = tuple(tuple((full if self._keeps_every_token(r) else compact)(i)
+                       for i in self.blocks[r]) for r in range(n_caches))
+    return (tuple(full(i) for i in self.prefix), recs, tuple(full(i) for i in self.suffix))
+
+  def _decode_run(self, layer_ids, x_BxSxD, positions_BxS, caches, ctx):
+    out = []
+    for i, cache in zip(layer_ids, caches):
+      x_BxSxD, cache = self.layers[i].decode(x_BxSxD, positions_BxS, cache, ctx)
+      out.append(cache)
+    return x_BxSxD, tuple(out)
+
+  def _decode_recursion(self, r, x_BxSxD, positions_BxS, recs, selected_BxS, ctx):
+    """Recursion r's block on the new tokens against its caches: (y, recs updated)."""
+    recs = list(recs)
+    if self.kv_shared and r > 0:  # read recursion 0's caches (already updated this call)
+      views = [kv_cache.ReadOnlyKV(c) for c in recs[0]]
+      return self._decode_run(self.blocks[r], x_BxSxD, positions_BxS, views, ctx)[0], recs
+    caches = recs[r]
+    if not self._keeps_every_token(r):
+      caches = [c.keeping(selected_BxS) for c in caches]
+    y_BxSxD, recs[r] = self._decode_run(self.blocks[r], x_BxSxD, positions_BxS, caches, ctx)
+    return y_BxSxD, recs
+
+  def decode(self, x_BxSxD, positions_BxS, cache, ctx: Context):
+    """The S new tokens through the schedule, routed by the causal rule (expert: sigma > 0.5
+    among the tokens still active; token: the chosen depth), each recursion against its
+    cache: the rows the full forward gives (same rule, same strategy)."""
+    prefix, recs, suffix = cache
+    x_BxSxD, prefix = self._decode_run(self.prefix, x_BxSxD, positions_BxS, prefix, ctx)
+    cfg = self.cfg
+    selected_BxS = jnp.ones(x_BxSxD.shape[:2], bool)
+    gate_BxS = None
+    if cfg.router == "token":
+      _, _, depth_BxS, gate_BxS = self._token_depths(x_BxSxD)
+    for r in range(cfg.recursions):
+      if cfg.router == "expert":
+        logits_BxS = self.routers[r](x_BxSxD.astype(jnp.float32))[..., 0]
+        gate_BxS = cfg.alpha * jax.nn.sigmoid(logits_BxS)
+        if r > 0:
+          selected_BxS = selected_BxS & (logits_BxS > 0)
+      elif cfg.router == "token":
+        selected_BxS = depth_BxS >= r
+      y_BxSxD, recs = self._decode_recursion(r, x_BxSxD, positions_BxS, recs, selected_BxS,
+                                             ctx)
+      if gate_BxS is None:  # plain recursion
+        x_BxSxD = y_BxSxD
+      else:
+        delta = gate_BxS[..., None].astype(x_BxSxD.dtype) * (y_BxSxD - x_BxSxD)
+        x_BxSxD = x_BxSxD + jnp.where(selected_BxS[..., None], delta, 0)
+    x_BxSxD, suffix = self._decode_run(self.suffix, x_BxSxD, positions_BxS, suffix, ctx)
+    return x_BxSxD, (prefix, tuple(recs), suffix)
 
 
 def sigmoid_bce(logits, labels):

@@ -78,6 +78,7 @@ class QKRAttention(Attention):
     """Keys are the (quantized) inputs: d_model wide."""
     return self.q.kernel.shape[-2], self.head_dim  # [-2]: d_in (also when stacked)
 
-  def _attend_cached(self, q, k, v, positions_BxS, kv_pos_BxT, score=None):
+  def _attend_cached(self, q, k, v, positions_BxS, kv_pos_BxT, score=None, mask=None):
     del score  # QKR is softmax-only
-    return super()._attend_cached(q, k, v, positions_BxS, kv_pos_BxT, score="softmax")
+    return super()._attend_cached(q, k, v, positions_BxS, kv_pos_BxT, score="softmax",
+                                  mask=mask)

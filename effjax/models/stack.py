@@ -45,18 +45,26 @@ class Block(nnx.Module):
     self.ffn = ffn
     self.tag = tag
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context, weights=None):
+  def attn_input(self, x_BxLxD):
+    """What the attention reads (its keys and values are projections of this)."""
+    return self.attn_norm(x_BxLxD)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, ctx: Context, weights=None,
+               kv=None):
     """weights: this layer's built shared projection weights {slot: W} (attention sharing,
-    effjax/models/masa.py), or None."""
-    attn_in = self.attn_norm(x_BxLxD)
+    effjax/models/masa.py), or None. kv: keys and values to attend to instead of the
+    layer's own (recursive KV sharing, effjax/models/mor.py), or None."""
+    attn_in = self.attn_input(x_BxLxD)
     shared = {} if weights is None else {"weights": weights}
+    if kv is not None:
+      shared["kv"] = kv
     attn_out = self.attn(attn_in, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
                          **shared)
     x_BxLxD = x_BxLxD + attn_out
     y_BxLxD, aux = self.ffn(self.ffn_norm(x_BxLxD), ctx)
     x_BxLxD = x_BxLxD + y_BxLxD
     if ctx.probe:
-      logits = self.attn.logit_scale_probe(attn_in, positions_BxL, **shared)
+      logits = self.attn.logit_scale_probe(attn_in, positions_BxL, weights)
       self.sow(nnx.Intermediate, "probe_attn_logits", logits)
       self.sow(nnx.Intermediate, "probe_attn_out", jnp.mean(jnp.abs(attn_out)))
       self.sow(nnx.Intermediate, "probe_mlp_out", jnp.mean(jnp.abs(y_BxLxD)))
@@ -72,8 +80,11 @@ class Block(nnx.Module):
     return x_BxSxD + y_BxSxD, cache
 
 
-def _block_forward(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights=None):
-  return block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights)
+def _block_forward(block, x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights=None,
+                   kv=None):
+  if kv is None:
+    return block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights)
+  return block(x_BxLxD, positions_BxL, segment_ids_BxL, ctx, weights, kv=kv)
 
 
 # remat: activations inside a block are recomputed in the backward pass; ctx is static.

@@ -46,7 +46,9 @@ def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training:
   mor: Mixture-of-Recursions (model.mor): each unique layer counts once per application,
   times the fraction cap_r of tokens its recursion processes (sum over r of cap_r); the
   selected tokens attend among cap_r * T tokens, so that application's attention costs
-  cap_r^2 of a full one per token; plus the routers (d x N_r per token).
+  cap_r^2 of a full one per token; plus the routers (d x N_r per token). Under recursive
+  KV sharing (model.mor.kv_strategy=shared) a recursion r >= 1 projects no keys or values
+  and its cap_r * T queries attend over all T tokens (cap_r of a full attention).
   attn_proj_params: per-layer attention-projection matmul parameters a token touches
   (low-rank projections: effjax/models/masa.py); default dense q, k, v, o.
   weight_build_flops: forward FLOPs per step spent building weights before the layers
@@ -69,6 +71,10 @@ def flops_per_token(dims: Dims, seq_len: int, *, tie_embeddings: bool, training:
     matmul_params = (sum(sum(caps) * (attn_proj + f) for caps, f in zip(uses, ffn_layers))
                      + head + mor_lib.router_params(mor, d))
     attention = sum(c * c for caps in uses for c in caps) * full_attention
+    reads = mor_lib.shared_kv_reads(mor, dims.n_layers)  # replace c^2 by c, drop k/v proj
+    attention += sum(c - c * c for caps in reads for c in caps) * full_attention
+    if attn_proj_params is None:
+      matmul_params -= sum(c for caps in reads for c in caps) * d * kv * hd * 2
   forward = 2 * matmul_params + attention + weight_build_flops / tokens_per_step
   return 3 * forward if training else forward
 
