@@ -22,6 +22,7 @@ is how many bf16 bits of dense quality each stored weight bit buys.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -30,6 +31,9 @@ from effjax import fit as fit_lib
 
 N_GRID_POINTS = 2000
 N_GRID_SPAN = 8.0  # the frontier searches N in [N_min / span, N_max * span]
+# L-BFGS starts (log A, log B, log E, alpha, beta): a sparser grid than effjax.fit's default,
+# since the scoreboard refits after every run.
+INITS = tuple(itertools.product((2.0, 8.0), (2.0, 8.0), (0.0,), (0.3, 0.6), (0.3, 0.6)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,7 @@ class DenseLaw:
 def fit_dense(n, d, loss, flops, *, inits=None) -> DenseLaw:
   """The dense law from arrays of N, tokens D, eval loss and counted training FLOPs."""
   n, d, loss, flops = (np.asarray(x, float) for x in (n, d, loss, flops))
-  p = fit_lib.fit_chinchilla(n, d, loss, inits=inits)
+  p = fit_lib.fit_chinchilla(n, d, loss, inits=INITS if inits is None else inits)
   k, log_c = np.polyfit(np.log(n), np.log(flops / d), 1)
   return DenseLaw(p, math.exp(log_c), float(k), (float(n.min()), float(n.max())),
                   (float(flops.min()), float(flops.max())))
