@@ -89,6 +89,24 @@ def _setup_orbax_multihost() -> None:
   multihost.initialize_distributed_to_device_ids()
 
 
+def _sync_operation_ids() -> None:
+  """Brings Orbax's per-process operation counter to the same fresh value on every process.
+
+  Orbax keys the signals of a save (e.g. 'step directory created') by this counter, so it
+  must agree across processes. The emergency manager advances it differently per process
+  (replica 0 skips local saves, only the restoring replica reads a local step): without
+  this, a later persistent save on another process can find a signal of an older save and
+  write into a directory that does not exist yet."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from orbax.checkpoint._src.futures import synchronization
+  ids = synchronization.OperationIdGenerator
+  top = int(np.max(multihost_utils.process_allgather(np.int32(ids.get_current_operation_id()))))
+  while int(ids.get_current_operation_id()) < top:
+    ids.next_operation_id()
+  ids.next_operation_id()  # one no process has used
+
+
 class LocalTier:
   """The local tier of one run: `due`, `save`, `latest_step`, `restore`, `discard_after`."""
 
@@ -97,7 +115,7 @@ class LocalTier:
     _setup_orbax_multihost()
     # pylint: disable-next=g-import-not-at-top
     from orbax.checkpoint.experimental.emergency import checkpoint_manager as em
-    self.every, self.mesh = every, mesh
+    self.every, self.mesh, self.root = every, mesh, os.path.abspath(directory)
     self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._state_tree = jax.tree.structure(abstract_state.as_dict())
     self.abstract = {"state": abstract_state.as_dict(),
@@ -116,6 +134,7 @@ class LocalTier:
     self.manager = em.CheckpointManager(steps_dir, unused, mesh, self.abstract, options=options)
     self.steps_dir = steps_dir
     self._saved = set()
+    _sync_operation_ids()
 
   def due(self, step: int) -> bool:
     return step % self.every == 0 and step not in self._saved
@@ -124,6 +143,7 @@ class LocalTier:
     """The newest step any process holds locally (agreed by all processes)."""
     self.manager.reload()
     steps = self.manager.all_steps()
+    _sync_operation_ids()
     return max(steps) if steps else None
 
   # ------------------------------------------------------------------------- save
@@ -146,6 +166,7 @@ class LocalTier:
     self._saved.add(step)
     tree = {"state": state.as_dict(), "data": self._data_array(data_iterator)}
     saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree)))
+    _sync_operation_ids()
     if os.environ.get(KILL_HOOK) == str(step):
       self.manager.wait_until_finished()
       os.kill(os.getpid(), signal.SIGKILL)
@@ -159,11 +180,15 @@ class LocalTier:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(self.abstract)))["state"]
-    # Orbax may return NamedTuples (optax states) as tuples: rebuild the target structure.
-    leaves = jax.tree.leaves(restored["state"])
+    # Orbax may return NamedTuples (optax states) as tuples, and the broadcast from the
+    # restoring replica may widen small integer dtypes (uint8 comes back as uint32): rebuild
+    # the target's structure and dtypes.
+    leaves = [x if x.dtype == a.dtype else x.astype(a.dtype) for x, a in
+              zip(jax.tree.leaves(restored["state"]), jax.tree.leaves(self.abstract["state"]))]
     state = TrainState(**jax.tree.unflatten(self._state_tree, leaves))
-    row = np.asarray(restored["data"].addressable_data(0))[jax.process_index()]
+    row = np.asarray(restored["data"].addressable_data(0))[jax.process_index()].astype(np.uint8)
     data_iterator.set_state(json.loads(bytes(row[row != 0]).decode()))
+    _sync_operation_ids()
     self._saved = {step}
     return state
 
@@ -176,6 +201,7 @@ class LocalTier:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("effjax_local_tier_discard")
     self.manager.reload()
+    _sync_operation_ids()
 
   def close(self):
     self.manager.wait_until_finished()
@@ -201,10 +227,11 @@ def restore_newest(ckpt, tier: LocalTier | None, abstract_state: TrainState, dat
     say(f"restoring local step {local_step} (newer than the persistent checkpoints; read "
         "where a process holds it and broadcast) ...")
     try:
-      return local_step, tier.restore(local_step, data_iterator), f"{tier.directory} (local tier)"
+      return local_step, tier.restore(local_step, data_iterator), f"{tier.root} (local tier)"
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
       report(f"WARNING: local step {local_step} could not be restored ({type(e).__name__}: "
              f"{str(e)[:300]}); falling back to the persistent checkpoints")
+      _sync_operation_ids()
   start, state = ckpt.restore_good(abstract_state, data_iterator, step=restore_step,
                                    report=report, **restore_good_kw)
   if tier and local_step and local_step > start:

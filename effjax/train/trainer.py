@@ -10,6 +10,8 @@ wrapper. Behaviour the rest of effjax relies on:
     train.on_nan=rollback, restores the newest in-memory snapshot and skips the batch;
   * a damaged checkpoint is reported, moved aside and the next older one restored
     (checkpoint.Checkpointer.restore_good; docs/fault-tolerance.md);
+  * with train.local_checkpoint_dir (several processes), frequent local checkpoints too; a
+    restart resumes from the newest local step when it is newer (local_tier.py);
   * only process 0 writes metrics, plots and the config (the user's, `auto` included;
     what `auto` became for this run's devices is run_info.json's "resolved").
 """
@@ -247,6 +249,8 @@ def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
                                                      f"the checkpoint at step {step}"))
   except (CheckpointError, WorkdirError) as e:
     ckpt.close()
+    if tier:
+      tier.close()
     raise WorkdirError(str(e)) from None
   if start:
     say(f"resumed from checkpoint at step {start} in {where}")
