@@ -48,9 +48,14 @@ class TrainConfig:
                        "on a non-finite loss or a failing step: stop (exit 3) or roll back to "
                        "the newest snapshot and skip the batch (needs snapshot_every > 0)")
   max_rollbacks: int = _field(3, doc="rollbacks allowed per run before stopping")
+  local_checkpoint_dir: str = _field("", doc="multi-process: fast per-host storage (e.g. "
+                                     "/dev/shm/run1) for frequent local checkpoints, recovered "
+                                     "from a peer after a lost process ('' = off; "
+                                     "docs/fault-tolerance.md)")
+  local_checkpoint_every: int = _field(0, doc="steps between local checkpoints (needs "
+                                       "train.local_checkpoint_dir)")
 
   def check(self, config: Config) -> None:
-    del config
     _check_sign({"train.steps": self.steps, "train.batch_size": self.batch_size,
                  "train.seq_len": self.seq_len, "train.grad_accum": self.grad_accum,
                  "train.eval_every": self.eval_every, "train.log_every": self.log_every,
@@ -64,6 +69,7 @@ class TrainConfig:
     if self.on_nan == "rollback" and not self.snapshot_every:
       raise ConfigError("train.on_nan=rollback needs in-memory snapshots: set "
                         "train.snapshot_every > 0 (e.g. 10).")
+    _check_local_tier(self, config)
     if self.batch_size % self.grad_accum:
       raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by "
                         f"train.grad_accum ({self.grad_accum}).")
@@ -83,6 +89,28 @@ class TrainConfig:
     if p and (len(p) != 2 or not all(isinstance(s, int) for s in p) or p[0] >= p[1]):
       raise ConfigError(f"train.profile_steps must be 'START,STOP' with START < STOP; got "
                         f"{p!r}.")
+
+
+def _check_local_tier(t: TrainConfig, config: Config) -> None:
+  """The local checkpoint tier's keys (the process count and mesh are checked at start-up,
+  effjax/train/local_tier.py)."""
+  if t.local_checkpoint_every < 0:
+    raise ConfigError(f"train.local_checkpoint_every must be >= 0; got "
+                      f"{t.local_checkpoint_every}.")
+  if bool(t.local_checkpoint_dir) != bool(t.local_checkpoint_every):
+    raise ConfigError("train.local_checkpoint_dir and train.local_checkpoint_every go together: "
+                      f"got dir={t.local_checkpoint_dir!r}, every={t.local_checkpoint_every} "
+                      "(set both, e.g. /dev/shm/run1 and 10, or neither).")
+  if not t.local_checkpoint_dir:
+    return
+  if "://" in t.local_checkpoint_dir:
+    raise ConfigError(f"train.local_checkpoint_dir={t.local_checkpoint_dir!r} must be a local "
+                      "path on each host (a RAM disk or local SSD); cloud storage is for "
+                      "--workdir, which holds the persistent checkpoints.")
+  if config is not None and config.mesh.data == 1:
+    raise ConfigError("train.local_checkpoint_dir needs >= 2 data-parallel replicas, one per "
+                      "process (a peer keeps the copy); mesh.data=1 has one. Use mesh.data=-1 or "
+                      "the number of processes, or set train.local_checkpoint_dir=''.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ whole job restarts (JAX ends every process once one is lost); on restore, the ne
 that some replica holds locally is read there and broadcast to the others, so the run
 continues from the frequent local state, not the older persistent one.
 
-Not yet wired into the trainer (docs/fault-tolerance.md says what is missing); this module
-is the demonstration the multi-process test runs:
+The trainer's local tier (train.local_checkpoint_dir, effjax/train/local_tier.py) uses the
+same manager; this module is the minimal demonstration its own multi-process test runs:
 
   python -m effjax.train.emergency --process_id=I --num_processes=2 --port=P --root=DIR \
       --phase=train|restore [--steps=6]

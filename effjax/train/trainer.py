@@ -10,6 +10,8 @@ wrapper. Behaviour the rest of effjax relies on:
     train.on_nan=rollback, restores the newest in-memory snapshot and skips the batch;
   * a damaged checkpoint is reported, moved aside and the next older one restored
     (checkpoint.Checkpointer.restore_good; docs/fault-tolerance.md);
+  * with train.local_checkpoint_dir (several processes), frequent local checkpoints too; a
+    restart resumes from the newest local step when it is newer (local_tier.py);
   * only process 0 writes metrics, plots and the config (the user's, `auto` included;
     what `auto` became for this run's devices is run_info.json's "resolved").
 """
@@ -20,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,7 +40,9 @@ from effjax import resolve as resolve_lib
 from effjax.models import masa
 from effjax.optim import scaling
 from effjax.parallel import make_mesh, replicated, sharding
+from effjax.train import evaluation
 from effjax.train import flops as flops_lib
+from effjax.train import local_tier
 from effjax.train.checkpoint import CheckpointError, Checkpointer
 from effjax.train.extensions import merged_phase
 from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
@@ -48,7 +51,7 @@ from effjax.train.registry import build_extensions
 from effjax.train.sample import sample_text
 from effjax.train.snapshot import FaultInjector, InjectedFault, Snapshots
 from effjax.train.state import TrainState
-from effjax.train.step import summarize_eval
+from effjax.train.stop import StopFlag
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
@@ -107,87 +110,6 @@ def _git_commit() -> str:
     return "unknown"
 
 
-class _StopFlag:
-  """SIGTERM / SIGINT handler: the first signal asks the loop to checkpoint and stop.
-
-  With several processes they must all stop after the same step (the checkpoint is
-  collective). With JAX's preemption service (on by default in jax.distributed), SIGTERM
-  is left to its notifier, SIGINT is turned into a SIGTERM, and `poll(step)` asks JAX's
-  preemption sync point, which every process reaches at the same step once any process
-  got the signal. Without the service, the signal is recorded locally and `poll` shares
-  it with an allgather every step.
-  """
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {}
-    self._signals = 0
-    self._multi = jax.process_count() > 1
-    self._notifier = self._multi and _preemption_service_on()
-    self._local = None  # without the notifier: this process's signal, until shared
-
-  def install(self):
-    if sys.platform == "win32" or not _in_main_thread():
-      return
-    if self._multi and not self._notifier:
-      print(f"[effjax p{jax.process_index()}] JAX's preemption service is off: a stop signal "
-            "is shared by an allgather every step", file=sys.stderr, flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      if not (self._notifier and sig == signal.SIGTERM):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self._signals += 1
-    if self._signals > 1:  # second signal: give up immediately
-      raise KeyboardInterrupt
-    if self._notifier:
-      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier: a stop step all agree on
-    elif self._multi:
-      self._local = signal.Signals(signum).name
-    else:
-      self.signal_name = signal.Signals(signum).name
-
-  def poll(self, step: int) -> str | None:
-    """The stop reason once this step should end the run (the same step on every process)."""
-    if self.signal_name is None and self._multi:
-      if self._notifier:
-        if _preemption_sync_point(step):
-          self.signal_name = "SIGTERM/SIGINT (stop step agreed by all processes)"
-      elif _any_process(self._local is not None):
-        self.signal_name = f"{self._local or 'a signal on another process'} (all processes stop)"
-    return self.signal_name
-
-  def uninstall(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
-def _preemption_service_on() -> bool:
-  """Whether jax.distributed started its preemption sync manager (private state; treated
-  as off where this JAX does not expose it, which only costs the allgather fallback)."""
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
-  except ImportError:
-    return False
-
-
-def _preemption_sync_point(step: int) -> bool:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return multihost_utils.reached_preemption_sync_point(step)
-
-
-def _any_process(flag: bool) -> bool:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))) > 0)
-
-
-def _in_main_thread() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
-  return threading.current_thread() is threading.main_thread()
-
-
 def _global_batch(batch: dict, sharding, global_rows: int) -> dict:
   """Global arrays from this process's rows of the batch (see process_batch_slot)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v, np.int32),
@@ -209,6 +131,8 @@ def train(config: config_lib.Config, workdir: str, *, data: DataBundle | None = 
     run.say(f"run already complete at step {run.start} (train.steps = "
             f"{run.config.train.steps}); nothing to do")
     run.ckpt.close()
+    if run.local:
+      run.local.close()
     return RunResult(EXIT_OK, run.start, _last_metrics(workdir), workdir)
   if run.is_main:  # training starts: config.json is this config from here on
     _write_config(workdir, run.user_config)
@@ -247,6 +171,7 @@ class _Run:
   info: dict = dataclasses.field(default_factory=dict)
   eval_sets: dict = dataclasses.field(default_factory=dict)  # data.sources: name -> batches
   start_data_state: Any = None  # the data iterator before the first batch (snapshots)
+  local: Any = None  # local_tier.LocalTier (train.local_checkpoint_dir) or None
 
   def global_batch(self, local: dict) -> dict:
     return _global_batch(local, self.plan.batch_sharding, self.config.train.batch_size)
@@ -327,19 +252,22 @@ def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
       **shard_kw) if mixture else data_lib.make_train_iterator(
       data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
       eos_id=data.tokenizer.eos_id, **shard_kw)
+  tier = local_tier.open_tier(config, mesh, plan.abstract())  # None unless local_checkpoint_dir
   ckpt = Checkpointer(wd / "checkpoints", keep=t.keep_checkpoints, owner=True)
-  if ckpt.latest_step():
+  if ckpt.latest_step() or tier:
     say("restoring the newest good checkpoint ...")
-  try:  # the newest checkpoint that verifies, fits and restores (or restore_step)
-    start, state = ckpt.restore_good(
-        plan.abstract(), data_iter, step=restore_step, report=warn,
+  try:  # the newest local step, else checkpoint that verifies, fits and restores (or restore_step)
+    start, state, where = local_tier.restore_newest(
+        ckpt, tier, plan.abstract(), data_iter, restore_step=restore_step, report=warn, say=say,
         check_config=lambda step, saved: _check_fits(saved, user_config,
                                                      f"the checkpoint at step {step}"))
   except (CheckpointError, WorkdirError) as e:
     ckpt.close()
+    if tier:
+      tier.close()
     raise WorkdirError(str(e)) from None
   if start:
-    say(f"resumed from checkpoint at step {start} in {ckpt.directory}")
+    say(f"resumed from checkpoint at step {start} in {where}")
   else:
     say("initialising parameters ...")
     state = plan.init()
@@ -349,7 +277,7 @@ def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
              tokenizer=data.tokenizer, corpus=data.corpus, data_iter=data_iter, ckpt=ckpt,
              state=state, start=start, extensions=build_extensions(config, plan.model),
              eval_data=[], token_bytes=token_bytes, is_main=is_main, quiet=quiet, say=say,
-             warn=warn)
+             warn=warn, local=tier)
   run.eval_data = [run.global_batch(b) for b in eval_batches]
   run.eval_sets = {name: [run.global_batch(b) for b in bs] for name, bs in eval_sets.items()}
   run.eval_data = run.eval_data or [b for bs in run.eval_sets.values() for b in bs]
@@ -418,28 +346,6 @@ def _check_finite(step: int, metrics) -> dict:
   return host
 
 
-def _eval_row(run: _Run, eval_fn) -> tuple[dict, dict]:
-  if run.eval_sets:  # data.sources: per source, and the weight-averaged figure
-    per_source = {name: _evaluate(eval_fn, run.state, batches)
-                  for name, batches in run.eval_sets.items()}
-    row = data_lib.mixed_eval_row({n: r for n, (r, _) in per_source.items()},
-                                  run.corpus.weights)
-    stats = {}
-    for _, source_stats in per_source.values():
-      stats = {k: stats.get(k, 0) + v for k, v in source_stats.items()}
-  else:
-    row, stats = _evaluate(eval_fn, run.state, run.eval_data)
-  for ext in run.extensions:
-    row.update(ext.on_eval(run.state, stats))
-    for name, variant in ext.eval_variants().items():  # e.g. MoR's other selection rule
-      key = (name, run.phase)
-      if key not in run.variant_evals:
-        run.variant_evals[key] = run.plan.eval_step(run.token_bytes, run.phase, config=variant)
-      v_row, _ = _evaluate(run.variant_evals[key], run.state, run.eval_data)
-      row.update({f"eval/{name}/{k[len('eval/'):]}": v for k, v in v_row.items()})
-  return row, stats
-
-
 def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
   """The training loop. Periodic actions, each a named helper: profile window, phase
   change (recompile), log, eval, checkpoint, snapshot, stop. The NaN check runs one step
@@ -454,7 +360,7 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
   writer.write(run.start, {"perf/compile_time_s": run.compile_times[0],
                            "optim/tau": run.info["adamw_timescale_tau"]})
   bar = ProgressBar(t.steps, run.start, enabled=run.is_main and not run.quiet)
-  stop = _StopFlag()
+  stop = StopFlag()
   stop.install()
   exit_code, last, eval_stats = EXIT_OK, {}, {}
   flops_seen = run.flops_before(run.start)  # counted training FLOPs (perf/flops_seen)
@@ -507,6 +413,10 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
         stop.signal_name = f"stop_at={stop_at}"
       stopping = stop.poll(step)  # read once: a signal arriving later is seen next step
       ckpt_now = step % t.checkpoint_every == 0 or step == t.steps or stopping
+      local_now = run.local is not None and run.local.due(step)
+      if local_now and not (log_now or eval_now or ckpt_now):  # local: checked steps only
+        _check_finite(*pending)
+        pending = None
       if log_now or eval_now or ckpt_now:
         row = dict(_check_finite(*pending))
         pending = None
@@ -519,7 +429,7 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
                       "perf/flops_seen": flops_seen})
           bar.update(step, float(row["train/loss"]), tps)
         if eval_now:
-          eval_row, eval_stats = _eval_row(run, eval_fn)
+          eval_row, eval_stats = evaluation.eval_row(run, eval_fn)
           row.update(eval_row)
           bar.message(f"step {step}: eval/loss {row['eval/loss']:.4f}"
                       + (f", eval/bpb {row['eval/bpb']:.4f}" if "eval/bpb" in row else ""))
@@ -529,6 +439,8 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
             step, run.state, run.data_iter, config=json.loads(config_lib.to_json(run.user_config))):
           run.warn(f"WARNING: orbax did not save a checkpoint at step {step}")
         window_t0, window_steps = time.perf_counter(), 0
+      if local_now:
+        run.local.save(step, run.state, run.data_iter)
       if snaps.due(step):
         snaps.take(step, run.state, run.data_iter.get_state())
       if stopping:
@@ -565,6 +477,8 @@ def _loop(run: _Run, stop_at: int | None, faults: FaultInjector | None = None):
     stop.uninstall()
     bar.close()
     run.ckpt.close()
+    if run.local:
+      run.local.close()
     writer.close()
   return exit_code, step, last, eval_stats
 
@@ -628,17 +542,6 @@ def _to_scalar(v):
   if isinstance(v, (np.generic, np.ndarray, jax.Array)) and np.ndim(v) == 0:
     return np.asarray(v).item()
   return v
-
-
-def _evaluate(eval_fn, state: TrainState, eval_data: list) -> tuple[dict, dict]:
-  """(eval metrics, summed 'stat/*' arrays over the eval set)."""
-  sums = None
-  for batch in eval_data:
-    out = eval_fn(state.params, state.buffers, batch)
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  stats = {k: np.asarray(v) for k, v in sums.items() if k.startswith("stat/")}
-  return {k: float(v) for k, v in summarize_eval(sums).items()}, stats
 
 
 def _resolved(user_config: config_lib.Config, config: config_lib.Config, dims) -> dict:
