@@ -21,6 +21,7 @@ import shutil
 import sys
 
 from effjax import config as config_lib
+from effjax import paths
 from effjax.data import builtin_corpus_files, builtin_corpus_root, is_validation
 from effjax.experiments.study import (Variant, markdown_table, run_variants, seed_stats,
                                       study_main, with_seeds, write_part)
@@ -78,6 +79,37 @@ def _mean_metric(rec, key):
   return sum(vals) / len(vals) if vals else float("nan")
 
 
+def plot(recs, out_dir: str) -> str:
+  """part_a.png: clean eval loss against step (left) and the effective sample size of the
+  batch weights (right), one line per run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax_loss, ax_ess) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+  colors = {scheme: f"C{i}" for i, (scheme, _, _) in enumerate(SCHEMES)}
+  for r in recs:
+    scheme = r.variant.name.split("_seed")[0]
+    style = dict(color=colors.get(scheme, "k"), lw=1,
+                 ls="--" if "_seed" in r.variant.name else "-")
+    s = r.series("eval/builtin/loss")
+    if s:
+      ax_loss.plot(*zip(*s), label=r.variant.name, marker="o", ms=3, **style)
+    e = r.series("train/reweight/ess")
+    if e:
+      ax_ess.plot(*zip(*e), label=r.variant.name, **style)
+  ax_loss.set(xlabel="step", ylabel="eval loss, clean (builtin)", title="clean validation loss")
+  ax_ess.set(xlabel="step", ylabel="effective sample size / batch",
+             title="batch-weight ESS (uniform = 1)")
+  for ax in (ax_loss, ax_ess):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = str(paths.as_path(out_dir) / "part_a.png")
+  paths.save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
 def part_a(args, only):
   steps = SMOKE["steps"] if args.smoke else STEPS
   base = config_lib.apply_overrides(config_lib.Config(), _base(args.runs, steps))
@@ -106,7 +138,9 @@ def part_a(args, only):
            f"warm-up of uniform weights {steps // 10} steps; mixture builtin 0.5 + the "
            f"built-in corpus's `{REPEATED_PACKAGE}` training files 0.5; seeds {SEEDS}. "
            "Tiny: directional evidence only.")
-  body = (f"### Mean over seeds\n\n{table}\n\n### Per seed\n\n{per_seed}\n\n"
+  plot(recs, args.out)
+  body = (f"![clean eval loss and ESS](part_a.png)\n\n"
+          f"### Mean over seeds\n\n{table}\n\n### Per seed\n\n{per_seed}\n\n"
           "Read a difference to uniform against the seed spread; a gain smaller than the "
           "spread is not evidence.\n")
   return write_part(args.out, "a", "Part A: uniform vs loss-based reweighting on a redundant "
