@@ -245,30 +245,33 @@ def _scaled(params, head=1.0, **layer_mults):
   return params
 
 
+def _measured_ratio(f, params, shape=(2, 16, 32)):
+  """The largest output/input change ratio of x -> f(params, x) (max-over-tokens RMS norms)
+  over random pairs in the unit ball and small steps along each pair's top l2 Jacobian
+  direction."""
+  from effjax.models.lipschitz import token_rms
+  best = 0.0
+  g = lambda x: f(params, x)
+  for seed in range(2):
+    x, y = (jax.random.normal(jax.random.PRNGKey(seed + k), shape) for k in (0, 50))
+    x, y = (0.9 * z / token_rms(z)[..., None] for z in (x, y))
+    d = jax.random.normal(jax.random.PRNGKey(seed + 100), x.shape)
+    for _ in range(12):  # power iteration on J^T J at x
+      d = jax.vjp(g, x)[1](jax.jvp(g, (x,), (d,))[1])[0]
+      d = d / jnp.linalg.norm(d)
+    for a, b in ((x, y), (x, x + 1e-2 * d / jnp.max(token_rms(d)))):
+      best = max(best, float(jnp.max(token_rms(g(a) - g(b))) / jnp.max(token_rms(a - b))))
+  return best
+
+
 def test_certified_bound_holds_and_needs_every_term():
   from effjax.constraints import lipschitz as LB
-  from effjax.models.lipschitz import token_rms
   cfg = _cfg("--config.model.arch=lipschitz")
   m = models.build(cfg, 257)
   f = jax.jit(lambda p, x: LB.logits_from_residual(m, p, m.initial_buffers, x))
   bound = jax.jit(lambda p, omit=(): LB.certified_bound(m, p, a0=1.0, omit=omit),
                   static_argnums=1)
-
-  def measured(params):
-    """The largest output/input change ratio (max-over-tokens RMS norms) over random pairs in
-    the unit ball and small steps along each pair's top l2 Jacobian direction."""
-    best = 0.0
-    g = lambda x: f(params, x)
-    for seed in range(2):
-      x, y = (jax.random.normal(jax.random.PRNGKey(seed + k), (2, 16, 32)) for k in (0, 50))
-      x, y = (0.9 * z / token_rms(z)[..., None] for z in (x, y))
-      d = jax.random.normal(jax.random.PRNGKey(seed + 100), x.shape)
-      for _ in range(12):  # power iteration on J^T J at x
-        d = jax.vjp(g, x)[1](jax.jvp(g, (x,), (d,))[1])[0]
-        d = d / jnp.linalg.norm(d)
-      for a, b in ((x, y), (x, x + 1e-2 * d / jnp.max(token_rms(d)))):
-        best = max(best, float(jnp.max(token_rms(g(a) - g(b))) / jnp.max(token_rms(a - b))))
-    return best
+  measured = lambda params: _measured_ratio(f, params)
 
   # Each case makes one term dominate; leaving that term out puts the bound below what is
   # measured, so a bound missing it would fail here.
@@ -288,6 +291,65 @@ def test_certified_bound_holds_and_needs_every_term():
     if term is not None:
       without = float(bound(params, (term,))["constraints/lipschitz_bound_residual"])
       assert without < seen, (name, term, without, seen)
+
+
+def test_logit_scale_multiplies_the_certified_bound():
+  """model.output_mult (the logit scale, an inverse temperature) multiplies the logits, so the
+  certified bound must carry it: with a scale of 6 the bound is 6x the unscaled one and still
+  above the measured ratio, which exceeds the bound that leaves the scale out."""
+  from effjax.constraints import lipschitz as LB
+  cfgs = {s: _cfg("--config.model.arch=lipschitz", f"--config.model.output_mult={s}")
+          for s in (1.0, 6.0)}
+  ms = {s: models.build(c, 257) for s, c in cfgs.items()}
+  # The same weights in both models (the scale is no parameter); a large readout makes the
+  # readout term dominate, where the bound is tightest.
+  params = _scaled(ms[1.0].initial_params, head=50.0)
+  bounds = {s: float(LB.certified_bound(m, params, a0=1.0)["constraints/lipschitz_bound_residual"])
+            for s, m in ms.items()}
+  np.testing.assert_allclose(bounds[6.0], 6.0 * bounds[1.0], rtol=1e-6)
+  m6 = ms[6.0]
+  seen = _measured_ratio(jax.jit(lambda p, x: LB.logits_from_residual(m6, p, m6.initial_buffers,
+                                                                      x)), params)
+  assert bounds[1.0] < seen <= bounds[6.0], (bounds, seen)
+
+
+def test_lipschitz_embedding_rows_start_and_stay_at_embed_max():
+  """model.arch=lipschitz: every token embedding starts at RMS norm constraints.embed_max (the
+  paper's unit-RMS embedding; a standard model keeps its std-init_std table), and after every
+  optimizer step the rows are projected back to RMS <= embed_max (rows below stay as they are);
+  constraints.embed_max=0 starts at unit RMS and does not project. The embedding and readout
+  take optim.io_lr_mult (auto: 10 here, 1 for the standard model)."""
+  from effjax.constraints.projections import cap_row_rms
+  from effjax.models.lipschitz import token_rms
+  from effjax.optim.factory import multipliers_from_roles
+  std = models.build(_cfg(), 257)
+  np.testing.assert_allclose(float(jnp.mean(token_rms(std.initial_params["embed"]["table"]))),
+                             0.02, rtol=0.1)
+  t = jnp.asarray(np.random.default_rng(0).normal(size=(6, 8)) * [[0.1], [0.5], [1], [2], [3],
+                                                                   [9]], jnp.float32)
+  capped = cap_row_rms(t, 1.5)
+  rms_in, rms_out = np.asarray(token_rms(t)), np.asarray(token_rms(capped))
+  np.testing.assert_allclose(rms_out, np.minimum(rms_in, 1.5), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(capped) / np.asarray(t),  # a rescaling of each row
+                             np.broadcast_to((np.minimum(rms_in, 1.5) / rms_in)[:, None],
+                                             t.shape), rtol=1e-5)
+  for embed_max, lr in ((0.5, 0.05), (0.0, 0.05)):
+    cfg = _cfg("--config.model.arch=lipschitz", "--config.optim.name=muon",
+               f"--config.constraints.embed_max={embed_max}", f"--config.train.lr={lr}",
+               "--config.train.warmup_steps=0")
+    m, _, step_fn, batch, state = tiny_step_setup(cfg)
+    target = embed_max or 1.0
+    np.testing.assert_allclose(token_rms(state.params["embed"]["table"]), target, rtol=1e-5)
+    lr_mult = multipliers_from_roles(cfg, m.specs)[0]
+    assert lr_mult["embed"]["table"] == 10.0 and lr_mult["head"]["kernel"] == 10.0
+    for _ in range(3):
+      state, _ = step_fn(state, batch)
+    rms = np.asarray(token_rms(state.params["embed"]["table"]))
+    if embed_max:
+      assert rms.max() <= embed_max * (1 + 1e-5) and rms.min() < 0.999 * embed_max
+    else:
+      assert rms.max() > 1.001  # AdamW at lr x 10 moves the rows; nothing projects them
+  assert multipliers_from_roles(_cfg(), std.specs)[0]["head"]["kernel"] == 1.0
 
 
 # ----------------------------------------------------------------------------- reparam

@@ -37,6 +37,10 @@ class ConstraintsConfig:
                               "per step")
   hard_cap_steps: int = _field(30, doc="hard_cap: Newton-Schulz (cubic) steps of each matrix "
                                "sign")
+  embed_max: float = _field(1.0, doc="model.arch=lipschitz: token-embedding rows start at RMS "
+                            "norm embed_max and are projected back to RMS <= embed_max after "
+                            "every step (the paper's embedding); 0: unit-RMS start, no "
+                            "projection")
   reparam: str = _field("none", ("none", "weight_norm", "weight_cond"),
                         "reparameterise block linears: W = g V/||V|| per output unit, or "
                         "weight conditioning W~ = E W, E = diag(1/||W_i||)")
@@ -46,6 +50,9 @@ class ConstraintsConfig:
 
   def check(self, config: Config) -> None:
     _check_lipschitz_arch(config)
+    if self.embed_max < 0:
+      raise ConfigError(f"constraints.embed_max must be >= 0 (0: no projection); got "
+                        f"{self.embed_max}.")
     sharing = config.model.attention.sharing
     if (self.reparam != "none" and sharing != "none"
         and set(self.reparam_kinds) & {"qkv", "attn_out"}):

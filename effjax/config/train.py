@@ -113,6 +113,12 @@ def _check_local_tier(t: TrainConfig, config: Config) -> None:
                       "the number of processes, or set train.local_checkpoint_dir=''.")
 
 
+# model.arch=lipschitz: embedding rows start (and stay) at unit RMS, 50x the standard 0.02
+# init, so the AdamW embedding and readout need a larger step for the same relative change;
+# 10 equals Muon's default multiplier (the paper trains every part at one lr scale).
+LIPSCHITZ_IO_LR_MULT = 10.0
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   name: str = _field("adamw", ("adamw", "muon"),
@@ -138,9 +144,21 @@ class OptimConfig:
   muon_nesterov: bool = _field(True, doc="muon: Nesterov momentum")
   muon_ns: str = _field("quintic", ("quintic", "cubic"), "muon: Newton-Schulz coefficients")
   muon_ns_steps: int = _field(5, doc="muon: Newton-Schulz iterations")
+  io_lr_mult: float = _field(0.0, doc="lr multiplier of the embedding and readout roles; 0: "
+                             "auto, 1 for the standard model and LIPSCHITZ_IO_LR_MULT (10) "
+                             "under model.arch=lipschitz, whose embedding rows have unit RMS "
+                             "(docs/constraints.md)")
+
+  def resolved_io_lr_mult(self, arch: str) -> float:
+    """The embedding and readout lr multiplier (io_lr_mult, or its auto value for `arch`)."""
+    if self.io_lr_mult > 0:
+      return self.io_lr_mult
+    return LIPSCHITZ_IO_LR_MULT if arch == "lipschitz" else 1.0
 
   def check(self, config: Config) -> None:
     del config
+    if self.io_lr_mult < 0:
+      raise ConfigError(f"optim.io_lr_mult must be >= 0 (0: auto); got {self.io_lr_mult}.")
     if self.name != "muon":
       return
     if self.wd_rule != "none":

@@ -51,6 +51,14 @@ def power_iteration(w: jax.Array, v: jax.Array, iters: int):
   return sigma, normalize(wv), v
 
 
+def cap_row_rms(table_VxD, max_rms: float):
+  """Each row (a token embedding) divided by max(1, RMS(row) / max_rms): rows end at RMS norm
+  <= max_rms, shorter rows are left alone (the Lipschitz paper's embedding projection)."""
+  t = table_VxD.astype(jnp.float32)
+  rms = jnp.sqrt(jnp.mean(jnp.square(t), axis=-1, keepdims=True))
+  return (t / jnp.maximum(1.0, rms / max_rms)).astype(table_VxD.dtype)
+
+
 def rank_one(u, v):
   return u[..., :, None] * v[..., None, :]
 

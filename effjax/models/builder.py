@@ -89,6 +89,14 @@ class Builder:
     q = jax.nn.initializers.orthogonal()(self.rngs.params(), (d_in, d_out), jnp.float32)
     return self.config.constraints.w_max * (d_out / d_in) ** 0.5 * q
 
+  def unit_rms_rows(self, table_VxD):
+    """model.arch=lipschitz: every token embedding starts at RMS norm constraints.embed_max
+    (1 when 0), as in the Lipschitz-transformer paper; a std-0.02 table would give a residual
+    stream, and logits, near zero in a norm-free model."""
+    target = self.config.constraints.embed_max or 1.0
+    rms = jnp.sqrt(jnp.mean(jnp.square(table_VxD), axis=-1, keepdims=True))
+    return target * table_VxD / rms
+
   def shared_projection(self, d_in, d_out, *, axes, std, tag, hooks, zero_init=False):
     """A shared attention projection (model.attention.sharing): low-rank, or a SharedLinear
     whose weight the stack builds (its dense shape and init recorded for the weight source)."""
@@ -170,6 +178,8 @@ class Builder:
   def model(self) -> Transformer:
     c, d, rngs = self.model_config, self.dims, self.rngs
     embed = Embed(d.vocab, d.d_model, rngs=rngs, std=c.init_std)
+    if self.lipschitz:
+      embed.table[...] = self.unit_rms_rows(embed.table[...])
     # Learned absolute positions (GPT-2 style), e.g. for QKR, which cannot go with RoPE.
     positions = Embed(c.max_positions, d.d_model, rngs=rngs, std=c.init_std,
                       axes=(None, "embed")) if c.position == "learned" else None

@@ -6,6 +6,8 @@ model's (ParamSpec.fan_in_mult, set from the shapes by effjax/models/mup.py):
   vectors (gains, biases), readout:       lr x 1
   matrices (hidden, output-like, expert,
     router, atom, embedding):             lr x 1/m_in  (1 where fan_in does not grow)
+The embedding and readout also take x optim.io_lr_mult (auto: 1, or 10 under
+model.arch=lipschitz; docs/constraints.md).
 Weight-decay rules (docs/mup.md) for decoupled AdamW decay lambda:
   none         lambda for decayed roles
   mup          lambda x m_in for matrix-like roles (keeps lr x lambda constant)
@@ -18,6 +20,7 @@ Weight-decay rules (docs/mup.md) for decoupled AdamW decay lambda:
 from __future__ import annotations
 
 MATRIX_ROLES = ("hidden", "expert", "router", "atom")
+IO_ROLES = ("embedding", "readout")  # optim.io_lr_mult
 
 
 def width_mult(config) -> float:
@@ -27,9 +30,12 @@ def width_mult(config) -> float:
 
 def lr_multiplier(spec, config) -> float:
   """spec: the parameter's ParamSpec (role, fan_in_mult)."""
+  mult = 1.0
   if config.model.param == "mup" and spec.role not in ("vector", "readout"):
-    return 1.0 / spec.fan_in_mult
-  return 1.0
+    mult = 1.0 / spec.fan_in_mult
+  if spec.role in IO_ROLES:
+    mult *= config.optim.resolved_io_lr_mult(config.model.arch)
+  return mult
 
 
 def base_weight_decay(config) -> float:

@@ -56,9 +56,20 @@ class ConstraintsExtension(Extension):
     self._act = jax.jit(lambda p, b, ids: lipschitz.max_activation_norm(model, p, b, ids))
 
   def hooks(self):
-    if not self.paths:
-      return []
     config, paths, bounds = self.config, self.paths, self.bounds
+    embed_max = config.constraints.embed_max if config.model.arch == "lipschitz" else 0.0
+    hooks = []
+    if embed_max > 0:
+      def embed_hook(new_state, old_state, aux):
+        """model.arch=lipschitz: token-embedding rows back to RMS <= constraints.embed_max."""
+        del old_state, aux
+        params = dict(new_state.params)
+        params["embed"] = {**params["embed"],
+                           "table": P.cap_row_rms(params["embed"]["table"], embed_max)}
+        return new_state.replace(params=params)
+      hooks.append(embed_hook)
+    if not paths:
+      return hooks
 
     def project_hook(new_state, old_state, aux):
       del aux
@@ -70,7 +81,7 @@ class ConstraintsExtension(Extension):
                                                    config, alphas, cold=old_state.step == 0)
       return new_state.replace(params=params, buffers=buffers)
 
-    return [project_hook]
+    return hooks + [project_hook]
 
   def _eval_metrics(self, params, buffers):
     out = {}
