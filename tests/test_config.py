@@ -166,3 +166,15 @@ def test_each_section_checks_itself_and_the_package_checks_the_rest():
   C.load(bad_rules)
   with pytest.raises(C.ConfigError, match="mesh.rules"):
     checks.load(bad_rules)
+
+
+def test_diff_treats_a_key_missing_from_an_old_config_as_its_default():
+  """A config.json written before a key existed resumes when the key stays at its default
+  (found when the MoR kv_strategy key stopped every older run from resuming)."""
+  import json  # pylint: disable=g-import-not-at-top
+  saved = json.loads(C.to_json(C.Config()))
+  del saved["model"]["mor"]["kv_strategy"]
+  assert C.diff(saved, C.Config()) == {}
+  changed = C.apply_overrides(C.Config(),
+                                       {"model": {"mor": {"kv_strategy": "shared"}}})
+  assert C.diff(saved, changed) == {"model.mor.kv_strategy": ["recursion_wise", "shared"]}

@@ -199,18 +199,30 @@ def to_json(config: Config) -> str:
   return json.dumps(to_dict(config), indent=2, sort_keys=True)
 
 
-def _get(d: dict, dotted: str):
+_MISSING = object()
+
+
+def _get(d: dict, dotted: str, missing=None):
   for part in dotted.split("."):
     if not isinstance(d, dict) or part not in d:
-      return None
+      return missing
     d = d[part]
   return list(d) if isinstance(d, tuple) else d
 
 
 def diff(old: dict, config: Config) -> dict:
-  """{dotted key: [old, new]} where a config.json dict `old` and `config` differ."""
+  """{dotted key: [old, new]} where a config.json dict `old` and `config` differ. A key that
+  `old` lacks (written before the key existed) counts as its default value, so a run made
+  before a new key was added resumes when the key is left at its default."""
   new = json.loads(to_json(config))
-  return {k: [_get(old, k), _get(new, k)] for k in valid_keys() if _get(old, k) != _get(new, k)}
+  default = json.loads(to_json(Config()))
+  out = {}
+  for k in valid_keys():
+    was = _get(old, k, _MISSING)
+    was = _get(default, k) if was is _MISSING else was
+    if was != _get(new, k):
+      out[k] = [was, _get(new, k)]
+  return out
 
 
 # ----------------------------------------------------------------------------- loading
