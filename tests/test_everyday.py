@@ -107,8 +107,11 @@ def test_mfu_without_gpu_refuses_and_keeps_results():
   assert open(path).read() == before
 
 
+# train.bench (slow, ~60 s here) also runs in the default suite on a mixture
+# (tests/test_data_sources_tools.py); this test is about printing vs --out.
 @pytest.mark.parametrize("args", [
-    ["-m", "effjax.train.bench", "--config=" + TINY, "--steps=4"],
+    pytest.param(["-m", "effjax.train.bench", "--config=" + TINY, "--steps=4"],
+                 marks=pytest.mark.slow),
     ["-m", "effjax.models.moe_bench", "--tokens=512", "--d=16", "--d-ff=32", "--experts=2",
      "--top-k=1", "--dispatch=blocks", "--repeats=1"],
     ["-m", "pallas_kernels.attention.bench", "--seq-lens=64", "--batch=1", "--heads=2",

@@ -68,7 +68,8 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   assert "resum" in r.stdout.lower() + r.stderr.lower()
 
 
-@pytest.mark.parametrize("service", ["on", "off"])
+# "off" (slow): the same stop path without the coordination service's shutdown barrier.
+@pytest.mark.parametrize("service", ["on", pytest.param("off", marks=pytest.mark.slow)])
 def test_a_signal_to_one_process_stops_all_at_the_same_step(tmp_path, service):
   """SIGTERM to process 1 alone: both processes checkpoint the same step and exit 75 (a
   collective checkpoint needs every process). With JAX's preemption service (the default)

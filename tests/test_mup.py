@@ -125,6 +125,7 @@ def test_coordinate_check_slopes():
   assert result["sp"]["attn_logits"]["slope"] > 0.5
 
 
+@pytest.mark.slow  # ~100 s on the 2-core CI machine; test_coordinate_check_slopes stays default
 def test_coordinate_check_growing_head_dim_catches_the_attention_scale():
   """At a fixed head count with head_dim growing, SP's 1/sqrt(d_head) lets the attention
   logits grow with width while muP's alpha/d_head keeps them flat; MoE FFNs (router and
