@@ -11,7 +11,8 @@ vanilla steps x vanilla FLOPs per token / its FLOPs per token, effjax/train/flop
   mor_expert2    expert-choice MoR, N_r = 2 (5 unique layers; depth 5 or 8)
   mor_expert3    expert-choice MoR, N_r = 3 (4 unique layers; depth 4, 6 or 8)
   mor_token3     token-choice MoR, N_r = 3 (4 unique layers), Switch balance + z-loss
-Part A at d_model 128, part B at d_model 256; SEEDS seeds each. eval/loss is the causal
+Part A at d_model 128, part B at d_model 64 (the second small size; d_model 256 needs about
+2 hours of a 2-core CPU: `SIZES` holds the widths); SEEDS seeds each. eval/loss is the causal
 threshold rule; the top-k loss (which sees the future) is reported beside it, with the
 dead-token fraction and the router's threshold-vs-top-k accuracy. The MoR paper finds MoR
 beats plain recursion at equal FLOPs, and vanilla only from ~360M parameters; report what
@@ -57,7 +58,7 @@ VARIANTS = [
                                                              "router": "token"}}},
             "MoR token-choice N_r=3 (4 unique layers, Switch + z-loss)"),
 ]
-SIZES = {"a": {"d_model": 128, "n_heads": 4}, "b": {"d_model": 256, "n_heads": 4}}
+SIZES = {"a": {"d_model": 128, "n_heads": 4}, "b": {"d_model": 64, "n_heads": 4}}
 SMOKE = {"steps": 4, "train": {"batch_size": 4, "seq_len": 32, "eval_batches": 1,
                                "log_every": 1}, "model": {"d_model": 32, "n_heads": 2}}
 
