@@ -294,7 +294,9 @@ def report(plan: Plan, runs_dir: str, out_dir: str, resamples: int) -> str:
                  float(law.loss(g[0].params, g[0].tokens)), f"{g[0].seconds:.0f}"])
   lines.append(markdown_table(["run", "N (non-emb.)", "tokens", "train FLOPs", "eval loss",
                                "seed spread", "law", "wall s"], rows) + "\n")
-  table, mults = technique_table(law, boots, techs + stack)
+  members = paths.read_json(paths.as_path(runs_dir) / "stack.json") or []
+  table, mults = technique_table(law, boots, techs + stack,
+                                 stack_note="stack: " + " + ".join(members))
   lines.append("## What each technique buys\n")
   lines.append(table + "\n")
   paths.write_text(out / "README.md", "\n".join(lines) + "\n" + provenance_text(plan, runs_dir))
@@ -310,7 +312,7 @@ def _spread(values) -> str:
   return f"{max(values) - min(values):.4f}" if len(values) > 1 else "-"
 
 
-def technique_table(law, boots, points) -> tuple:
+def technique_table(law, boots, points, stack_note: str = "") -> tuple:
   by_tech = {}
   for q in points:
     by_tech.setdefault(q.name.split("_seed")[0], []).append(q)
@@ -327,6 +329,8 @@ def technique_table(law, boots, points) -> tuple:
       n_eff = law.effective_params(float(np.mean(losses)), g[0].tokens)
       extra = (f"N_eff/N {n_eff / g[0].params:.2f}; per weight bit "
                f"{n_eff * 16 / (g[0].params * tech.bits):.2f}x bf16")
+    if kind == "stack":
+      extra = stack_note
     verdict = m.verdict() + (" (extrapolated)" if m.extrapolated else "")
     rows.append([name, f"{g[0].flops:.3g}", f"{g[0].seconds:.0f}", len(g),
                  float(np.mean(losses)), _spread(losses), f"{m.value:.2f}",
@@ -450,6 +454,7 @@ def all_variants(plan: Plan, runs_dir: str, resamples: int, skip_stack: bool):
     print("[scoreboard] stack: no technique's interval lies above 1; nothing to stack",
           file=sys.stderr)
     return
+  paths.write_json(paths.as_path(runs_dir) / "stack.json", [t.name for t in members])
   for steps in TECH_STEPS:
     yield "stack", plan.stack(members, steps)
   yield "stack (second seed)", plan.stack(members, TECH_STEPS[-1], seed=1)
