@@ -350,8 +350,14 @@ def plot(law, dense, points, path) -> None:
   lo, hi = law.c_range
   c = np.geomspace(lo / 2, hi * 4, 100)
   ax.plot(c, law.frontier(c), "k-", lw=1.2, label="dense frontier (fit)")
+  ax.scatter([], [], c="0.5", s=14, label="dense runs")
+  kinds = sorted({q.kind for q in points})
+  cmap = plt.get_cmap("tab20")
   for name, g in sorted(_mean_by_name(points).items()):
-    ax.scatter([q.flops for q in g], [q.loss for q in g], s=28, label=name, marker="D")
+    color = cmap(kinds.index(g[0].kind) % 20)
+    ax.scatter([q.flops for q in g], [q.loss for q in g], s=30, color=color, marker="D",
+               label=g[0].kind if name == min(n for n, h in _mean_by_name(points).items()
+                                               if h[0].kind == g[0].kind) else None)
   ax.set_xscale("log")
   ax.set_xlabel("training FLOPs (counted)")
   ax.set_ylabel("eval loss (built-in corpus, validation)")

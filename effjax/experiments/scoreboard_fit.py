@@ -30,7 +30,7 @@ import numpy as np
 from effjax import fit as fit_lib
 
 N_GRID_POINTS = 2000
-N_GRID_SPAN = 8.0  # the frontier searches N in [N_min / span, N_max * span]
+N_GRID_SPAN = 2.0  # the frontier searches N in [N_min / span, N_max * span]: near the grid
 # L-BFGS starts (log A, log B, log E, alpha, beta): a sparser grid than effjax.fit's default,
 # since the scoreboard refits after every run.
 INITS = tuple(itertools.product((2.0, 8.0), (2.0, 8.0), (0.0,), (0.3, 0.6), (0.3, 0.6)))
