@@ -137,3 +137,36 @@ def test_optimizer_flops_count_muon_newton_schulz():
                                                              "power_iters": 3}})
   per_layer = 4 * (3 * 4 * 32 * 32 + 2 * 32 * 32) + 3 * (3 * 4 * 32 * 128 + 2 * 32 * 128)
   assert count(snorm) == 2 * per_layer
+
+
+def test_flops_seen_follows_the_topk_schedule_and_survives_resume(tmp_path):
+  """perf/flops_seen = sum over steps of (FLOPs/token of that step's phase x tokens + the
+  optimizer's matrix FLOPs), and a run stopped and resumed ends with the same count."""
+  import json  # pylint: disable=g-import-not-at-top
+  from effjax.train import trainer  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.apply_overrides(config_lib.Config(), {
+      "model": {"d_model": 32, "n_layers": 4, "n_heads": 2,
+                "moe": {"num_experts": 4, "top_k": 1, "topk_schedule": "0.5:2:0.5"}},
+      "optim": {"name": "muon"},
+      "train": {"steps": 6, "warmup_steps": 1, "batch_size": 2, "seq_len": 16, "log_every": 1,
+                "eval_every": 6, "eval_batches": 1, "checkpoint_every": 3, "sample_tokens": 0,
+                "plot": False}})
+
+  def final(workdir):
+    return json.loads((workdir / "final_metrics.json").read_text())
+
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  trainer.train(cfg, str(whole), quiet=True)
+  trainer.train(cfg, str(split), quiet=True, stop_at=3)
+  trainer.train(cfg, str(split), quiet=True)
+  info = json.loads((whole / "run_info.json").read_text())
+  rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+  per_step = [b["perf/flops_seen"] - a["perf/flops_seen"]
+              for a, b in zip([r for r in rows if "perf/flops_seen" in r],
+                              [r for r in rows if "perf/flops_seen" in r][1:])]
+  assert info["optimizer_flops_per_step"] > 0
+  assert per_step[0] > per_step[-1]  # top-k 2 in the first half of the layers, then 1
+  assert final(whole)["perf/flops_seen"] == final(split)["perf/flops_seen"]
+  # run_info's FLOPs/token is the starting phase's: the first steps cost exactly that
+  assert per_step[0] == pytest.approx(info["flops_per_token"] * 2 * 16
+                                      + info["optimizer_flops_per_step"], rel=1e-9)
