@@ -32,7 +32,8 @@ from effjax import checks
 from effjax import config as config_lib
 from effjax import paths
 from effjax.experiments import scoreboard_fit as sf
-from effjax.experiments.study import Variant, markdown_table, provenance, run_variants
+from effjax.experiments.study import (RunRecord, Variant, markdown_table, provenance,
+                                      run_variants)
 
 OUT = "results/scoreboard"
 COMMAND = "python -m effjax.experiments.scoreboard"
@@ -253,7 +254,7 @@ def fit_dense_points(dense: list, resamples: int):
   law = sf.fit_dense(cols["params"], cols["tokens"], cols["loss"], cols["flops"])
   boots = sf.bootstrap_laws(cols["params"], cols["tokens"], cols["loss"], cols["flops"], law,
                             resamples)
-  return law, boots, groups, cols
+  return law, boots, cols
 
 
 def report(plan: Plan, runs_dir: str, out_dir: str, resamples: int) -> str:
@@ -272,7 +273,7 @@ def report(plan: Plan, runs_dir: str, out_dir: str, resamples: int) -> str:
     lines.append(f"Dense grid not finished ({len(dense)} runs): no fit yet.\n")
     paths.write_text(out / "README.md", "\n".join(lines))
     return lines[-1]
-  law, boots, _, cols = fit_dense_points(dense, resamples)
+  law, boots, cols = fit_dense_points(dense, resamples)
   res = sf.residuals(law, cols["params"], cols["tokens"], cols["loss"])
   p = law.params
   lines.append("## Dense law\n")
@@ -375,15 +376,11 @@ def provenance_text(plan: Plan, runs_dir: str) -> str:
            f"{plan.size(*REF_SIZE)} and {[plan.steps(s) for s in TECH_STEPS]} steps; fp32 on "
            "CPU. Tiny: directional evidence only.")
   records = []
-  try:
-    from effjax.experiments.study import RunRecord  # pylint: disable=g-import-not-at-top
-    wd = paths.as_path(runs_dir)
-    for d in sorted(wd.iterdir()) if wd.exists() else []:
-      info = paths.read_json(d / "run_info.json")
-      if info is not None:
-        records.append(RunRecord(Variant(d.name, {}), str(d), None, [], info))
-  except OSError:
-    pass
+  wd = paths.as_path(runs_dir)
+  for d in sorted(wd.iterdir()) if wd.exists() else []:
+    info = paths.read_json(d / "run_info.json") if d.is_dir() else None
+    if info is not None:
+      records.append(RunRecord(Variant(d.name, {}), str(d), None, [], info))
   return "## Provenance\n\n" + provenance(records, COMMAND + (
       f" --scale={plan.scale:g}" if plan.scale != 1 else ""), scale) + "\n"
 
@@ -419,7 +416,7 @@ def stack_members(plan: Plan, runs_dir: str, resamples: int) -> list:
   """The techniques whose multiplier interval lies above 1 at the larger budget, best per
   group, that validate together."""
   dense, techs, _ = collect(plan, runs_dir)
-  law, boots, _, _ = fit_dense_points(dense, resamples)
+  law, boots, _ = fit_dense_points(dense, resamples)
   big = f"_s{plan.steps(TECH_STEPS[-1])}"
   by = _mean_by_name([t for t in techs if t.name.split("_seed")[0].endswith(big)])
   best = {}
