@@ -101,7 +101,7 @@ def run(base: config_lib.Config, widths: list[int], steps: int, lr: float, head_
   return out
 
 
-def plot(result: dict, path: str) -> str:
+def plot(result: dict, path) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

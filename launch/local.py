@@ -33,6 +33,16 @@ def _log_file(workdir, i: int):
   return open(os.fspath(paths.as_path(workdir) / f"process_{i}.log"), "w")
 
 
+def _workdir_arg(train_args: list) -> str | None:
+  """The value of --workdir in the train arguments, as `--workdir=DIR` or `--workdir DIR`."""
+  for i, a in enumerate(train_args):
+    if a.startswith("--workdir="):
+      return a.split("=", 1)[1]
+    if a == "--workdir" and i + 1 < len(train_args):
+      return train_args[i + 1]
+  return None
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if "--" in argv:
@@ -46,9 +56,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(ours)
   if args.num_processes < 1 or args.devices_per_process < 1:
     parser.error("--num_processes and --devices_per_process must be >= 1")
-  workdir = next((a.split("=", 1)[1] for a in train_args if a.startswith("--workdir=")), None)
+  workdir = _workdir_arg(train_args)
   if workdir is None:
-    parser.error("pass --workdir=DIR after `--` (process logs are written there)")
+    parser.error("pass --workdir=DIR (or --workdir DIR) after `--` (process logs are written "
+                 "there)")
   paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")

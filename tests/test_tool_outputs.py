@@ -81,3 +81,17 @@ def test_launch_local_writes_process_logs_under_a_file_url(tmp_path):
   assert proc.returncode != 0 and "exit codes" in proc.stdout
   assert "missing.py" in (tmp_path / "run" / "process_1.log").read_text()
   assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_launch_local_reads_the_workdir_in_both_spellings():
+  """launch/local.py finds --workdir=DIR and --workdir DIR the way effjax.train reads them."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("launch_local",
+                                                os.path.join(REPO, "launch", "local.py"))
+  local = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(local)
+  assert local._workdir_arg(["--config=c.py", "--workdir=runs/a"]) == "runs/a"
+  assert local._workdir_arg(["--workdir", "runs/b", "--config=c.py"]) == "runs/b"
+  assert local._workdir_arg(["--config=c.py"]) is None
+  assert local._workdir_arg(["--config=c.py", "--workdir"]) is None

@@ -22,14 +22,13 @@ assembled from the part files that exist (`--parts=3` reruns and rewrites part 3
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import numpy as np
 
 from effjax import config as config_lib
 from effjax import coord_check
+from effjax import paths
 from effjax.experiments.study import Variant, markdown_table, run_variants, study_main, write_part
 from effjax.paths import save_figure
 
@@ -143,7 +142,7 @@ SCALE_4 = (f"byte-level LM on the built-in corpus, 4 layers, head_dim 16, muP (b
 def part_1(args, only):
   base = config_lib.apply_overrides(config_lib.Config(), BASE)
   lr_recs = run_variants(base, lr_variants(), args.runs, only=only)
-  _plot_lr(lr_recs, os.path.join(args.out, "loss_vs_lr.png"))
+  _plot_lr(lr_recs, paths.as_path(args.out) / "loss_vs_lr.png")
   opt_rows = []
   for p in ("sp", "mup"):
     for w in WIDTHS:
@@ -171,9 +170,8 @@ def part_2(args, only):
   for grow, suffix, what in (("heads", "", "heads grow at head_dim 16"),
                              ("head_dim", "_head_dim", "head_dim grows at 4 heads")):
     cc = coord_check.run(base, widths, steps=5, lr=1e-2, head_dim=HEAD_DIM, grow=grow, heads=4)
-    with open(os.path.join(args.out, f"coord_check{suffix}.json"), "w") as f:
-      json.dump(cc, f, indent=1)
-    coord_check.plot(cc, os.path.join(args.out, f"coord_check{suffix}.png"))
+    paths.write_json(paths.as_path(args.out) / f"coord_check{suffix}.json", cc, indent=1)
+    coord_check.plot(cc, paths.as_path(args.out) / f"coord_check{suffix}.png")
     table = markdown_table(["module", "SP slope", "muP slope"],
                            [[m, cc["sp"][m]["slope"], cc["mup"][m]["slope"]]
                             for m in coord_check.MODULES])
@@ -267,7 +265,7 @@ def _plot_wider(recs, path):
 def part_4(args, only):
   base = config_lib.apply_overrides(config_lib.Config(), BASE)
   recs = run_variants(base, wider_variants(), args.runs, only=only)
-  _plot_wider(recs, os.path.join(args.out, "wider_is_better.png"))
+  _plot_wider(recs, paths.as_path(args.out) / "wider_is_better.png")
   steps = sorted({s for r in recs for s, _ in r.series("eval/loss")})
   rows = []
   for r in sorted(recs, key=lambda r: r.config.model.d_model):
