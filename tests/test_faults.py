@@ -7,6 +7,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -229,3 +230,32 @@ def test_another_models_checkpoint_is_refused_not_moved_aside(tmp_path, tiny_dat
   with pytest.raises(trainer.WorkdirError, match="step 4.*another model"):
     trainer.train(_cfg("--config.model.d_model=64"), workdir, data=tiny_data, quiet=True)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_manifests_are_written_off_the_training_thread(tmp_path, monkeypatch):
+  """The checksums of step 1 are computed on the manifest thread when step 2 is saved (not on
+  the caller's thread), every step has a manifest after close, and a flipped byte is caught."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from effjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  threads = []
+  crc32 = ckpt_lib._crc32  # pylint: disable=protected-access
+  monkeypatch.setattr(ckpt_lib, "_crc32",
+                      lambda p: threads.append(threading.current_thread().name) or crc32(p))
+  state = ckpt_lib.TrainState(step=jnp.array(0), params={"w": jnp.arange(64.0)}, opt_state=(),
+                              buffers={}, rng=jnp.zeros(2, jnp.uint32))
+  ck = ckpt_lib.Checkpointer(tmp_path / "ck", keep=3, owner=True)
+  ck.save(1, state)
+  ck.save(2, state)  # step 1's manifest goes to the manifest thread
+  ck.wait()
+  assert threads and all(n.startswith("effjax-manifest") for n in threads), threads
+  before = len(threads)
+  ck.close()  # step 2's manifest: written before close returns
+  assert len(threads) > before
+  assert all((tmp_path / "ck" / str(s) / ckpt_lib.MANIFEST).exists() for s in (1, 2))
+  assert ck.verify(1) is None and ck.verify(2) is None
+  victim = max((p for p in (tmp_path / "ck" / "1").rglob("*") if p.is_file()
+                and p.name != ckpt_lib.MANIFEST), key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  victim.write_bytes(bytes(data))
+  assert "checksum mismatch" in ck.verify(1)

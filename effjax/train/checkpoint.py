@@ -7,7 +7,9 @@ Each checkpoint step directory holds up to three items:
   data:   the grain iterator state (one JSON file per process);
   config: the run's config as JSON (compared with the current one on restore);
 and, once orbax has committed it, a manifest (MANIFEST: size and CRC32 of every file)
-so a torn or bit-rotted checkpoint is recognised before it is restored.
+so a torn or bit-rotted checkpoint is recognised before it is restored. The manifest of a
+step is computed on a background thread while training goes on (the next save, a restore
+and close wait for it), so checksumming a large checkpoint does not stall the step loop.
 
 `restore_good` picks the checkpoint a run resumes from: the newest one (or an explicit
 step) that verifies and restores; each one that does not is reported by name and moved
@@ -17,6 +19,7 @@ step 0 silently: if checkpoints exist and none restores, it raises CheckpointErr
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -79,6 +82,10 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config"))
     self._is_main = jax.process_index() == 0
+    self._keep = keep
+    self._manifest_pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="effjax-manifest")
+    self._manifest_job: concurrent.futures.Future | None = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -94,7 +101,8 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, data_iterator=None, *, config: dict | None = None,
            force: bool = True) -> bool:
     self._owner = True  # whoever saves seals
-    self.seal()  # the previous save is finished and checksummed before this one starts
+    self.seal(background=True)  # the previous save is finished; its manifest is written
+    # beside training (joined by the next seal, a restore or close)
     items = {"state": ocp.args.StandardSave(state.as_dict())}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -105,14 +113,34 @@ class Checkpointer:
       logging.info("checkpoint at step %d (async) -> %s", step, self.directory)
     return saved
 
-  def seal(self):
+  def seal(self, *, background: bool = False):
     """Waits for pending saves, then writes the manifest of each committed step lacking one
     (process 0; a kill between commit and manifest leaves a step that is still restorable,
-    only unverified)."""
+    only unverified). background: the manifests are written on the manifest thread (the next
+    seal waits for it); not with keep=1, where the next save may delete the step being read."""
+    self._join_manifests()
     self.manager.wait_until_finished()
     if not self._is_main or not self._local:
       return
-    for step in self.manager.all_steps():
+    steps = [s for s in self.manager.all_steps()
+             if not os.path.exists(os.path.join(self.step_dir(s), MANIFEST))]
+    if background and self._keep != 1:
+      self._manifest_job = self._manifest_pool.submit(self._write_manifests, steps)
+    else:
+      self._write_manifests(steps)
+
+  def _join_manifests(self):
+    """Waits for the manifest thread; its failure is logged, not raised (a step without a
+    manifest is still restorable, only unverified)."""
+    job, self._manifest_job = self._manifest_job, None
+    if job is not None:
+      try:
+        job.result()
+      except OSError as e:
+        logging.warning("checkpoint manifest not written: %s", e)
+
+  def _write_manifests(self, steps: list[int]):
+    for step in steps:
       step_dir = self.step_dir(step)
       path = os.path.join(step_dir, MANIFEST)
       if os.path.isdir(step_dir) and not os.path.exists(path):
@@ -127,6 +155,7 @@ class Checkpointer:
   def verify(self, step: int) -> str | None:
     """What is wrong with the files of a step (None: nothing found). With a manifest every
     file's size and CRC32 is checked; without one, only that the state item is there."""
+    self._join_manifests()
     if not self._local:
       return None
     step_dir = self.step_dir(step)
@@ -245,6 +274,7 @@ class Checkpointer:
 
   def _move_aside(self, steps: list[int], why: str):
     """Moves step directories out of the manager's sight (process 0; all processes reload)."""
+    self._join_manifests()
     if self._is_main and self._local:
       os.makedirs(self.aside, exist_ok=True)
       stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -257,10 +287,13 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self):
+    self._join_manifests()
     self.manager.wait_until_finished()
 
   def close(self):
     if self._owner:
       self.seal()
+    self._join_manifests()
     self.manager.wait_until_finished()
     self.manager.close()
+    self._manifest_pool.shutdown(wait=True)
