@@ -247,11 +247,8 @@ def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
 
   # Restore the latest checkpoint into this mesh's shardings, or initialise directly into
   # them (each device computes its own shards).
-  data_iter = data_lib.make_mixture_iterator(
-      mixture, seq_len=t.seq_len, seed=config.seed, eos_id=data.tokenizer.eos_id,
-      **shard_kw) if mixture else data_lib.make_train_iterator(
-      data.corpus.train_tokens, seq_len=t.seq_len, seed=config.seed,
-      eos_id=data.tokenizer.eos_id, **shard_kw)
+  data_iter = data_lib.make_data_iterator(data.corpus, seq_len=t.seq_len, seed=config.seed,
+                                         eos_id=data.tokenizer.eos_id, **shard_kw)
   tier = local_tier.open_tier(config, mesh, plan.abstract())  # None unless local_checkpoint_dir
   ckpt = Checkpointer(wd / "checkpoints", keep=t.keep_checkpoints, owner=True)
   if ckpt.latest_step() or tier:
