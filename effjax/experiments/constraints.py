@@ -75,7 +75,23 @@ def variants_a() -> list[Variant]:
                     f"Muon + soft cap, w_max {w:g}"),
             Variant(f"lip_muon_hardcap_w{w:g}", _lip("muon", "hard_cap", w),
                     f"Muon + hard cap, w_max {w:g}")]
-  return out
+  return out + _second_seeds(out, ("lip_adamw_snorm_w1", "lip_muon_softcap_w1"))
+
+
+def _second_seeds(variants: list, names: tuple) -> list[Variant]:
+  """Seed-1 repeats of the named variants: the seed-to-seed spread the table reports."""
+  return [Variant(f"{v.name}_seed1", {**v.overrides, "seed": 1}, f"{v.label}, seed 1")
+          for v in variants if v.name in names]
+
+
+def _seed_spread(recs, key: str = "eval/loss") -> str:
+  """The largest |seed 0 - seed 1| difference of `key` over the repeated variants."""
+  by_name = {r.variant.name: r for r in recs}
+  gaps = [abs(by_name[n].last(key) - by_name[n[:-len("_seed1")]].last(key))
+          for n in by_name if n.endswith("_seed1") and n[:-len("_seed1")] in by_name]
+  return (f"Seed-to-seed spread of {key} (seed 0 vs seed 1, largest over the repeated "
+          f"variants): {max(gaps):.4f}. A difference below it is not resolved.\n"
+          if gaps else "")
 
 
 def variants_b() -> list[Variant]:
@@ -90,7 +106,7 @@ def variants_b() -> list[Variant]:
     for name, c, label in reparams:
       out.append(Variant(f"{name}_lr{lr:g}", {"constraints": c, "train": {"lr": lr}},
                          f"{label}, lr {lr:g}"))
-  return out
+  return out + _second_seeds(out, (f"base_lr{LRS[0]:g}", f"wc_lr{LRS[0]:g}"))
 
 
 def _max_over_evals(rec, key):
@@ -129,7 +145,8 @@ def part_a(args, only):
            _max_over_evals(r, "constraints/max_rms_norm"), r.config.constraints.w_max
            if r.config.constraints.method != "none" else "-"] for r in recs]
   plot = _plot(recs, args.out, "lipschitz_loss.png")
-  body = markdown_table(header, rows) + f"\n\n![train loss]({os.path.basename(plot)})\n"
+  body = (markdown_table(header, rows) + "\n\n" + _seed_spread(recs)
+          + f"\n![train loss]({os.path.basename(plot)})\n")
   return write_part(args.out, "a", "Part A: Lipschitz transformers, AdamW versus Muon at two "
                     "bounds", body, recs, COMMAND + " --parts=a", SCALE)
 
@@ -143,7 +160,8 @@ def part_b(args, only):
   rows = [[r.variant.name, r.variant.label, r.last("eval/loss"), r.last("train/loss"),
            kappa(r, "kappa"), kappa(r, "kappa_eff")] for r in recs]
   plot = _plot(recs, args.out, "conditioning_loss.png")
-  body = markdown_table(header, rows) + f"\n\n![train loss]({os.path.basename(plot)})\n"
+  body = (markdown_table(header, rows) + "\n\n" + _seed_spread(recs)
+          + f"\n![train loss]({os.path.basename(plot)})\n")
   return write_part(args.out, "b", "Part B: weight conditioning and weight normalisation at two "
                     "learning rates", body, recs, COMMAND + " --parts=b", SCALE)
 
