@@ -64,6 +64,22 @@ def test_dense_runs_score_at_most_one_and_the_optimum_scores_one():
   assert float(truth.loss(n_opt, d_opt)) == pytest.approx(loss_opt, rel=1e-3)
 
 
+@pytest.mark.parametrize("factor", [0.5, 1.0, 2.0])
+def test_size_matched_multiplier_is_the_token_factor_of_the_reference(law, factor):
+  """A run of the reference model's cost that reaches the loss the reference model reaches
+  with factor x the tokens scores `factor` size-matched, whatever the frontier says; the
+  reference itself scores 1."""
+  truth = _true_law()
+  n_ref, d_ref = 4e5, 6e5
+  fpt_ref = float(truth.flops_per_token(n_ref))
+  c_t = fpt_ref * d_ref
+  loss_t = float(truth.loss(n_ref, factor * d_ref))
+  m = sf.multiplier(law, [loss_t], c_t, [law], ref=(n_ref, fpt_ref))
+  assert m.value == pytest.approx(factor, rel=3e-2)
+  frontier = sf.multiplier(law, [loss_t], c_t, [law])
+  assert frontier.value != pytest.approx(m.value, rel=0.1)  # a different question
+
+
 def test_verdict_from_interval():
   assert sf.Multiplier(1.3, 0.9, 1.8, 1.0, False).verdict() == (
       "no measurable effect at this scale")

@@ -11,8 +11,8 @@ Stages, each resumable (a finished run is skipped, an interrupted one resumes):
      loss-vs-FLOPs lower envelope; fit L(N, D) and the compute-optimal frontier.
   2. techniques: each at the reference size and TECH_STEPS with its recommended settings
      (TECHNIQUES below), a second seed at the larger budget.
-  3. stack: the compatible techniques whose multiplier interval lies above 1 at the larger
-     budget (the best of each exclusive group), trained together at TECH_STEPS.
+  3. stack: the compatible techniques whose size-matched multiplier interval lies above 1 at
+     the larger budget (the best of each exclusive group), trained together at TECH_STEPS.
 After every run the table (results/scoreboard/README.md) and the plot are rewritten.
 --scale=S multiplies every width (rounded to a multiple of 16) and every step budget by S.
 """
@@ -257,6 +257,24 @@ def fit_dense_points(dense: list, resamples: int):
   return law, boots, cols
 
 
+def reference(plan: Plan, dense: list) -> tuple | None:
+  """(N_ref, FLOPs per token) of the dense model at REF_SIZE, the techniques' base model
+  (None until one of its runs has finished)."""
+  d, layers = plan.size(*REF_SIZE)
+  runs = [p for p in dense if p.name.startswith(f"dense_d{d}_l{layers}_s")]
+  if not runs:
+    return None
+  return runs[0].params, float(np.mean([p.flops / p.tokens for p in runs]))
+
+
+def reference_points(plan: Plan, dense: list) -> list:
+  """The dense reference model's runs at the technique budgets, as rows of the table."""
+  d, layers = plan.size(*REF_SIZE)
+  names = {f"dense_d{d}_l{layers}_s{plan.steps(s)}" for s in TECH_STEPS}
+  return [dataclasses.replace(p, kind="dense reference") for p in dense
+          if p.name.split("_seed")[0] in names]
+
+
 def report(plan: Plan, runs_dir: str, out_dir: str, resamples: int) -> str:
   """Rewrites README.md and scoreboard.png from every finished run; returns the table."""
   dense, techs, stack = collect(plan, runs_dir)
@@ -264,10 +282,13 @@ def report(plan: Plan, runs_dir: str, out_dir: str, resamples: int) -> str:
   out.mkdir(parents=True, exist_ok=True)
   lines = [f"# Efficiency scoreboard\n",
            "What each technique buys, as an **effective compute multiplier**: the dense compute "
-           "that reaches the technique's eval loss on the fitted dense frontier, divided by "
-           "the technique's counted training FLOPs (> 1: worth more than it costs). Interval: "
-           "95% bootstrap over the dense runs and the technique's seeds. A multiplier whose "
-           "interval contains 1 is no measurable effect at this scale.\n"]
+           "that reaches the technique's eval loss, divided by the technique's counted training "
+           "FLOPs (> 1: worth more than it costs). Two dense references: **size-matched** (the "
+           "dense model the technique modifies, trained for as many tokens as it needs: the "
+           "technique's own effect) and **frontier** (the compute-optimal dense model for that "
+           "loss: also charges the choice of model size; compare with the dense reference's "
+           "own row). Interval: 95% bootstrap over the dense runs and the technique's seeds. A "
+           "multiplier whose interval contains 1 is no measurable effect at this scale.\n"]
   dense_groups = _mean_by_name(dense)
   if len({p.tokens for p in dense}) < 2 or len({p.params for p in dense}) < 2:
     lines.append(f"Dense grid not finished ({len(dense)} runs): no fit yet.\n")
@@ -296,7 +317,8 @@ def report(plan: Plan, runs_dir: str, out_dir: str, resamples: int) -> str:
   lines.append(markdown_table(["run", "N (non-emb.)", "tokens", "train FLOPs", "eval loss",
                                "seed spread", "law", "wall s"], rows) + "\n")
   members = paths.read_json(paths.as_path(runs_dir) / "stack.json") or []
-  table, mults = technique_table(law, boots, techs + stack,
+  table, mults = technique_table(law, boots, reference_points(plan, dense) + techs + stack,
+                                 ref=reference(plan, dense),
                                  stack_note="stack: " + " + ".join(members))
   lines.append("## What each technique buys\n")
   lines.append(table + "\n")
@@ -313,17 +335,23 @@ def _spread(values) -> str:
   return f"{max(values) - min(values):.4f}" if len(values) > 1 else "-"
 
 
-def technique_table(law, boots, points, stack_note: str = "") -> tuple:
+def technique_table(law, boots, points, ref: tuple | None, stack_note: str = "") -> tuple:
+  """Markdown table and {run: multipliers} of the technique (and reference) points: the
+  size-matched multiplier (ref=(N_ref, FLOPs per token)) and the frontier one."""
   by_tech = {}
   for q in points:
     by_tech.setdefault(q.name.split("_seed")[0], []).append(q)
   notes = {t.name: t for t in TECHNIQUES}
   rows, mults = [], {}
-  for name, g in sorted(by_tech.items()):
+  order = lambda kv: (kv[1][0].kind != "dense reference", kv[0])
+  for name, g in sorted(by_tech.items(), key=order):
     kind = g[0].kind
     losses = [q.loss for q in g]
-    m = sf.multiplier(law, losses, float(np.mean([q.flops for q in g])), boots)
-    mults[name] = dataclasses.asdict(m)
+    flops = float(np.mean([q.flops for q in g]))
+    frontier = sf.multiplier(law, losses, flops, boots)
+    m = sf.multiplier(law, losses, flops, boots, ref=ref) if ref else frontier
+    mults[name] = {"size_matched": dataclasses.asdict(m),
+                   "frontier": dataclasses.asdict(frontier)}
     tech = notes.get(kind)
     extra = ""
     if tech is not None and tech.bits:
@@ -335,10 +363,12 @@ def technique_table(law, boots, points, stack_note: str = "") -> tuple:
     verdict = m.verdict() + (" (extrapolated)" if m.extrapolated else "")
     rows.append([name, f"{g[0].flops:.3g}", f"{g[0].seconds:.0f}", len(g),
                  float(np.mean(losses)), _spread(losses), f"{m.value:.2f}",
-                 f"[{m.lo:.2f}, {m.hi:.2f}]", verdict,
+                 f"[{m.lo:.2f}, {m.hi:.2f}]", verdict, f"{frontier.value:.2f}",
+                 f"[{frontier.lo:.2f}, {frontier.hi:.2f}]",
                  "; ".join(x for x in (extra, tech.note if tech else "") if x)])
   return markdown_table(["run", "train FLOPs", "wall s", "seeds", "eval loss", "seed spread",
-                         "multiplier", "95% interval", "verdict", "notes"], rows), mults
+                         "multiplier (size-matched)", "95% interval", "verdict",
+                         "multiplier (frontier)", "95% interval", "notes"], rows), mults
 
 
 def plot(law, dense, points, path) -> None:
@@ -413,10 +443,11 @@ def collect(plan: Plan, runs_dir: str) -> tuple:
 
 
 def stack_members(plan: Plan, runs_dir: str, resamples: int) -> list:
-  """The techniques whose multiplier interval lies above 1 at the larger budget, best per
-  group, that validate together."""
+  """The techniques whose size-matched multiplier interval lies above 1 at the larger budget,
+  best per group, that validate together."""
   dense, techs, _ = collect(plan, runs_dir)
   law, boots, _ = fit_dense_points(dense, resamples)
+  ref = reference(plan, dense)
   big = f"_s{plan.steps(TECH_STEPS[-1])}"
   by = _mean_by_name([t for t in techs if t.name.split("_seed")[0].endswith(big)])
   best = {}
@@ -424,7 +455,8 @@ def stack_members(plan: Plan, runs_dir: str, resamples: int) -> list:
     g = by.get(t.name + big)
     if not g or not t.stackable:
       continue
-    m = sf.multiplier(law, [q.loss for q in g], float(np.mean([q.flops for q in g])), boots)
+    m = sf.multiplier(law, [q.loss for q in g], float(np.mean([q.flops for q in g])), boots,
+                      ref=ref)
     if m.lo > 1.0 and (t.group not in best or m.value > best[t.group][1]):
       best[t.group] = (t, m.value)
   members = []

@@ -14,6 +14,12 @@ spent). > 1: the technique is worth that many times its compute; < 1: it costs c
 Intervals: percentile bootstrap that resamples the dense runs (refit) and, per resample, one of
 the technique's seeds.
 
+Size-matched multiplier (`ref=(N_ref, f_ref)`): the same ratio with the dense compute of the
+technique's own base model instead of the frontier, C_ref(L_t) = f_ref * D(N_ref, L_t): how
+much longer the dense reference model would have to train to match. It isolates the
+technique from the choice of model size; the frontier multiplier of the dense reference
+itself says how far that size is from compute-optimal at the budget.
+
 Effective parameters (QAT): N_eff solves L(N_eff, D_t) = L_t at the technique's own tokens, so
 N_eff / N is the dense-parameter equivalent of a quantised model, and N_eff * 16 / (N * bits)
 is how many bf16 bits of dense quality each stored weight bit buys.
@@ -69,6 +75,10 @@ class DenseLaw:
     i = int(np.argmin(c))
     return float(c[i]), float(n[i])
 
+  def size_matched_compute(self, loss, n_ref: float, fpt_ref: float) -> float:
+    """Dense compute of a model with N_ref parameters (f_ref FLOPs per token) to reach `loss`."""
+    return float(fpt_ref * self.tokens_to_reach(n_ref, loss))
+
   def frontier(self, flops) -> np.ndarray:
     """L*(C) = min over N of L(N, C / f(N)), for each C in `flops`."""
     n = self.n_grid()[None, :]
@@ -112,15 +122,18 @@ class Multiplier:
     return "helps" if self.lo > 1.0 else "costs compute"
 
 
-def multiplier(law: DenseLaw, losses: list, flops: float, boot_laws: list) -> Multiplier:
-  """Effective compute multiplier of a technique from its per-seed eval losses."""
+def multiplier(law: DenseLaw, losses: list, flops: float, boot_laws: list,
+               ref: tuple | None = None) -> Multiplier:
+  """Effective compute multiplier of a technique from its per-seed eval losses: against the
+  dense frontier, or with ref=(N_ref, f_ref) against the dense model of that size."""
+  def dense_compute(lw: DenseLaw, loss: float) -> float:
+    return lw.dense_compute(loss)[0] if ref is None else lw.size_matched_compute(loss, *ref)
   mean = float(np.mean(losses))
-  c_dense, _ = law.dense_compute(mean)
+  c_dense = dense_compute(law, mean)
   rng = np.random.default_rng(0)
   samples = []
   for b in boot_laws:
-    c, _ = b.dense_compute(float(rng.choice(losses)))
-    samples.append(c / flops)
+    samples.append(dense_compute(b, float(rng.choice(losses))) / flops)
   finite = [s for s in samples if math.isfinite(s)]
   # an infinite resample (a loss the refit law never reaches) counts as the largest value
   lo, hi = ((float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5)))
