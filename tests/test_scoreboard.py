@@ -186,3 +186,42 @@ def test_flops_seen_follows_the_topk_schedule_and_survives_resume(tmp_path):
   # run_info's FLOPs/token is the starting phase's: the first steps cost exactly that
   assert per_step[0] == pytest.approx(info["flops_per_token"] * 2 * 16
                                       + info["optimizer_flops_per_step"], rel=1e-9)
+
+
+def _fake_run(runs, name, n, tokens, loss, flops, seed=0):
+  """A finished run directory as read_point reads it."""
+  import json  # pylint: disable=g-import-not-at-top
+  wd = runs / name
+  wd.mkdir(parents=True)
+  (wd / "config.json").write_text(json.dumps({"seed": seed}))
+  (wd / "metrics.jsonl").write_text(json.dumps({"step": 10, "perf/step_time_s": 0.1}) + "\n")
+  (wd / "final_metrics.json").write_text(json.dumps({
+      "eval/loss": loss, "perf/flops_seen": flops, "tokens": tokens,
+      "params_active_non_embedding": n, "step": 10}))
+
+
+def test_second_seeds_go_to_techniques_a_seed_could_move(tmp_path):
+  """With dense runs on a known law, a technique at the reference model's own loss gets a
+  second seed (its interval reaches 1), one far worse does not, and one not yet run does.
+  The dense reference scores a size-matched multiplier of 1."""
+  plan = sb.Plan(1.0)
+  truth = _true_law()
+  sizes = dict(zip(sb.DENSE_SIZES, (2e4, 8e4, 3e5, 1e6)))
+  tokens = lambda steps: float(steps * sb.BATCH * sb.SEQ)
+  for (d, layers), n in sizes.items():
+    for steps in sb.DENSE_STEPS:
+      t = tokens(steps)
+      _fake_run(tmp_path, f"dense_d{d}_l{layers}_s{steps}", n, t, float(truth.loss(n, t)),
+                float(truth.flops_per_token(n)) * t)
+  n_ref, big = sizes[sb.REF_SIZE], sb.TECH_STEPS[-1]
+  t, c = tokens(big), float(truth.flops_per_token(n_ref)) * tokens(big)
+  good, bad = sb.TECHNIQUES[0].name, sb.TECHNIQUES[1].name
+  _fake_run(tmp_path, f"{good}_s{big}", n_ref, t, float(truth.loss(n_ref, t)), c)
+  _fake_run(tmp_path, f"{bad}_s{big}", n_ref, t, float(truth.loss(n_ref, t / 10)), c)
+  chosen = [x.name for x in sb.second_seed_techniques(plan, str(tmp_path), resamples=4)]
+  assert good in chosen and bad not in chosen
+  assert sb.TECHNIQUES[2].name in chosen  # not run yet
+  dense, _, _ = sb.collect(plan, str(tmp_path))
+  law, boots, _ = sb.fit_dense_points(dense, 4)
+  m = sf.multiplier(law, [float(truth.loss(n_ref, t))], c, boots, ref=sb.reference(plan, dense))
+  assert m.value == pytest.approx(1.0, rel=3e-2)

@@ -10,7 +10,8 @@ Stages, each resumable (a finished run is skipped, an interrupted one resumes):
   1. dense grid: DENSE_SIZES x DENSE_STEPS, then a second seed for the runs on the
      loss-vs-FLOPs lower envelope; fit L(N, D) and the compute-optimal frontier.
   2. techniques: each at the reference size and TECH_STEPS with its recommended settings
-     (TECHNIQUES below), a second seed at the larger budget.
+     (TECHNIQUES below); a second seed at the larger budget for those whose size-matched
+     interval reaches SECOND_SEED_FROM (--emit prints second seeds for all).
   3. stack: the compatible techniques whose size-matched multiplier interval lies above 1 at
      the larger budget (the best of each exclusive group), trained together at TECH_STEPS.
 After every run the table (results/scoreboard/README.md) and the plot are rewritten.
@@ -43,6 +44,7 @@ DENSE_STEPS = (150, 300, 600)
 REF_SIZE = (96, 4)
 TECH_STEPS = (300, 600)
 SEEDS = (0, 1)
+SECOND_SEED_FROM = 0.9  # size-matched interval top at which a technique gets a second seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,6 +472,26 @@ def stack_members(plan: Plan, runs_dir: str, resamples: int) -> list:
   return members
 
 
+def second_seed_techniques(plan: Plan, runs_dir: str, resamples: int) -> list:
+  """The techniques whose size-matched interval at the larger budget reaches SECOND_SEED_FROM
+  (a second seed could move their verdict; one clearly below it needs none on a 2-core CPU).
+  Every technique while the dense law cannot be fitted yet."""
+  dense, techs, _ = collect(plan, runs_dir)
+  ref = reference(plan, dense)
+  if ref is None or len({p.tokens for p in dense}) < 2 or len({p.params for p in dense}) < 2:
+    return list(TECHNIQUES)
+  law, boots, _ = fit_dense_points(dense, resamples)
+  big = f"_s{plan.steps(TECH_STEPS[-1])}"
+  by = _mean_by_name(techs)
+  out = []
+  for t in TECHNIQUES:
+    g = by.get(t.name + big)
+    if not g or sf.multiplier(law, [q.loss for q in g], float(np.mean([q.flops for q in g])),
+                              boots, ref=ref).hi >= SECOND_SEED_FROM:
+      out.append(t)
+  return out
+
+
 def all_variants(plan: Plan, runs_dir: str, resamples: int, skip_stack: bool):
   """Yields (stage, variant) in order; later stages read earlier results."""
   for v in plan.dense():
@@ -480,7 +502,7 @@ def all_variants(plan: Plan, runs_dir: str, resamples: int, skip_stack: bool):
   for steps in TECH_STEPS:
     for t in TECHNIQUES:
       yield "technique", plan.technique(t, steps)
-  for t in TECHNIQUES:
+  for t in second_seed_techniques(plan, runs_dir, resamples):
     yield "technique (second seed)", plan.technique(t, TECH_STEPS[-1], seed=1)
   if skip_stack:
     return
