@@ -188,8 +188,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 PARTS_INTRO = ("Each part below is a separate section with its own provenance (command, scale, "
                "corpus, commits, date): parts are rerun on their own with `--parts`, and this "
-               "README is assembled from `parts/*.md`. FINDINGS.md says what changed in the code "
-               "(issue 11), which parts were rerun and which were migrated from earlier runs.")
+               "README is assembled from `parts/*.md`. FINDINGS.md says what the tables show and, "
+               "where the code changed between parts, which parts were rerun.")
 
 
 def study_main(argv, *, name: str, doc: str, title: str, parts: dict, out: str) -> int:
