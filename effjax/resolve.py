@@ -11,7 +11,10 @@ TPU runs. What `auto` becomes:
                          (pallas_kernels.attention.attention(implementation='auto',
                          platform=...)), i.e. its Pallas kernel where the kernel supports the
                          call's shapes, else the XLA reference, decided per call at trace time
-  model.moe.dispatch     blocks on CPU, ragged_dot elsewhere (MoE sections only, as below)
+  model.moe.dispatch     blocks on CPU, ragged_dot elsewhere (MoE sections only, as below);
+                         an explicit gmm becomes gmm:<kernel> for the platform (megablox on
+                         TPU, mgpu on a Hopper GPU, megablox_interpret on CPU; refused on
+                         other GPUs): effjax/models/grouped_matmul.py
   model.moe.renormalize  true for a sigmoid router with top_k > 1, else false (left auto
                          under model.moe.topk_schedule, where k changes per layer and phase)
   model.max_positions    train.seq_len for learned positions (config.validate does it too)
@@ -55,6 +58,15 @@ def resolve(config: Config, devices: Sequence[Any]) -> Config:
         a, impl="xla" if xla else f"auto:{platform}"))
   if e.num_experts and e.dispatch == "auto":
     e = dataclasses.replace(e, dispatch="blocks" if cpu else "ragged_dot")
+  if e.num_experts and e.dispatch == "gmm":
+    from effjax.models import grouped_matmul  # pylint: disable=g-import-not-at-top  (cycle)
+    kernel = grouped_matmul.backend_for(platform, getattr(devices[0], "device_kind", ""))
+    if kernel is None:
+      raise config_lib.ConfigError(
+          f"model.moe.dispatch=gmm: no grouped-matmul kernel for "
+          f"{getattr(devices[0], 'device_kind', platform)} (megablox on TPU, Mosaic GPU on "
+          "Hopper); use dispatch=ragged_dot or blocks.")
+    e = dataclasses.replace(e, dispatch=f"gmm:{kernel}")
   if e.num_experts and e.renormalize == "auto" and not e.topk_schedule:
     renorm = e.router == "sigmoid" and e.top_k > 1
     e = dataclasses.replace(e, renormalize="true" if renorm else "false")

@@ -46,7 +46,7 @@ def _per_token_reference(layer: MoE, x_BxLxD, top_k=None):
   return out.reshape(x_BxLxD.shape)
 
 
-@pytest.mark.parametrize("dispatch", ["blocks", "ragged_dot"])
+@pytest.mark.parametrize("dispatch", ["blocks", "ragged_dot", "gmm"])
 @pytest.mark.parametrize("router, k", [("sigmoid", 2), ("softmax", 1), ("sigmoid", 3)])
 def test_dropless_output_equals_per_token_loop(dispatch, router, k):
   layer = _layer(router=router, top_k=k, dispatch=dispatch, block_size=8)

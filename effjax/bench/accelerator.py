@@ -193,7 +193,7 @@ def stage_mfu(run: Run) -> None:
 def stage_moe(run: Run) -> None:
   size = (["--tokens=512", "--d=32", "--d-ff=64", "--experts=4", "--repeats=2"] if run.tiny else
           ["--tokens=32768", "--d=1024", "--d-ff=4096", "--experts=8,64", "--repeats=7"])
-  sh(run, py("-m", "effjax.models.moe_bench", *size, "--top-k=2", "--dispatch=ragged_dot",
+  sh(run, py("-m", "effjax.models.moe_bench", *size, "--top-k=2", "--dispatch=ragged_dot,gmm",
              "--capacity-factor=0,1.25", "--dtype=bfloat16", "--grad-x", "--hlo",
              f"--out={run.out}/moe.md"), 90, name="moe")
 

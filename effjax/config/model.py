@@ -78,9 +78,11 @@ class MoEConfig:
                               "'LOW_FRAC:K_LOW:SWITCH_FRAC', e.g. 0.25:4:0.3 = lowest 25% of "
                               "layers use k=4 until 30% of training, then top_k everywhere")
   capacity_factor: float = _field(0.0, doc="0: dropless; > 0: token-dropping baseline")
-  dispatch: str = _field("auto", ("auto", "ragged_dot", "blocks"),
-                         "grouped matmul: lax.ragged_dot, or block-gathered batched matmul "
-                         "(auto: ragged_dot on TPU/GPU, blocks on CPU)")
+  dispatch: str = _field("auto", ("auto", "ragged_dot", "blocks", "gmm"),
+                         "grouped matmul: lax.ragged_dot, block-gathered batched matmul, or "
+                         "gmm: a grouped-matmul Pallas kernel (megablox on TPU, Mosaic GPU on "
+                         "Hopper, interpret mode on CPU) (auto: ragged_dot on TPU/GPU, blocks "
+                         "on CPU)")
   block_size: int = _field(64, doc="token block size of the 'blocks' grouped matmul")
 
   def check(self, config: Config) -> None:

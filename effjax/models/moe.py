@@ -15,6 +15,7 @@ The layer returns (y, aux). aux keys:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.config import MoEConfig
+from effjax.models import grouped_matmul
 from effjax.models.layers import Buffer, Tag, make_param, normal_init, plain_linear
 from effjax.models.mlp import SwiGLU
 
@@ -98,11 +100,13 @@ def _swiglu(x, w_gate, w_up, w_down, spec_in, spec_out):
   return jnp.einsum(spec_out, h, w_down)
 
 
-def grouped_swiglu_ragged(xs_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E):
-  """Experts on rows sorted by expert, via jax.lax.ragged_dot (grouped matmul)."""
-  g = jax.lax.ragged_dot(xs_NxD, w_gate_ExDxF, group_sizes_E)
-  u = jax.lax.ragged_dot(xs_NxD, w_up_ExDxF, group_sizes_E)
-  return jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down_ExFxD, group_sizes_E)
+def grouped_swiglu_ragged(xs_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E,
+                          matmul=jax.lax.ragged_dot):
+  """Experts on rows sorted by expert, via a grouped matmul (jax.lax.ragged_dot, or a
+  kernel from effjax/models/grouped_matmul.py)."""
+  g = matmul(xs_NxD, w_gate_ExDxF, group_sizes_E)
+  u = matmul(xs_NxD, w_up_ExDxF, group_sizes_E)
+  return matmul(jax.nn.silu(g) * u, w_down_ExFxD, group_sizes_E)
 
 
 def grouped_swiglu_blocks(xs_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E,
@@ -189,6 +193,10 @@ class MoE(nnx.Module):
       group_sizes = counts_E.astype(jnp.int32)
       if cfg.dispatch == "ragged_dot":  # effjax.resolve fixes auto; unresolved: blocks
         ys = grouped_swiglu_ragged(xs, *w, group_sizes)
+      elif cfg.dispatch.startswith("gmm"):  # resolved to gmm:<kernel>; unresolved: local
+        kernel = cfg.dispatch.partition(":")[2] or grouped_matmul.local_backend()
+        ys = grouped_swiglu_ragged(xs, *w, group_sizes, functools.partial(
+            grouped_matmul.grouped_matmul, backend=kernel))
       else:
         ys = grouped_swiglu_blocks(xs, *w, group_sizes, cfg.block_size)
       out_TxKxD = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, d)

@@ -75,6 +75,33 @@ def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
   assert not ours, f"deprecated jax APIs used by mosaic_gpu.py: {sorted(ours)}"
 
 
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs the jax-cuda12-plugin wheel (not a "
+                    "test dependency) to lower for CUDA on a machine without a GPU")
+def test_grouped_matmul_kernels_lower_to_mosaic_gpu(monkeypatch):
+  """model.moe.dispatch=gmm on Hopper (effjax/models/grouped_matmul.py): the forward,
+  input-gradient and weight-gradient kernels (ragged_dot_mgpu, transposed_ragged_dot_mgpu)
+  through the real Mosaic GPU lowering, exported for CUDA from CPU: bf16 MoE-FFN shapes."""
+  from effjax.models import grouped_matmul  # pylint: disable=g-import-not-at-top
+  # transposed_ragged_dot_mgpu reads the SM count from jax.devices() while tracing.
+  real = jax.devices
+  monkeypatch.setattr(jax, "devices", lambda *a: real(*a) if a else [
+      type("Hopper", (), {"core_count": 132, "platform": "gpu"})()])
+  x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((8, 256, 512), jnp.bfloat16)
+  sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+  def fwd_bwd(x, w, sizes):
+    y, vjp = jax.vjp(lambda x, w: grouped_matmul.grouped_matmul(x, w, sizes, backend="mgpu"),
+                     x, w)
+    return y, vjp(y)
+
+  check = jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
+                               disabled_checks=[check])(x, w, sizes)
+  assert exported.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2") == 3, (
+      "expected the forward, input-gradient and weight-gradient Mosaic GPU kernels")
+
+
 def _fetched_cuda_plugin():
   """(directory, None) with the jax-cuda12-plugin wheel matching jaxlib installed in a
   per-user cache (an 8 MB download, once), or (None, why) when pip cannot get it."""
@@ -107,7 +134,7 @@ def test_lowering_tests_with_a_fetched_cuda_plugin():
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                       os.path.abspath(__file__), "-k", "lower_to_mosaic_gpu"], cwd=repo,
                      env=env, capture_output=True, text=True, timeout=900)
-  cases = 3 * len(mosaic_gpu.SCORES)
+  cases = 3 * len(mosaic_gpu.SCORES) + 1  # + test_grouped_matmul_kernels_lower_to_mosaic_gpu
   assert r.returncode == 0 and f"{cases} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
