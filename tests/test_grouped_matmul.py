@@ -90,3 +90,19 @@ def test_mgpu_supports_names_what_does_not_fit():
   x, w, s = _problem(k=96, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="dispatch=ragged_dot"):
     gm.grouped_matmul(x, w, s, backend="mgpu")
+
+
+def test_megablox_kernels_lower_for_tpu():
+  """The TPU path through Pallas's Mosaic TPU lowering, exported for TPU from CPU (bf16, a
+  row count that is not a multiple of the row tile): forward, input gradient (gmm) and
+  weight gradient (tgmm) are three Mosaic kernels. Lowering only: not libtpu's compiler."""
+  x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((8, 256, 512), jnp.bfloat16)
+  sizes = jax.ShapeDtypeStruct((8,), jnp.int32)
+
+  def fwd_bwd(x, w, sizes):
+    y, vjp = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, sizes, backend="megablox"), x, w)
+    return y, vjp(y)
+
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=["tpu"])(x, w, sizes)
+  assert exported.mlir_module().count("tpu_custom_call") == 3
