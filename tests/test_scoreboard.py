@@ -225,3 +225,27 @@ def test_second_seeds_go_to_techniques_a_seed_could_move(tmp_path):
   law, boots, _ = sb.fit_dense_points(dense, 4)
   m = sf.multiplier(law, [float(truth.loss(n_ref, t))], c, boots, ref=sb.reference(plan, dense))
   assert m.value == pytest.approx(1.0, rel=3e-2)
+
+
+def test_phase_intervals_cover_the_steps_with_one_phase_each():
+  """flops_before sums FLOPs per interval of constant phase (not per step): the intervals
+  tile [0, stop) and every step in one has the phase of its first step."""
+  from effjax.train import extensions  # pylint: disable=g-import-not-at-top
+
+  class Switch(extensions.Extension):
+    def __init__(self, at, key):
+      self.at, self.key = at, key
+
+    def phase(self, step):
+      return {self.key: int(step >= self.at)}
+
+    def phase_changes(self):
+      return (self.at,)
+
+  exts = [Switch(4, "a"), Switch(9, "b"), Switch(50, "c")]
+  for stop in (0, 3, 4, 10, 12):
+    got = extensions.phase_intervals(exts, stop)
+    assert [s for a, b in got for s in range(a, b)] == list(range(stop))
+    for a, b in got:
+      assert len({extensions.merged_phase(exts, s) for s in range(a, b)}) == 1
+  assert extensions.phase_intervals(exts, 12) == [(0, 4), (4, 9), (9, 12)]

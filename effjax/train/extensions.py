@@ -35,8 +35,14 @@ class Extension:
     return {}
 
   def phase(self, step: int) -> dict:
+    """Keyword arguments that select this step's compiled program (e.g. an MoE top-k); must
+    be constant between the steps `phase_changes` lists."""
     del step
     return {}
+
+  def phase_changes(self) -> tuple[int, ...]:
+    """The steps at which `phase` may change value (so FLOPs can be summed per interval)."""
+    return ()
 
   @classmethod
   def enabled(cls, config) -> bool:
@@ -57,6 +63,13 @@ class Extension:
   def on_end(self, workdir: str, eval_stats: dict) -> list[str]:
     del workdir, eval_stats
     return []
+
+
+def phase_intervals(extensions, stop: int) -> list[tuple[int, int]]:
+  """[start, end) step intervals covering [0, stop) on which every extension's phase is
+  constant."""
+  cuts = sorted({0, stop} | {s for e in extensions for s in e.phase_changes() if 0 < s < stop})
+  return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def merged_phase(extensions, step: int) -> tuple:

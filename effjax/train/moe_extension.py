@@ -56,6 +56,9 @@ class MoEExtension(Extension):
       out[f"moe/zero_experts/layer{i}"] = jnp.sum(counts == 0).astype(jnp.float32)
     return out
 
+  def phase_changes(self):
+    return () if self.switch_step is None else (self.switch_step,)
+
   def phase(self, step):
     if self.switch_step is None:
       return {}

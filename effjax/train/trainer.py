@@ -44,7 +44,7 @@ from effjax.train import evaluation
 from effjax.train import flops as flops_lib
 from effjax.train import local_tier
 from effjax.train.checkpoint import CheckpointError, Checkpointer
-from effjax.train.extensions import merged_phase
+from effjax.train.extensions import merged_phase, phase_intervals
 from effjax.train.metrics import MetricsWriter, ProgressBar, plot_metrics, read_metrics
 from effjax.train.plan import plan_state
 from effjax.train.registry import build_extensions
@@ -198,12 +198,9 @@ class _Run:
     """Counted training FLOPs of steps [0, step): model FLOPs per token of each step's phase
     x tokens per step, plus the optimizer's and constraints' matrix FLOPs per step."""
     t = self.config.train
-    per_phase: dict = {}
-    for s in range(step):
-      phase = merged_phase(self.extensions, s)
-      per_phase[phase] = per_phase.get(phase, 0) + 1
-    return sum(n * (self.flops_per_token(p) * t.batch_size * t.seq_len
-                    + self.info["optimizer_flops_per_step"]) for p, n in per_phase.items())
+    return sum((end - start) * (self.flops_per_token(merged_phase(self.extensions, start))
+                                * t.batch_size * t.seq_len + self.info["optimizer_flops_per_step"])
+               for start, end in phase_intervals(self.extensions, step))
 
 
 def _setup(config, workdir, data, quiet, restore_step=None) -> _Run:
