@@ -51,8 +51,9 @@ neither `layout_cast`, `plgpu.load` nor `run_state`. So
   * layout casts and layout-carrying loads are emitted only when compiling for the
     GPU (`Config.interpret` False); they are value-preserving hints.
 With a Hopper GPU at hand, `transpose_ref` views would save the transposed copies and
-their SMEM, and a second compute warpgroup (FA3 ping-pong) would overlap softmax with
-wgmma; neither is done here: this version has never run on hardware.
+their SMEM. A warp-specialised forward (a producer and two ping-pong consumer warpgroups,
+FA3 style) is in mosaic_gpu_ws.py, opt-in (`warp_specialized=True`); neither has run on
+hardware.
 
 Requirements (see `supports`): 16-bit q/k/v of one dtype (bf16 or f16), head_dim a
 multiple of 64 whose tiles fit the 227 KiB of shared memory (64 and 128 double-buffered,
@@ -154,13 +155,16 @@ class Config(ScoreOptions):
   dq_slots: int
   dkv_slots: int
   interpret: object      # False, True, or an interpret-params instance (e.g. detect_races)
+  fwd_ws: bool = False   # the warp-specialised forward (mosaic_gpu_ws.py)
 
   def backward(self) -> "Config":
     """The options of the backward kernels: the same (they read bwd_block_*)."""
     return self
 
   def padded_lengths(self) -> tuple[int, int]:
-    mq = max(self.block_q, self.bwd_block_q)  # powers of two: the max is a common multiple
+    # powers of two: the max is a common multiple (the warp-specialised forward takes
+    # query blocks in pairs)
+    mq = max(self.block_q * (2 if self.fwd_ws else 1), self.bwd_block_q)
     mk = max(self.block_k, self.bwd_block_k)
     return self.padded(mq, mk)
 
@@ -962,6 +966,9 @@ def _forward(cfg: Config, q, k, v, segment_ids):
     args += [_stack_rows("fwd", cfg.score, f), _inv_norm(k_p).transpose(0, 2, 1)]
   out_type = (jax.ShapeDtypeStruct((b, tq_p, h, d), q.dtype),
               jax.ShapeDtypeStruct((b, h, len(STATS[cfg.score]), tq_p), jnp.float32))
+  if cfg.fwd_ws:
+    from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top  (cycle)
+    return mosaic_gpu_ws.call(cfg, args, out_type, d, q.dtype, tq_p // cfg.block_q)
   scratch = [_scratch(cfg, kind="fwd", dtype=q.dtype, d=d)]
   return _kernel_call(cfg, functools.partial(_fwd_kernel, cfg), out_type, scratch,
                       (b, h, tq_p // cfg.block_q), f"mgpu_attention_fwd_{cfg.score}")(*args)
@@ -1018,14 +1025,18 @@ _attention = kernel.custom_vjp_attention(_forward, _backward, heads_first=False)
 
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", q_offset=0,
                     scale=None, p=15.0, reweight_offset_rows=3, block_q=None, block_k=None,
-                    bwd_block_q=None, bwd_block_k=None, interpret=False):
+                    bwd_block_q=None, bwd_block_k=None, interpret=False,
+                    warp_specialized=None):
   """Mosaic GPU attention, forward and backward (see the module docstring).
 
   q [B, Tq, H, D], k/v [B, Tk, K, D] (K divides H), 16-bit; segment_ids [B, T] (Tq == Tk).
   Returns [B, Tq, H, D] in q's dtype. p / reweight_offset_rows: LSSAR only.
   interpret=True runs GPU interpret mode (any backend); an interpret-params instance
-  (e.g. InterpretGPUParams(detect_races=True)) is passed on. Raises ValueError with the
-  reason when `supports` rejects the call.
+  (e.g. InterpretGPUParams(detect_races=True)) is passed on. warp_specialized: the
+  forward with two consumer warpgroups and a producer (mosaic_gpu_ws.py), for more than
+  one query block of 64 where its ring fits in shared memory; None: off (opt-in until it
+  has run on a Hopper). Raises
+  ValueError with the reason when `supports` rejects the call.
   """
   why = supports(q, k, score, v=v, block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q,
                  bwd_block_k=bwd_block_k, segments=segment_ids is not None,
@@ -1036,11 +1047,12 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
                            q_offset=q_offset, scale=scale, p=p,
                            reweight_offset_rows=reweight_offset_rows)
   return run(opts, q, k, v, segment_ids, block_q=block_q, block_k=block_k,
-             bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret)
+             bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret,
+             warp_specialized=warp_specialized)
 
 
 def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=None,
-        bwd_block_q=None, bwd_block_k=None, interpret=False):
+        bwd_block_q=None, bwd_block_k=None, interpret=False, warp_specialized=None):
   """flash_attention with the maths options already built and supports() already checked
   (api.py does both)."""
   d = q.shape[-1]
@@ -1048,9 +1060,21 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=
       (block_q, block_k, bwd_block_q, bwd_block_k), default_blocks(q.shape[1], k.shape[1])))
   isz = jnp.dtype(q.dtype).itemsize
   score, seg = opts.score, opts.has_segments
+  from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top  (cycle)
+  ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg)
+  # Opt-in until a Hopper has run it (mosaic_gpu_ws.py says what is verified and what not).
+  possible = bool(ws_slots) and opts.q_len > bq and bq == 64
+  ws = False
+  if warp_specialized is not None:
+    if warp_specialized and not possible:
+      raise ValueError(
+          "warp_specialized=True: the warp-specialised forward needs block_q 64, more than "
+          f"one query block (q_len {opts.q_len}) and a ring of >= 2 slots in shared memory")
+    ws = bool(warp_specialized)
   cfg = Config.with_tiling(
       opts, groups=q.shape[2] // k.shape[2], block_q=bq, block_k=bk, bwd_block_q=bbq,
-      bwd_block_k=bbk, fwd_slots=_slots("fwd", score, isz, d, bq, bk, seg),
+      bwd_block_k=bbk, fwd_ws=ws,
+      fwd_slots=ws_slots if ws else _slots("fwd", score, isz, d, bq, bk, seg),
       dq_slots=_slots("dq", score, isz, d, bbq, bbk, seg),
       dkv_slots=_slots("dkv", score, isz, d, bbq, bbk, seg),
       interpret=interpret if interpret else False)

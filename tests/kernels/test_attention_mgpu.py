@@ -77,6 +77,33 @@ def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
 
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs the jax-cuda12-plugin wheel (not a "
                     "test dependency) to lower for CUDA on a machine without a GPU")
+@pytest.mark.parametrize("score, packed, d", [("softmax", True, 128), ("lssa", True, 64),
+                                              ("lssar", False, 64)])
+def test_warp_specialized_forward_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypatch):
+  """The warp-specialised forward (mosaic_gpu_ws.py: producer + two consumers, their
+  ping-pong schedule and register reallocation) through the Mosaic GPU lowering, exported
+  for CUDA from CPU: bf16, GQA 2, ragged length 200, causal."""
+  real = mosaic_gpu.supports
+  monkeypatch.setattr(mosaic_gpu, "supports",
+                      lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
+  q = jax.ShapeDtypeStruct((2, 200, 4, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+
+  def fwd(q, k, v, s):
+    return mosaic_gpu.flash_attention(q, k, v, s if packed else None, score=score,
+                                      causal=True, warp_specialized=True)
+
+  check = jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")
+  exported = jax.export.export(jax.jit(fwd), platforms=["cuda"],
+                               disabled_checks=[check])(q, kv, kv, seg)
+  text = exported.mlir_module()
+  assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 1
+  assert "mgpu_attention_fwd_ws" in text   # the warp-specialised kernel, not the plain one
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs the jax-cuda12-plugin wheel (not a "
+                    "test dependency) to lower for CUDA on a machine without a GPU")
 def test_grouped_matmul_kernels_lower_to_mosaic_gpu(monkeypatch):
   """model.moe.dispatch=gmm on Hopper (effjax/models/grouped_matmul.py): the forward,
   input-gradient and weight-gradient kernels (ragged_dot_mgpu, transposed_ragged_dot_mgpu)
@@ -134,7 +161,7 @@ def test_lowering_tests_with_a_fetched_cuda_plugin():
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                       os.path.abspath(__file__), "-k", "lower_to_mosaic_gpu"], cwd=repo,
                      env=env, capture_output=True, text=True, timeout=900)
-  cases = 3 * len(mosaic_gpu.SCORES) + 1  # + test_grouped_matmul_kernels_lower_to_mosaic_gpu
+  cases = 3 * len(mosaic_gpu.SCORES) + 3 + 1  # + warp-specialised forward, grouped matmul
   assert r.returncode == 0 and f"{cases} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
