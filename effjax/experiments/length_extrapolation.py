@@ -34,7 +34,8 @@ import numpy as np
 from effjax import checks
 from effjax import config as config_lib
 from effjax import models
-from effjax.experiments.study import Variant, markdown_table, run_variants, study_main, write_part
+from effjax.experiments.study import (Variant, base_name, markdown_table, run_variants, seed_stats,
+                                      study_main, with_seeds, write_part)
 
 OUT = "results/length_extrapolation"
 TITLE = "Softplus attention (LSSA / LSSAR): length extrapolation"
@@ -43,6 +44,7 @@ SMOKE = bool(os.environ.get("EFFJAX_SMOKE"))
 TRAIN_LEN = 32 if SMOKE else 128
 FACTORS = (1, 2, 4, 8)
 EVAL_WINDOWS = 2 if SMOKE else 16
+SEEDS = (0,) if SMOKE else (0, 1)
 QUERY_CHUNK = 16 if SMOKE else 128
 
 BASE = {
@@ -141,14 +143,18 @@ def _plot(results: dict, labels: dict, path: str) -> str:
 def part_a(args, only):
   from effjax.train.trainer import load_data  # pylint: disable=g-import-not-at-top
   base = config_lib.apply_overrides(config_lib.Config(), BASE)
-  recs = run_variants(base, VARIANTS, args.runs, only=only)
+  recs = run_variants(base, with_seeds(VARIANTS, SEEDS), args.runs, only=only)
   data = load_data(base)
   vocab = data.tokenizer.vocab_size
   windows = eval_windows(np.asarray(data.corpus.val_tokens), EVAL_WINDOWS,
                          FACTORS[-1] * TRAIN_LEN + 1)
   by = {r.variant.name: r for r in recs}
   jobs = [(r.variant.name, r.variant.name, None, r.variant.label) for r in recs]
-  jobs += [(n, src, s, label) for n, src, s, label in EVAL_ONLY if src in by]
+  for seed in SEEDS[1:]:
+    jobs += [(f"{n}_seed{seed}", f"{src}_seed{seed}", s, f"{label}, seed {seed}")
+             for n, src, s, label in EVAL_ONLY]
+  jobs += [(n, src, s, label) for n, src, s, label in EVAL_ONLY]
+  jobs = [j for j in jobs if j[1] in by]
   results, labels = {}, {}
   for name, src, score, label in jobs:
     rec = by[src]
@@ -166,9 +172,18 @@ def part_a(args, only):
     labels[name] = label
     print(f"[length_extrapolation] {name}: {results[name]}", file=sys.stderr)
   lengths = [f * TRAIN_LEN for f in FACTORS]
-  rows = [[name, labels[name]] + [results[name][str(t)] for t in lengths] for name in results]
-  table = markdown_table(["variant", "what"] + [f"loss @ {t}" for t in lengths], rows)
-  plot = _plot(results, labels, os.path.join(args.out, "loss_vs_length.png")) if results else None
+  names = list(dict.fromkeys(base_name(n) for n in results))   # variants, in run order
+  means, rows = {}, []
+  for name in names:
+    per_seed = [n for n in results if base_name(n) == name]
+    stats = [seed_stats([results[n][str(t)] for n in per_seed]) for t in lengths]
+    means[name] = {str(t): m for t, (m, _) in zip(lengths, stats)}
+    rows.append([name, labels[name], len(per_seed)] + [m for m, _ in stats]
+                + [max(sp for _, sp in stats)])
+  table = markdown_table(["variant", "what", "seeds"] + [f"loss @ {t} (mean)" for t in lengths]
+                         + ["largest seed spread"], rows)
+  plot = (_plot(means, labels, os.path.join(args.out, "loss_vs_length.png"))
+          if results else None)
   body = (f"{table}\n\n" + (f"![loss vs length]({os.path.basename(plot)})\n\n" if plot else "")
           + f"Evaluation: {EVAL_WINDOWS} validation windows of {FACTORS[-1] * TRAIN_LEN + 1} "
           f"tokens, the same for every length and variant; length T scores the T next-token "
@@ -176,7 +191,8 @@ def part_a(args, only):
   m, t = BASE["model"], BASE["train"]
   scale = (f"{'SMOKE (not results): ' if SMOKE else ''}byte-level LM on the built-in corpus, "
            f"d_model {m['d_model']}, {m['n_layers']} layers, trained at {TRAIN_LEN} tokens "
-           f"without the document mask, batch {t['batch_size']}, {t['steps']} steps; seed 0.")
+           f"without the document mask, batch {t['batch_size']}, {t['steps']} steps; seeds "
+           f"{', '.join(map(str, SEEDS))}.")
   return write_part(args.out, "a", f"Loss vs evaluation length (trained at {TRAIN_LEN})", body,
                     recs, COMMAND, scale)
 

@@ -27,7 +27,7 @@ from effjax.models import masa
 
 OUT = "results/masa"
 SEEDS_A = (0, 1)
-SEEDS_B = (0,)
+SEEDS_B = (0, 1)
 TITLE = "MASA study: attention parameter efficiency"
 COMMAND = "python -m effjax.experiments.masa"
 SMOKE = bool(os.environ.get("EFFJAX_SMOKE"))
