@@ -497,6 +497,48 @@ def _lssar_db(cfg: Config, a, mask, dp, row):
   return b, jnp.where(row("fb") > 0, dp, row("n") * du)
 
 
+def load_key_tiles(cfg: Config, ins: dict, sc: dict, b, kvh, t, slot, *, with_v: bool):
+  """TMA copies of key block t (K^T, and V, key segment ids, 1/|k| where used) into ring
+  slot `slot` of the forward's scratch, arriving on kvbar (with V) or kbar (keys only)."""
+  k_cols = pl.ds(t * cfg.block_k, cfg.block_k)
+  bar = (sc["kvbar"] if with_v else sc["kbar"]).at[slot]
+  plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_cols], sc["kt"].at[slot], bar)
+  if with_v:
+    plgpu.copy_gmem_to_smem(ins["v"].at[b, k_cols, kvh], sc["v"].at[slot], bar)
+  if cfg.has_segments:
+    plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_cols], sc["kseg"].at[slot], bar)
+  if cfg.score != "softmax":
+    plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_cols], sc["ik"].at[slot], bar)
+
+
+def lssar_row_constants(total, amax, row, bq: int) -> dict:
+  """Per-row constants of LSSAR's pass 2 from pass 1's row sums and maxima of the softplus
+  weights a: Z, 1/Z, N, O, the fallback flag and 1/m with m the row max of ReLU(N a/Z - O)
+  (monotone in a, so known before pass 2); row: the named-factor reader."""
+  z = total + reference.EPS
+  rz = 1.0 / z
+  n, off = row("n", (bq,)), row("off", (bq,))
+  r_max = jnp.maximum(n * (amax * rz) - off, 0.0)
+  fb = r_max <= reference.FLOOR
+  return dict(z=z, rz=rz, n=n, off=off, fb=fb, inv_m=1.0 / jnp.where(fb, 1.0, r_max))
+
+
+def lssar_weights(cfg: Config, a, lc: dict, shape):
+  """LSSAR's pass-2 weights (ReLU(N a/Z - O) / m)^p, or a/Z on fallback rows (masked
+  entries: a = 0, so both are 0)."""
+  bb = a * _rows(lc["rz"], shape)
+  r = _pow(jnp.maximum(_rows(lc["n"], shape) * bb - _rows(lc["off"], shape), 0.0)
+           * _rows(lc["inv_m"], shape), cfg.p)
+  return jnp.where(_rows(lc["fb"], shape), bb, r)
+
+
+def lssar_finish(acc, den, lc: dict, out_shape):
+  """(output, residual rows [z, inv_m, den, fb]) from pass 2's sums."""
+  den = jnp.where(lc["fb"], 1.0, den)
+  out = acc / _rows(jnp.where(den > 0, den, 1.0), out_shape)
+  return out, [lc["z"], lc["inv_m"], den, jnp.where(lc["fb"], 1.0, 0.0)]
+
+
 # ---------------------------------------------------------------------------------------
 # Forward kernel: grid (batch, q head, query block).
 
@@ -519,15 +561,7 @@ def _fwd_kernel(cfg: Config, *refs):
     plgpu.copy_gmem_to_smem(ins["rows"].at[b, h, :, q_rows], sc["rows"], sc["qbar"].at[0])
 
   def load(t, slot, *, with_v=True):
-    k_cols = pl.ds(t * bk, bk)
-    bar = (sc["kvbar"] if with_v else sc["kbar"]).at[slot]
-    plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_cols], sc["kt"].at[slot], bar)
-    if with_v:
-      plgpu.copy_gmem_to_smem(ins["v"].at[b, k_cols, kvh], sc["v"].at[slot], bar)
-    if cfg.has_segments:
-      plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_cols], sc["kseg"].at[slot], bar)
-    if soft:
-      plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_cols], sc["ik"].at[slot], bar)
+    load_key_tiles(cfg, ins, sc, b, kvh, t, slot, with_v=with_v)
 
   num_k, n_full = _q_block_limits(cfg, i, bq, bk)
   max_k = pl.cdiv(cfg.kv_len, bk)
@@ -611,28 +645,17 @@ def _fwd_kernel(cfg: Config, *refs):
       return fn
 
     total, amax = run(pass1, (zeros_row, zeros_row), with_v=False)
-    z = total + reference.EPS
-    rz = 1.0 / z
-    n, off = row("n", (bq,)), row("off", (bq,))
-    # ReLU(N a / Z - O) is monotone in a: its row max is known before pass 2.
-    r_max = jnp.maximum(n * (amax * rz) - off, 0.0)
-    fb = r_max <= reference.FLOOR
-    inv_m = 1.0 / jnp.where(fb, 1.0, r_max)
+    lc = lssar_row_constants(total, amax, row, bq)
 
     def pass2(masked):
       def fn(t, slot, carry):
         acc, den = carry
-        bb = weights(t, slot, masked) * _rows(rz, shape)
-        r = _pow(jnp.maximum(_rows(n, shape) * bb - _rows(off, shape), 0.0)
-                 * _rows(inv_m, shape), cfg.p)
-        w = jnp.where(_rows(fb, shape), bb, r)   # masked entries: bb = 0, so r = 0 too
+        w = lssar_weights(cfg, weights(t, slot, masked), lc, shape)
         return acc + pv(w, slot), den + jnp.sum(w, axis=1)
       return fn
 
     acc, den = run(pass2, (acc0, zeros_row))
-    den = jnp.where(fb, 1.0, den)
-    out = acc / _rows(jnp.where(den > 0, den, 1.0), (bq, d))
-    stats = [z, inv_m, den, jnp.where(fb, 1.0, 0.0)]
+    out, stats = lssar_finish(acc, den, lc, (bq, d))
 
   sc["q"][...] = out.astype(sc["q"].dtype)      # q's tile is free: reuse it for the output
   for r, val in enumerate(stats):

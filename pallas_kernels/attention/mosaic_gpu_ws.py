@@ -110,15 +110,7 @@ def _kernel(cfg, *refs):
 
     def load(g, slot, full: bool):
       t = lax.rem(g, num_k) if passes == 2 else g
-      k_cols = pl.ds(t * bk, bk)
-      bar = (sc["kvbar"] if full else sc["kbar"]).at[slot]
-      plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_cols], sc["kt"].at[slot], bar)
-      if full:
-        plgpu.copy_gmem_to_smem(ins["v"].at[b, k_cols, kvh], sc["v"].at[slot], bar)
-      if cfg.has_segments:
-        plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_cols], sc["kseg"].at[slot], bar)
-      if soft:
-        plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_cols], sc["ik"].at[slot], bar)
+      mg.load_key_tiles(cfg, ins, sc, b, kvh, t, slot, with_v=full)
 
     def body(g, carry):
       slot = lax.rem(g, slots)
@@ -260,25 +252,15 @@ def _kernel(cfg, *refs):
         return tot_ + jnp.sum(a, axis=1), jnp.maximum(amax, jnp.max(a, axis=1))
       pass1_math.pv = False
       tot, amax = run_pass(pass1_math, 0, (zeros_row, zeros_row))
-      z = tot + reference.EPS
-      rz = 1.0 / z
-      n, off = row("n", (bq,)), row("off", (bq,))
-      r_max = jnp.maximum(n * (amax * rz) - off, 0.0)
-      fb = r_max <= reference.FLOOR
-      inv_m = 1.0 / jnp.where(fb, 1.0, r_max)
+      lc = mg.lssar_row_constants(tot, amax, row, bq)
 
       def pass2_math(s, t, slot, masked, carry):
         acc, den = carry
-        bb = softplus_weights(s, t, slot, masked) * mg._rows(rz, shape)  # pylint: disable=protected-access
-        r = mg._pow(jnp.maximum(mg._rows(n, shape) * bb - mg._rows(off, shape), 0.0)  # pylint: disable=protected-access
-                    * mg._rows(inv_m, shape), cfg.p)  # pylint: disable=protected-access
-        w = jnp.where(mg._rows(fb, shape), bb, r)  # pylint: disable=protected-access
+        w = mg.lssar_weights(cfg, softplus_weights(s, t, slot, masked), lc, shape)
         return acc + pv(w, slot), den + jnp.sum(w, axis=1)
       pass2_math.pv = True
       acc, den = run_pass(pass2_math, num_k, (acc0, zeros_row))
-      den = jnp.where(fb, 1.0, den)
-      out = acc / mg._rows(jnp.where(den > 0, den, 1.0), (bq, d))  # pylint: disable=protected-access
-      stats = [z, inv_m, den, jnp.where(fb, 1.0, 0.0)]
+      out, stats = mg.lssar_finish(acc, den, lc, (bq, d))
 
     pl.when(wg == 0)(sched)   # wg 0 catches up: both end on the same phase count
 

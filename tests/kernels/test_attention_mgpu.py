@@ -36,6 +36,25 @@ def _cuda_plugin():
   return True
 
 
+def _export_for_cuda(monkeypatch, fn, d):
+  """fn(q, k, v, segment_ids) jitted and exported for CUDA from CPU (bf16, GQA 2, ragged
+  length 200): (MLIR text, the warnings raised while lowering). The device check in
+  supports() (a Hopper GPU) cannot pass on CPU; everything else in it (dtype, head_dim,
+  blocks, shared memory) is still applied by flash_attention."""
+  real = mosaic_gpu.supports
+  monkeypatch.setattr(mosaic_gpu, "supports",
+                      lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
+  q = jax.ShapeDtypeStruct((2, 200, 4, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+  check = jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"],
+                                 disabled_checks=[check])(q, kv, kv, seg)
+  return exported.mlir_module(), caught
+
+
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs the jax-cuda12-plugin wheel (not a "
                     "test dependency) to lower for CUDA on a machine without a GPU")
 @pytest.mark.parametrize("score", mosaic_gpu.SCORES)
@@ -43,29 +62,14 @@ def _cuda_plugin():
                                                (True, True, 64)])
 def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
   """Forward, dq and dk/dv kernels through the real Mosaic GPU lowering, by exporting for
-  CUDA from CPU: bf16, GQA 2, ragged length 200, default blocks. This runs Pallas:MGPU's
-  lowering (register layouts, wgmma shape/tiling/swizzle rules, the shared-memory budget)
-  but not ptxas or the hardware."""
-  # The device check in supports() (a Hopper GPU) cannot pass on CPU; everything else in
-  # it (dtype, head_dim, blocks, shared memory) is still applied by flash_attention.
-  real = mosaic_gpu.supports
-  monkeypatch.setattr(mosaic_gpu, "supports",
-                      lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
-  q = jax.ShapeDtypeStruct((2, 200, 4, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
-  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
-
+  CUDA from CPU: default blocks. This runs Pallas:MGPU's lowering (register layouts, wgmma
+  shape/tiling/swizzle rules, the shared-memory budget) but not ptxas or the hardware."""
   def fwd_bwd(q, k, v, s):
     out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.flash_attention(
         q, k, v, s if packed else None, score=score, causal=causal), q, k, v)
     return out, vjp(out)
 
-  check = jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
-                                 disabled_checks=[check])(q, kv, kv, seg)
-  text = exported.mlir_module()
+  text, caught = _export_for_cuda(monkeypatch, fwd_bwd, d)
   assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 3, (
       "expected the fwd, dq and dk/dv Mosaic GPU kernels")
   # jax's API deprecations warn at the caller: none may point into the kernel module
@@ -81,25 +85,18 @@ def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
                                               ("lssar", False, 64)])
 def test_warp_specialized_forward_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypatch):
   """The warp-specialised forward (mosaic_gpu_ws.py: producer + two consumers, their
-  ping-pong schedule and register reallocation) through the Mosaic GPU lowering, exported
-  for CUDA from CPU: bf16, GQA 2, ragged length 200, causal."""
-  real = mosaic_gpu.supports
-  monkeypatch.setattr(mosaic_gpu, "supports",
-                      lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
-  q = jax.ShapeDtypeStruct((2, 200, 4, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
-  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
-
+  ping-pong schedule and register reallocation) through the Mosaic GPU lowering, causal."""
   def fwd(q, k, v, s):
     return mosaic_gpu.flash_attention(q, k, v, s if packed else None, score=score,
                                       causal=True, warp_specialized=True)
 
-  check = jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")
-  exported = jax.export.export(jax.jit(fwd), platforms=["cuda"],
-                               disabled_checks=[check])(q, kv, kv, seg)
-  text = exported.mlir_module()
+  text, caught = _export_for_cuda(monkeypatch, fwd, d)
   assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 1
   assert "mgpu_attention_fwd_ws" in text   # the warp-specialised kernel, not the plain one
+  from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
+  ours = {str(w.message) for w in caught
+          if os.path.abspath(w.filename) == os.path.abspath(mosaic_gpu_ws.__file__)}
+  assert not ours, f"deprecated jax APIs used by mosaic_gpu_ws.py: {sorted(ours)}"
 
 
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs the jax-cuda12-plugin wheel (not a "
