@@ -8,9 +8,10 @@ Where it runs:
   * -m slow: in GPU interpret mode on CPU, in a subprocess with XLA's multi-threaded Eigen
     off. Each warpgroup is then a host thread whose barrier waits block inside XLA:CPU host
     callbacks; on a 2-core host two blocked waits can hold every worker that would run the
-    third thread's next callback, and the kernel hangs (seen here for some cases even with
-    Eigen single-threaded; each case has a time limit, so a hang fails the case, not the
-    run). Not in the default suite for that reason.
+    third thread's next callback, and the kernel hangs (seen here with Eigen single-threaded
+    for every LSSAR case and for packed softmax; each case has a time limit, so a hang fails
+    the case, not the run). Not in the default suite for that reason; a host with more cores
+    may run them all.
   * default suite: the choice and refusal rules below, and the CUDA lowering of all three
     scores exported from CPU (test_attention_mgpu.py,
     test_warp_specialized_forward_kernels_lower_to_mosaic_gpu, with the consumers'
