@@ -59,6 +59,7 @@ class Run:
   tiny: bool
   gpu: bool = False
   mgpu_ok: bool = False
+  mgpu_ws_ok: bool = False
   skipped: list = dataclasses.field(default_factory=list)
 
   def left(self) -> float:
@@ -139,11 +140,17 @@ def stage_tests(run: Run) -> None:
   rc_mgpu, out_mgpu = sh(run, base + ["tests/kernels/test_attention_mgpu.py", "-k",
                                       "matches_reference"], 50, name="tests mgpu")
   run.mgpu_ok = rc_mgpu == 0
+  rc_ws, out_ws = 1, "(not run: the Mosaic GPU kernels failed)"
+  if run.mgpu_ok:   # the opt-in warp-specialised forward against the plain one
+    rc_ws, out_ws = sh(run, base + ["tests/kernels/test_attention_mgpu_ws.py", "-k", "hopper"],
+                       40, name="tests mgpu ws")
+  run.mgpu_ws_ok = rc_ws == 0
   rc, out = sh(run, base + ["tests/kernels/test_vendor.py", "tests/kernels/test_attention.py"],
                50, name="tests vendor+triton")
   tail = lambda s: "\n".join(s.strip().splitlines()[-15:])
   _write(run, "tests.md", f"# pytest -m gpu\n\n## Mosaic GPU kernels (exit {rc_mgpu})\n\n```\n"
-         f"{tail(out_mgpu)}\n```\n\n## cuDNN / splash wrappers and Triton path (exit {rc})\n\n"
+         f"{tail(out_mgpu)}\n```\n\n## Warp-specialised forward (exit {rc_ws})\n\n```\n"
+         f"{tail(out_ws)}\n```\n\n## cuDNN / splash wrappers and Triton path (exit {rc})\n\n"
          f"```\n{tail(out)}\n```\n")
 
 
@@ -155,7 +162,8 @@ def stage_attention(run: Run) -> None:
     shapes = [("2k", ["--seq-lens=2048", "--batch=8", "--heads=16", "--head-dim=128"]),
               ("8k", ["--seq-lens=8192", "--batch=2", "--heads=16", "--head-dim=128"])]
     # cudnn:8: the packed layout sized for 8 documents per row instead of T (what it costs).
-    impls = "cudnn,cudnn:8,pallas_gpu" + (",pallas_mgpu" if run.mgpu_ok else "")
+    impls = ("cudnn,cudnn:8,pallas_gpu" + (",pallas_mgpu" if run.mgpu_ok else "")
+             + (",pallas_mgpu_ws" if run.mgpu_ws_ok else ""))
   for label, shape in shapes:
     sh(run, py("-m", "pallas_kernels.attention.bench", *shape, f"--impls={impls}",
                "--scores=softmax,lssa,lssar", "--segments=4", "--repeats=2" if run.tiny else
