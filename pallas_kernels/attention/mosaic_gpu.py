@@ -428,8 +428,10 @@ def _pipeline(slots: int, max_steps: int, lo, hi, load, bar, segments, carry):
   return carry
 
 
-def _kernel_call(cfg: Config, body, out_type, scratch, grid, name):
-  kw = {}
+def _kernel_call(cfg: Config, body, out_type, scratch, grid, name, **kernel_kw):
+  """plgpu.kernel over grid (b, h, blk) in interpret mode or for the GPU, named for
+  profiles; kernel_kw: e.g. num_threads / thread_name (mosaic_gpu_ws.py)."""
+  kw = dict(kernel_kw)
   if cfg.interpret:
     kw["interpret"] = (interpret_params() if isinstance(cfg.interpret, bool)
                        else cfg.interpret)
@@ -509,6 +511,19 @@ def load_key_tiles(cfg: Config, ins: dict, sc: dict, b, kvh, t, slot, *, with_v:
     plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_cols], sc["kseg"].at[slot], bar)
   if cfg.score != "softmax":
     plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_cols], sc["ik"].at[slot], bar)
+
+
+def softmax_finish(m, l, acc, out_shape):
+  """(output, residual rows [lse2]) from the online softmax's row max, sum and output."""
+  safe = jnp.where(l > 0, l, 1.0)
+  lse2 = jnp.where(l > 0, m + jnp.log(safe) * (1.0 / math.log(2.0)), 0.0)
+  return acc / _rows(safe, out_shape), [lse2]
+
+
+def lssa_finish(total, acc, out_shape):
+  """(output, residual rows [z]) from LSSA's row sums of weights and weighted values."""
+  z = total + reference.EPS
+  return acc / _rows(z, out_shape), [z]
 
 
 def lssar_row_constants(total, amax, row, bq: int) -> dict:
@@ -626,14 +641,10 @@ def _fwd_kernel(cfg: Config, *refs):
   if cfg.score == "softmax":
     m, l, acc = run(softmax_step,
                     (_cast(cfg, jnp.full((bq,), _NEG, jnp.float32), row_l), zeros_row, acc0))
-    safe = jnp.where(l > 0, l, 1.0)
-    out = acc / _rows(safe, (bq, d))
-    stats = [jnp.where(l > 0, m + jnp.log(safe) * (1.0 / math.log(2.0)), 0.0)]   # lse2
+    out, stats = softmax_finish(m, l, acc, (bq, d))
   elif cfg.score == "lssa":
     total, acc = run(lssa_step, (zeros_row, acc0))
-    z = total + reference.EPS
-    out = acc / _rows(z, (bq, d))
-    stats = [z]
+    out, stats = lssa_finish(total, acc, (bq, d))
   else:
     # Pass 1 (keys only): row sums and row maxima of the softplus weights.
     def pass1(masked):
@@ -1049,7 +1060,7 @@ _attention = kernel.custom_vjp_attention(_forward, _backward, heads_first=False)
 def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", q_offset=0,
                     scale=None, p=15.0, reweight_offset_rows=3, block_q=None, block_k=None,
                     bwd_block_q=None, bwd_block_k=None, interpret=False,
-                    warp_specialized=None):
+                    warp_specialized=False):
   """Mosaic GPU attention, forward and backward (see the module docstring).
 
   q [B, Tq, H, D], k/v [B, Tk, K, D] (K divides H), 16-bit; segment_ids [B, T] (Tq == Tk).
@@ -1057,8 +1068,8 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
   interpret=True runs GPU interpret mode (any backend); an interpret-params instance
   (e.g. InterpretGPUParams(detect_races=True)) is passed on. warp_specialized: the
   forward with two consumer warpgroups and a producer (mosaic_gpu_ws.py), for more than
-  one query block of 64 where its ring fits in shared memory; None: off (opt-in until it
-  has run on a Hopper). Raises
+  one query block of 64 where its ring fits in shared memory (opt-in until it has run on a
+  Hopper). Raises
   ValueError with the reason when `supports` rejects the call.
   """
   why = supports(q, k, score, v=v, block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q,
@@ -1075,7 +1086,7 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
 
 
 def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=None,
-        bwd_block_q=None, bwd_block_k=None, interpret=False, warp_specialized=None):
+        bwd_block_q=None, bwd_block_k=None, interpret=False, warp_specialized=False):
   """flash_attention with the maths options already built and supports() already checked
   (api.py does both)."""
   d = q.shape[-1]
@@ -1086,14 +1097,11 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=
   from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top  (cycle)
   ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg)
   # Opt-in until a Hopper has run it (mosaic_gpu_ws.py says what is verified and what not).
-  possible = bool(ws_slots) and opts.q_len > bq and bq == 64
-  ws = False
-  if warp_specialized is not None:
-    if warp_specialized and not possible:
-      raise ValueError(
-          "warp_specialized=True: the warp-specialised forward needs block_q 64, more than "
-          f"one query block (q_len {opts.q_len}) and a ring of >= 2 slots in shared memory")
-    ws = bool(warp_specialized)
+  ws = bool(warp_specialized)
+  if ws and not (ws_slots and opts.q_len > bq and bq == 64):
+    raise ValueError(
+        "warp_specialized=True: the warp-specialised forward needs block_q 64, more than "
+        f"one query block (q_len {opts.q_len}) and a ring of >= 2 slots in shared memory")
   cfg = Config.with_tiling(
       opts, groups=q.shape[2] // k.shape[2], block_q=bq, block_k=bk, bwd_block_q=bbq,
       bwd_block_k=bbk, fwd_ws=ws,

@@ -29,7 +29,6 @@ and `transpose_ref` for K are the next changes to measure. Never run on hardware
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.attention import mosaic_gpu as mg
-from pallas_kernels.attention import reference
 
 plgpu = mg.plgpu
 CONSUMERS = 2
@@ -78,9 +76,10 @@ def _scratch(cfg, dtype, d: int):
     sc.update(qseg=i32(c, bq), kseg=i32(slots, bk))
   sc.update(qbar=mg._barrier(1 + seg + soft, c),  # pylint: disable=protected-access
             kvbar=mg._barrier(2 + seg + soft, slots),  # pylint: disable=protected-access
-            kbar=mg._barrier(1 + seg + soft, slots),  # pylint: disable=protected-access
             consumed=mg._barrier(c, slots),  # pylint: disable=protected-access
             sched=mg._barrier(c))  # pylint: disable=protected-access
+  if cfg.score == "lssar":   # pass 1 loads K^T (and vectors) only
+    sc.update(kbar=mg._barrier(1 + seg + soft, slots))  # pylint: disable=protected-access
   return sc
 
 
@@ -149,7 +148,7 @@ def _kernel(cfg, *refs):
     qseg = mg._vec(cfg, sc["qseg"].at[wg], row_l) if cfg.has_segments else None  # pylint: disable=protected-access
     shape = (bq, bk)
     row = mg._row_reader(cfg, "fwd", sc["rows"].at[wg], "row", shape) if soft else None  # pylint: disable=protected-access
-    c = cfg.scale * _LOG2E
+    c = cfg.scale * mg._LOG2E  # pylint: disable=protected-access
     # Steps of this consumer that need no mask (a prefix of each pass).
     _, n_full = mg._q_block_limits(cfg, i, bq, bk)  # pylint: disable=protected-access
 
@@ -231,9 +230,7 @@ def _kernel(cfg, *refs):
       softmax_math.pv = True
       m0 = mg._cast(cfg, jnp.full((bq,), mg._NEG, jnp.float32), row_l)  # pylint: disable=protected-access
       m, l, acc = run_pass(softmax_math, 0, (m0, zeros_row, acc0))
-      safe = jnp.where(l > 0, l, 1.0)
-      out = acc / mg._rows(safe, (bq, d))  # pylint: disable=protected-access
-      stats = [jnp.where(l > 0, m + jnp.log(safe) * (1.0 / math.log(2.0)), 0.0)]
+      out, stats = mg.softmax_finish(m, l, acc, (bq, d))
     elif cfg.score == "lssa":
       def lssa_math(s, t, slot, masked, carry):
         total_, acc = carry
@@ -241,9 +238,7 @@ def _kernel(cfg, *refs):
         return total_ + jnp.sum(a, axis=1), acc + pv(a, slot)
       lssa_math.pv = True
       tot, acc = run_pass(lssa_math, 0, (zeros_row, acc0))
-      z = tot + reference.EPS
-      out = acc / mg._rows(z, (bq, d))  # pylint: disable=protected-access
-      stats = [z]
+      out, stats = mg.lssa_finish(tot, acc, (bq, d))
     else:
       def pass1_math(s, t, slot, masked, carry):
         tot_, amax = carry
@@ -273,21 +268,10 @@ def _kernel(cfg, *refs):
     plgpu.wait_smem_to_gmem(0)
 
 
-_LOG2E = math.log2(math.e)
-
-
 def call(cfg, args, out_type, d: int, dtype, grid_q: int):
   """Runs the kernel on mosaic_gpu._forward's arguments; grid_q = padded Tq / block_q."""
   b, h = out_type[0].shape[0], out_type[0].shape[2]
-  kw = {}
-  if cfg.interpret:
-    kw["interpret"] = (mg.interpret_params() if isinstance(cfg.interpret, bool)
-                       else cfg.interpret)
-  else:
-    kw["compiler_params"] = mg._compiler_params()  # pylint: disable=protected-access
-  kernel = plgpu.kernel(functools.partial(_kernel, cfg), out_type=out_type,
-                        scratch_types=[_scratch(cfg, dtype, d)],
-                        grid=(b, h, grid_q // CONSUMERS), grid_names=("b", "h", "blk"),
-                        num_threads=CONSUMERS + 1, thread_name="wg", **kw)
-  with jax.named_scope(f"mgpu_attention_fwd_ws_{cfg.score}"):
-    return kernel(*args)
+  return mg._kernel_call(  # pylint: disable=protected-access
+      cfg, functools.partial(_kernel, cfg), out_type, [_scratch(cfg, dtype, d)],
+      (b, h, grid_q // CONSUMERS), f"mgpu_attention_fwd_ws_{cfg.score}",
+      num_threads=CONSUMERS + 1, thread_name="wg")(*args)
