@@ -152,17 +152,10 @@ def _kernel(cfg, *refs):
     # Steps of this consumer that need no mask (a prefix of each pass).
     _, n_full = mg._q_block_limits(cfg, i, bq, bk)  # pylint: disable=protected-access
 
-    # The ping-pong schedule is emitted only for the GPU: it orders the consumers' turns on
-    # the tensor core and changes no value. In GPU interpret mode (each warpgroup a host
-    # thread whose barrier waits block inside XLA:CPU callbacks) it hangs the interpreter
-    # on our 2-core machine, with or without XLA's multi-threaded Eigen, while the same
-    # protocol in a small kernel without wgmma runs there; it is jax attention_mgpu's.
-    ping_pong = not cfg.interpret
-
     def sched():
-      if ping_pong:
-        plgpu.barrier_arrive(sc["sched"])
-        plgpu.barrier_wait(sc["sched"])
+      """The consumers' ping-pong: orders their turns on the tensor core, changes no value."""
+      plgpu.barrier_arrive(sc["sched"])
+      plgpu.barrier_wait(sc["sched"])
 
     def qk(slot):
       """S = Q K^T; the tensor core is handed to the other consumer while it runs."""

@@ -5,17 +5,16 @@ score, packed documents, causal and not, GQA, ragged lengths.
 
 Where it runs:
   * -m gpu: on a Hopper (test_ws_matches_the_plain_forward_on_hopper), the real check;
-  * -m slow: in GPU interpret mode on CPU, in a subprocess with XLA's multi-threaded Eigen
-    off. Each warpgroup is then a host thread whose barrier waits block inside XLA:CPU host
-    callbacks; on a 2-core host two blocked waits can hold every worker that would run the
-    third thread's next callback, and the kernel hangs (seen here with Eigen single-threaded
-    for every LSSAR case and for packed softmax; each case has a time limit, so a hang fails
-    the case, not the run). Not in the default suite for that reason; a host with more cores
-    may run them all.
+  * -m slow: in GPU interpret mode on CPU, in a subprocess with PJRT_NPROC=32. GPU
+    interpret mode runs each warpgroup as a host thread whose barrier waits block inside
+    XLA:CPU host callbacks; XLA sizes its CPU thread pools by the core count, so on a
+    2-core host two blocked waits held every worker the third warpgroup needed and the
+    kernel hung. PJRT_NPROC (read by XLA's PJRT CPU client) sizes those pools; with 32
+    every case here, the consumers' ping-pong schedule included, runs.
   * default suite: the choice and refusal rules below, and the CUDA lowering of all three
     scores exported from CPU (test_attention_mgpu.py,
     test_warp_specialized_forward_kernels_lower_to_mosaic_gpu, with the consumers'
-    ping-pong schedule that interpret mode leaves out).
+    ping-pong schedule).
 """
 
 import os
@@ -42,6 +41,7 @@ CASES = [
 SLOW_CASES = [
     ("softmax", False, True, 520, 2, 1, 128, False),  # head_dim 128 (a two-slot ring)
     ("lssa", False, True, 300, 2, 2, 64, True),
+    ("softmax", False, False, 130, 2, 1, 64, True),  # the last consumer's block is padding
 ]
 
 
@@ -80,7 +80,7 @@ def _run_case(case):
 
 
 @pytest.mark.skipif(not INNER, reason="runs inside test_ws_matches_the_plain_forward's "
-                    "subprocess (Eigen single-threaded)")
+                    "subprocess (PJRT_NPROC=32)")
 @pytest.mark.parametrize("case", CASES + SLOW_CASES, ids=_case_id)
 def test_inner_ws_case(case):
   import faulthandler  # pylint: disable=g-import-not-at-top
@@ -93,9 +93,7 @@ def test_inner_ws_case(case):
 
 
 def _run_inner(cases):
-  env = dict(os.environ, EFFJAX_WS_INNER="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_cpu_multi_thread_eigen=false").strip())
+  env = dict(os.environ, EFFJAX_WS_INNER="1", JAX_PLATFORMS="cpu", PJRT_NPROC="32")
   ids = " or ".join(_case_id(c) for c in cases)
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                       "-n", "0", "-m", "", os.path.abspath(__file__), "-k", ids],
