@@ -680,6 +680,75 @@ def _fwd_kernel(cfg: Config, *refs):
 # ---------------------------------------------------------------------------------------
 # Backward: dq kernel, grid (batch, q head, query block), loop over key blocks.
 
+def load_dq_key_tiles(cfg: Config, ins: dict, sc: dict, b, kvh, t, slot):
+  """TMA copies of key block t for the dq kernels (K, K^T, V^T, and the key segment ids
+  and 1/|k| where used) into ring slot `slot`, arriving on kvbar."""
+  k_rows = pl.ds(t * cfg.bwd_block_k, cfg.bwd_block_k)
+  bar = sc["kvbar"].at[slot]
+  plgpu.copy_gmem_to_smem(ins["k"].at[b, k_rows, kvh], sc["k"].at[slot], bar)
+  plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_rows], sc["kt"].at[slot], bar)
+  plgpu.copy_gmem_to_smem(ins["vt"].at[b, kvh, :, k_rows], sc["vt"].at[slot], bar)
+  if cfg.has_segments:
+    plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_rows], sc["kseg"].at[slot], bar)
+  if cfg.score != "softmax":
+    plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_rows], sc["ik"].at[slot], bar)
+
+
+def dq_carry0(cfg: Config, bq: int, d: int):
+  """The dq loop's initial carry: the dq accumulator (LSSAR: two, and the row constants)."""
+  acc0 = _cast(cfg, jnp.zeros((bq, d), jnp.float32), _layouts()[0])
+  if cfg.score != "lssar":
+    return acc0
+  return acc0, acc0, _cast(cfg, jnp.zeros((bq,), jnp.float32), _layouts()[1])
+
+
+def dq_tile(cfg: Config, carry, s, dp, mask, row, ik_ref, k_ref, ds_ref, sig_ref=None):
+  """One key tile's contribution to dq (kernel.py's backward maths): dS from S = Q K^T and
+  dP = dO V^T (mask: None for a tile without masked entries), staged in SMEM (`ds_ref`,
+  LSSAR also `sig_ref`) and multiplied by the slot's K (`k_ref`) on the tensor core.
+  ik_ref: the slot's 1/|k| (LSSA / LSSAR). Commits SMEM after the slot's last plain read
+  and waits for its wgmmas, so the slot may be refilled when this returns."""
+  bq, bk = shape = s.shape
+  d = k_ref.shape[-1]
+  if cfg.score == "softmax":
+    ds = jnp.exp2(s * (cfg.scale * _LOG2E) - row("lse2")) * (dp - row("delta"))
+  else:
+    ik = _cols(_vec(cfg, ik_ref, _layouts()[2]), shape)
+    x = s * row("qc") * ik
+    sig_ik = jax.nn.sigmoid(x) * ik
+    if mask is not None:
+      sig_ik = jnp.where(mask, sig_ik, 0.0)
+    if cfg.score == "lssa":
+      ds = (dp - row("delta")) * sig_ik
+    else:   # da = (db - C) / Z is affine in the row constant C: accumulate both parts
+      a = _softplus(x)
+      if mask is not None:
+        a = jnp.where(mask, a, 0.0)
+      bb, db = _lssar_db(cfg, a, mask, dp, row)
+      acc_db, acc_1, c_row = carry
+      ds_ref[...] = (db * sig_ik).astype(ds_ref.dtype)
+      sig_ref[...] = sig_ik.astype(sig_ref.dtype)
+      plgpu.commit_smem()
+      return (acc_db + _mma(ds_ref, k_ref, (bq, d)), acc_1 + _mma(sig_ref, k_ref, (bq, d)),
+              c_row + jnp.sum(db * bb, axis=1))
+  if mask is not None:
+    ds = jnp.where(mask, ds, 0.0)
+  ds_ref[...] = ds.astype(ds_ref.dtype)
+  plgpu.commit_smem()
+  return carry + _mma(ds_ref, k_ref, (bq, d))
+
+
+def dq_finish(cfg: Config, carry, row, bq: int, d: int):
+  """(dq or d/dqhat [bq, d], LSSAR's row constants C_i or None) from the loop's carry."""
+  if cfg.score == "softmax":
+    return carry * cfg.scale, None
+  g = row("g", (bq, d))   # c_i / Z_i
+  if cfg.score == "lssa":
+    return carry * g, None
+  acc_db, acc_1, c_row = carry
+  return g * (acc_db - _rows(c_row, (bq, d)) * acc_1), c_row
+
+
 def _dq_kernel(cfg: Config, *refs):
   soft = cfg.score != "softmax"
   lssar = cfg.score == "lssar"
@@ -702,25 +771,13 @@ def _dq_kernel(cfg: Config, *refs):
     plgpu.copy_gmem_to_smem(ins["qseg"].at[b, q_rows], sc["qseg"], qbar)
 
   def load(t, slot):
-    k_rows = pl.ds(t * bk, bk)
-    bar = sc["kvbar"].at[slot]
-    plgpu.copy_gmem_to_smem(ins["k"].at[b, k_rows, kvh], sc["k"].at[slot], bar)
-    plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_rows], sc["kt"].at[slot], bar)
-    plgpu.copy_gmem_to_smem(ins["vt"].at[b, kvh, :, k_rows], sc["vt"].at[slot], bar)
-    if cfg.has_segments:
-      plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_rows], sc["kseg"].at[slot], bar)
-    if soft:
-      plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_rows], sc["ik"].at[slot], bar)
+    load_dq_key_tiles(cfg, ins, sc, b, kvh, t, slot)
 
   num_k, n_full = _q_block_limits(cfg, i, bq, bk)
   plgpu.barrier_wait(qbar)
   qseg = _vec(cfg, sc["qseg"], row_l) if cfg.has_segments else None
   shape = (bq, bk)
   row = _row_reader(cfg, "dq", sc["rows"], "row", shape)
-  c = cfg.scale * _LOG2E
-
-  def ds_to_smem(ref, val):
-    ref[...] = val.astype(ref.dtype)
 
   def step(masked):
     def fn(t, slot, carry):
@@ -730,51 +787,16 @@ def _dq_kernel(cfg: Config, *refs):
       if masked:
         kseg = _vec(cfg, sc["kseg"].at[slot], col_l) if cfg.has_segments else None
         mask = _mask(cfg, shape, i * bq, t * bk, qseg, kseg)
-      if cfg.score == "softmax":
-        ds = jnp.exp2(s * c - row("lse2")) * (dp - row("delta"))
-      else:
-        ik = _cols(_vec(cfg, sc["ik"].at[slot], col_l), shape)
-        x = s * row("qc") * ik
-        sig_ik = jax.nn.sigmoid(x) * ik
-        if masked:
-          sig_ik = jnp.where(mask, sig_ik, 0.0)
-        if cfg.score == "lssa":
-          ds = (dp - row("delta")) * sig_ik
-        else:   # da = (db - C) / Z is affine in the row constant C: accumulate both parts
-          a = _softplus(x)
-          if masked:
-            a = jnp.where(mask, a, 0.0)
-          bb, db = _lssar_db(cfg, a, mask, dp, row)
-          acc_db, acc_1, c_row = carry
-          ds_to_smem(sc["ds"], db * sig_ik)
-          ds_to_smem(sc["sig"], sig_ik)
-          plgpu.commit_smem()
-          return (acc_db + _mma(sc["ds"], sc["k"].at[slot], (bq, d)),
-                  acc_1 + _mma(sc["sig"], sc["k"].at[slot], (bq, d)),
-                  c_row + jnp.sum(db * bb, axis=1))
-      if masked:
-        ds = jnp.where(mask, ds, 0.0)
-      ds_to_smem(sc["ds"], ds)
-      plgpu.commit_smem()
-      return carry + _mma(sc["ds"], sc["k"].at[slot], (bq, d))
+      return dq_tile(cfg, carry, s, dp, mask, row, sc["ik"].at[slot] if soft else None,
+                     sc["k"].at[slot], sc["ds"], sc.get("sig"))
     return fn
 
-  acc0 = _cast(cfg, jnp.zeros((bq, d), jnp.float32), _layouts()[0])
-  init = acc0
-  if lssar:
-    init = (acc0, acc0, _cast(cfg, jnp.zeros((bq,), jnp.float32), row_l))
   segs = [(0, n_full, step(False)), (n_full, num_k, step(True))]
-  carry = _pipeline(slots, pl.cdiv(cfg.kv_len, bk), 0, num_k, load, sc["kvbar"], segs, init)
-  if cfg.score == "softmax":
-    dq = carry * cfg.scale
-  else:
-    g = row("g", (bq, d))   # c_i / Z_i
-    if cfg.score == "lssa":
-      dq = carry * g
-    else:
-      acc_db, acc_1, c_row = carry
-      dq = g * (acc_db - _rows(c_row, (bq, d)) * acc_1)
-      _store_f32(cfg, sc["c"], c_row)
+  carry = _pipeline(slots, pl.cdiv(cfg.kv_len, bk), 0, num_k, load, sc["kvbar"], segs,
+                    dq_carry0(cfg, bq, d))
+  dq, c_row = dq_finish(cfg, carry, row, bq, d)
+  if lssar:
+    _store_f32(cfg, sc["c"], c_row)
   _store_f32(cfg, sc["dq"], dq)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(sc["dq"], dq_ref.at[b, q_rows, h])
@@ -786,6 +808,99 @@ def _dq_kernel(cfg: Config, *refs):
 # ---------------------------------------------------------------------------------------
 # Backward: dk/dv kernel, grid (batch, kv head, key block), loop over the query blocks of
 # every q head in the GQA group. Tiles are transposed: rows are keys, columns queries.
+
+def load_dkv_query_tiles(cfg: Config, ins: dict, sc: dict, b, h, i, slot):
+  """TMA copies of query block i of q head h for the dk/dv kernels (Q, Q^T, dO, dO^T, the
+  per-query factors, the query segment ids where used) into ring slot `slot`, on qbar."""
+  bq = cfg.bwd_block_q
+  q_rows = pl.ds(i * bq, bq)
+  bar = sc["qbar"].at[slot]
+  plgpu.copy_gmem_to_smem(ins["q"].at[b, q_rows, h], sc["q"].at[slot], bar)
+  plgpu.copy_gmem_to_smem(ins["qt"].at[b, h, :, q_rows], sc["qt"].at[slot], bar)
+  plgpu.copy_gmem_to_smem(ins["do"].at[b, q_rows, h], sc["do"].at[slot], bar)
+  plgpu.copy_gmem_to_smem(ins["dot"].at[b, h, :, q_rows], sc["dot"].at[slot], bar)
+  plgpu.copy_gmem_to_smem(ins["rows"].at[b, h, :, q_rows], sc["rows"].at[slot], bar)
+  if cfg.has_segments:
+    plgpu.copy_gmem_to_smem(ins["qseg"].at[b, q_rows], sc["qseg"].at[slot], bar)
+
+
+def dkv_query_steps(cfg: Config, j, kvh):
+  """The dk/dv loop over (q head of kv head kvh's group, query block) for key block j:
+  (number of steps, step -> (q head, query block)). Causal: from the first query block
+  that sees block j; key blocks that are all padding: no steps."""
+  bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+  nq = pl.cdiv(cfg.q_len, bq)
+  first = 0
+  if cfg.causal:
+    first = lax.div(jnp.maximum(j * bk - cfg.q_offset, 0), bq)
+  n_per = jnp.maximum(nq - first, 0)
+  n_per = jnp.where(j * bk < cfg.kv_len, n_per, 0)
+
+  def head_and_block(t):
+    safe = jnp.maximum(n_per, 1)
+    return kvh * cfg.groups + lax.div(t, safe), first + lax.rem(t, safe)
+  return cfg.groups * n_per, head_and_block
+
+
+def dkv_masked(cfg: Config) -> bool:
+  """Whether the dk/dv tiles need a mask (static: causal, documents or a ragged key tail)."""
+  return cfg.causal or cfg.has_segments or cfg.kv_len % cfg.bwd_block_k != 0
+
+
+def dkv_carry0(cfg: Config, bk: int, d: int):
+  zeros = _cast(cfg, jnp.zeros((bk, d), jnp.float32), _layouts()[0])
+  return zeros, zeros
+
+
+def dkv_tile(cfg: Config, carry, st, dpt, col, ik, mask, pt_ref, dst_ref, do_ref, q_ref):
+  """One query tile's contribution to (dk, dv) (kernel.py's backward maths, transposed:
+  rows are keys): P^T and dS^T from S^T = K Q^T and dP^T = V dO^T, staged in SMEM and
+  multiplied by the slot's dO and Q on the tensor core. col: the slot's per-query factor
+  reader; ik: this key block's 1/|k| (LSSA / LSSAR); mask: None when no tile is masked.
+  Commits SMEM after the slot's last plain read and waits for its wgmmas."""
+  dk, dv = carry
+  shape = st.shape
+  bk, d = shape[0], q_ref.shape[-1]
+  if cfg.score == "softmax":
+    pt = jnp.exp2(st * (cfg.scale * _LOG2E) - col("lse2"))
+    dst = pt * (dpt - col("delta"))
+  else:
+    x = st * _rows(ik, shape) * col("qc")
+    sig = jax.nn.sigmoid(x)
+    a = _softplus(x)
+    if cfg.score == "lssa":
+      pt = a * col("rz")
+      dst = (dpt - col("delta")) * sig * col("w")
+    else:
+      if mask is not None:
+        a = jnp.where(mask, a, 0.0)
+      bb, db = _lssar_db(cfg, a, mask, dpt, col)
+      _, u = _lssar_u(a, col)
+      r = _pow(jnp.maximum(u, 0.0) * col("inv_m"), cfg.p)
+      pt = jnp.where(col("fb") > 0, bb, r) * col("iden")
+      dst = (db - col("cc")) * sig * col("w")
+  if mask is not None:
+    pt = jnp.where(mask, pt, 0.0)
+    dst = jnp.where(mask, dst, 0.0)
+  pt_ref[...] = pt.astype(pt_ref.dtype)
+  dst_ref[...] = dst.astype(dst_ref.dtype)
+  plgpu.commit_smem()
+  dv = dv + _mma(pt_ref, do_ref, (bk, d))
+  dk = dk + _mma(dst_ref, q_ref, (bk, d))
+  return dk, dv
+
+
+def dkv_store(cfg: Config, carry, out_sm, dk_ref, dv_ref, b, k_rows, kvh):
+  """Writes (dk, dv) (softmax: dk times the logit scale) through one fp32 staging tile."""
+  dk, dv = carry
+  if cfg.score == "softmax":
+    dk = dk * cfg.scale
+  for val, out_ref in ((dk, dk_ref), (dv, dv_ref)):   # one fp32 staging tile, used twice
+    _store_f32(cfg, out_sm, val)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_sm, out_ref.at[b, k_rows, kvh])
+    plgpu.wait_smem_to_gmem(0)
+
 
 def _dkv_kernel(cfg: Config, *refs):
   soft = cfg.score != "softmax"
@@ -807,39 +922,18 @@ def _dkv_kernel(cfg: Config, *refs):
   if soft:
     plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_rows], sc["ik"], kbar)
 
-  nq = pl.cdiv(cfg.q_len, bq)
-  first = 0
-  if cfg.causal:
-    first = lax.div(jnp.maximum(j * bk - cfg.q_offset, 0), bq)
-  n_per = jnp.maximum(nq - first, 0)
-  n_per = jnp.where(j * bk < cfg.kv_len, n_per, 0)   # key blocks that are all padding
-  total = cfg.groups * n_per
-
-  def head_and_block(t):
-    safe = jnp.maximum(n_per, 1)
-    return kvh * cfg.groups + lax.div(t, safe), first + lax.rem(t, safe)
+  total, head_and_block = dkv_query_steps(cfg, j, kvh)
 
   def load(t, slot):
-    h, i = head_and_block(t)
-    q_rows = pl.ds(i * bq, bq)
-    bar = sc["qbar"].at[slot]
-    plgpu.copy_gmem_to_smem(ins["q"].at[b, q_rows, h], sc["q"].at[slot], bar)
-    plgpu.copy_gmem_to_smem(ins["qt"].at[b, h, :, q_rows], sc["qt"].at[slot], bar)
-    plgpu.copy_gmem_to_smem(ins["do"].at[b, q_rows, h], sc["do"].at[slot], bar)
-    plgpu.copy_gmem_to_smem(ins["dot"].at[b, h, :, q_rows], sc["dot"].at[slot], bar)
-    plgpu.copy_gmem_to_smem(ins["rows"].at[b, h, :, q_rows], sc["rows"].at[slot], bar)
-    if cfg.has_segments:
-      plgpu.copy_gmem_to_smem(ins["qseg"].at[b, q_rows], sc["qseg"].at[slot], bar)
+    load_dkv_query_tiles(cfg, ins, sc, b, *head_and_block(t), slot)
 
   plgpu.barrier_wait(kbar)
   kseg = _vec(cfg, sc["kseg"], row_l) if cfg.has_segments else None
   ik = _vec(cfg, sc["ik"], row_l) if soft else None
   shape = (bk, bq)
-  c = cfg.scale * _LOG2E
-  masked = cfg.causal or cfg.has_segments or cfg.kv_len % bk != 0
+  masked = dkv_masked(cfg)
 
   def fn(t, slot, carry):
-    dk, dv = carry
     _, i = head_and_block(t)
     col = _row_reader(cfg, "dkv", sc["rows"], "col", shape, slot)
     st = _mma(sc["k"], sc["qt"].at[slot], shape)
@@ -848,44 +942,13 @@ def _dkv_kernel(cfg: Config, *refs):
     if masked:
       qseg = _vec(cfg, sc["qseg"].at[slot], col_l) if cfg.has_segments else None
       mask = _mask(cfg, shape, i * bq, j * bk, qseg, kseg, transposed=True)
-    if cfg.score == "softmax":
-      pt = jnp.exp2(st * c - col("lse2"))
-      dst = pt * (dpt - col("delta"))
-    else:
-      x = st * _rows(ik, shape) * col("qc")
-      sig = jax.nn.sigmoid(x)
-      a = _softplus(x)
-      if cfg.score == "lssa":
-        pt = a * col("rz")
-        dst = (dpt - col("delta")) * sig * col("w")
-      else:
-        if masked:
-          a = jnp.where(mask, a, 0.0)
-        bb, db = _lssar_db(cfg, a, mask, dpt, col)
-        _, u = _lssar_u(a, col)
-        r = _pow(jnp.maximum(u, 0.0) * col("inv_m"), cfg.p)
-        pt = jnp.where(col("fb") > 0, bb, r) * col("iden")
-        dst = (db - col("cc")) * sig * col("w")
-    if masked:
-      pt = jnp.where(mask, pt, 0.0)
-      dst = jnp.where(mask, dst, 0.0)
-    sc["pt"][...] = pt.astype(sc["pt"].dtype)
-    sc["dst"][...] = dst.astype(sc["dst"].dtype)
-    plgpu.commit_smem()
-    dv = dv + _mma(sc["pt"], sc["do"].at[slot], (bk, d))
-    dk = dk + _mma(sc["dst"], sc["q"].at[slot], (bk, d))
-    return dk, dv
+    return dkv_tile(cfg, carry, st, dpt, col, ik, mask, sc["pt"], sc["dst"],
+                    sc["do"].at[slot], sc["q"].at[slot])
 
-  zeros = _cast(cfg, jnp.zeros((bk, d), jnp.float32), _layouts()[0])
-  dk, dv = _pipeline(slots, cfg.groups * nq, 0, total, load, sc["qbar"], [(0, total, fn)],
-                     (zeros, zeros))
-  if cfg.score == "softmax":
-    dk = dk * cfg.scale
-  for val, out_ref in ((dk, dk_ref), (dv, dv_ref)):   # one fp32 staging tile, used twice
-    _store_f32(cfg, sc["out"], val)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(sc["out"], out_ref.at[b, k_rows, kvh])
-    plgpu.wait_smem_to_gmem(0)
+  nq = pl.cdiv(cfg.q_len, bq)
+  carry = _pipeline(slots, cfg.groups * nq, 0, total, load, sc["qbar"], [(0, total, fn)],
+                    dkv_carry0(cfg, bk, d))
+  dkv_store(cfg, carry, sc["out"], dk_ref, dv_ref, b, k_rows, kvh)
 
 
 # ---------------------------------------------------------------------------------------
