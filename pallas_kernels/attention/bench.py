@@ -22,7 +22,7 @@ Implementations: xla (the jnp reference, which materialises [B, H, T, T] scores)
 pallas_gpu:BQxBKxW+BQxBKxW sets forward and backward blocks and warps), pallas_mgpu (the
 Mosaic GPU wgmma/TMA kernels of mosaic_gpu.py, all three scores, Hopper only;
 pallas_mgpu:BQxBK[+BQxBK] sets forward and backward blocks; pallas_mgpu_ws[:...] the same with
-the warp-specialised forward), jax_mgpu (JAX's
+the warp-specialised kernels), jax_mgpu (JAX's
 own Mosaic GPU softmax kernel, forward only: its causal backward is not implemented; fed
 float16 copies, conversion included), interpret (the Pallas kernels in the interpreter; slow, opt-in), cudnn
 (the dispatch table's cudnn: jax.nn.dot_product_attention(implementation="cudnn"), packed
@@ -75,7 +75,7 @@ def _fn(impl: str, score: str, seg=None):
     if score not in mosaic_gpu.SCORES:
       return None, f"pallas_mgpu: no {score} kernel ({', '.join(mosaic_gpu.SCORES)} only)"
     opts = _mgpu_options(impl.replace("pallas_mgpu_ws", "pallas_mgpu"))
-    if impl.startswith("pallas_mgpu_ws"):   # the opt-in warp-specialised forward
+    if impl.startswith("pallas_mgpu_ws"):   # the opt-in warp-specialised kernels
       opts["warp_specialized"] = True
     return (lambda q, k, v: mosaic_gpu.flash_attention(q, k, v, seg, causal=True, score=score,
                                                        **opts)), None

@@ -51,9 +51,9 @@ neither `layout_cast`, `plgpu.load` nor `run_state`. So
   * layout casts and layout-carrying loads are emitted only when compiling for the
     GPU (`Config.interpret` False); they are value-preserving hints.
 With a Hopper GPU at hand, `transpose_ref` views would save the transposed copies and
-their SMEM. A warp-specialised forward (a producer and two ping-pong consumer warpgroups,
-FA3 style) is in mosaic_gpu_ws.py, opt-in (`warp_specialized=True`); neither has run on
-hardware.
+their SMEM. Warp-specialised versions of all three kernels (a producer and consumer
+warpgroups, FA3 style; the forward's two consumers ping-pong) are in mosaic_gpu_ws.py,
+opt-in (`warp_specialized=True`); neither these nor those have run on hardware.
 
 Requirements (see `supports`): 16-bit q/k/v of one dtype (bf16 or f16), head_dim a
 multiple of 64 whose tiles fit the 227 KiB of shared memory (64 and 128 double-buffered,
@@ -156,16 +156,19 @@ class Config(ScoreOptions):
   dkv_slots: int
   interpret: object      # False, True, or an interpret-params instance (e.g. detect_races)
   fwd_ws: bool = False   # the warp-specialised forward (mosaic_gpu_ws.py)
+  dq_consumers: int = 0  # > 0: the warp-specialised dq kernel with that many consumers
+  dkv_consumers: int = 0  # > 0: the same for the dk/dv kernel
 
   def backward(self) -> "Config":
     """The options of the backward kernels: the same (they read bwd_block_*)."""
     return self
 
   def padded_lengths(self) -> tuple[int, int]:
-    # powers of two: the max is a common multiple (the warp-specialised forward takes
-    # query blocks in pairs)
-    mq = max(self.block_q * (2 if self.fwd_ws else 1), self.bwd_block_q)
-    mk = max(self.block_k, self.bwd_block_k)
+    # powers of two: the max is a common multiple (the warp-specialised kernels take
+    # blocks in pairs)
+    mq = max(self.block_q * (2 if self.fwd_ws else 1),
+             self.bwd_block_q * max(self.dq_consumers, 1))
+    mk = max(self.block_k, self.bwd_block_k * max(self.dkv_consumers, 1))
     return self.padded(mq, mk)
 
 
@@ -1064,7 +1067,6 @@ def _forward(cfg: Config, q, k, v, segment_ids):
   out_type = (jax.ShapeDtypeStruct((b, tq_p, h, d), q.dtype),
               jax.ShapeDtypeStruct((b, h, len(STATS[cfg.score]), tq_p), jnp.float32))
   if cfg.fwd_ws:
-    from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top  (cycle)
     return mosaic_gpu_ws.call(cfg, args, out_type, d, q.dtype, tq_p // cfg.block_q)
   scratch = [_scratch(cfg, kind="fwd", dtype=q.dtype, d=d)]
   return _kernel_call(cfg, functools.partial(_fwd_kernel, cfg), out_type, scratch,
@@ -1094,21 +1096,27 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_p, stats, g):
   dq_out = jax.ShapeDtypeStruct((b, tq_p, h, d), jnp.float32)
   if cfg.score == "lssar":
     dq_out = (dq_out, jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32))
-  dq = _kernel_call(
-      cfg, functools.partial(_dq_kernel, cfg), dq_out,
-      [_scratch(cfg, kind="dq", dtype=q.dtype, d=d)], (b, h, tq_p // cfg.bwd_block_q),
-      f"mgpu_attention_bwd_dq_{cfg.score}")(
-          q_p, k_p, t_(k_p), t_(v_p), do_p, _stack_rows("dq", cfg.score, f), *segs, *ik)
+  dq_args = (q_p, k_p, t_(k_p), t_(v_p), do_p, _stack_rows("dq", cfg.score, f), *segs, *ik)
+  dq_grid = (b, h, tq_p // cfg.bwd_block_q)
+  if cfg.dq_consumers:
+    dq = mosaic_gpu_ws.call_backward(cfg, "dq", dq_args, dq_out, d, q.dtype, dq_grid)
+  else:
+    dq = _kernel_call(cfg, functools.partial(_dq_kernel, cfg), dq_out,
+                      [_scratch(cfg, kind="dq", dtype=q.dtype, d=d)], dq_grid,
+                      f"mgpu_attention_bwd_dq_{cfg.score}")(*dq_args)
   if cfg.score == "lssar":
     dq, f["cc"] = dq
 
-  dk, dv = _kernel_call(
-      cfg, functools.partial(_dkv_kernel, cfg),
-      (jax.ShapeDtypeStruct((b, tk_p, kvh, d), jnp.float32),) * 2,
-      [_scratch(cfg, kind="dkv", dtype=q.dtype, d=d)], (b, kvh, tk_p // cfg.bwd_block_k),
-      f"mgpu_attention_bwd_dkv_{cfg.score}")(
-          k_p, v_p, q_p, t_(q_p), do_p, t_(do_p), _stack_rows("dkv", cfg.score, f), *segs,
-          *ik)
+  dkv_out = (jax.ShapeDtypeStruct((b, tk_p, kvh, d), jnp.float32),) * 2
+  dkv_args = (k_p, v_p, q_p, t_(q_p), do_p, t_(do_p), _stack_rows("dkv", cfg.score, f), *segs,
+              *ik)
+  dkv_grid = (b, kvh, tk_p // cfg.bwd_block_k)
+  if cfg.dkv_consumers:
+    dk, dv = mosaic_gpu_ws.call_backward(cfg, "dkv", dkv_args, dkv_out, d, q.dtype, dkv_grid)
+  else:
+    dk, dv = _kernel_call(cfg, functools.partial(_dkv_kernel, cfg), dkv_out,
+                          [_scratch(cfg, kind="dkv", dtype=q.dtype, d=d)], dkv_grid,
+                          f"mgpu_attention_bwd_dkv_{cfg.score}")(*dkv_args)
 
   dq, dk, dv = dq[:, :tq], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len]
   if cfg.score != "softmax":   # the kernels returned d/dqhat, d/dkhat
@@ -1130,9 +1138,9 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
   Returns [B, Tq, H, D] in q's dtype. p / reweight_offset_rows: LSSAR only.
   interpret=True runs GPU interpret mode (any backend); an interpret-params instance
   (e.g. InterpretGPUParams(detect_races=True)) is passed on. warp_specialized: the
-  forward with two consumer warpgroups and a producer (mosaic_gpu_ws.py), for more than
-  one query block of 64 where its ring fits in shared memory (opt-in until it has run on a
-  Hopper). Raises
+  kernels with a producer and consumer warpgroups (mosaic_gpu_ws.py): the forward needs
+  more than one query block of 64 and a ring that fits in shared memory (head_dim <= 128);
+  opt-in until it has run on a Hopper. Raises
   ValueError with the reason when `supports` rejects the call.
   """
   why = supports(q, k, score, v=v, block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q,
@@ -1157,7 +1165,6 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=
       (block_q, block_k, bwd_block_q, bwd_block_k), default_blocks(q.shape[1], k.shape[1])))
   isz = jnp.dtype(q.dtype).itemsize
   score, seg = opts.score, opts.has_segments
-  from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top  (cycle)
   ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg)
   # Opt-in until a Hopper has run it (mosaic_gpu_ws.py says what is verified and what not).
   ws = bool(warp_specialized)
@@ -1165,11 +1172,17 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=
     raise ValueError(
         "warp_specialized=True: the warp-specialised forward needs block_q 64, more than "
         f"one query block (q_len {opts.q_len}) and a ring of >= 2 slots in shared memory")
+  plans = {kind: (mosaic_gpu_ws.bwd_plan(kind, score, isz, d, bbq, bbk, seg) if ws else None)
+           or (0, _slots(kind, score, isz, d, bbq, bbk, seg)) for kind in ("dq", "dkv")}
   cfg = Config.with_tiling(
       opts, groups=q.shape[2] // k.shape[2], block_q=bq, block_k=bk, bwd_block_q=bbq,
       bwd_block_k=bbk, fwd_ws=ws,
       fwd_slots=ws_slots if ws else _slots("fwd", score, isz, d, bq, bk, seg),
-      dq_slots=_slots("dq", score, isz, d, bbq, bbk, seg),
-      dkv_slots=_slots("dkv", score, isz, d, bbq, bbk, seg),
+      dq_consumers=plans["dq"][0], dq_slots=plans["dq"][1],
+      dkv_consumers=plans["dkv"][0], dkv_slots=plans["dkv"][1],
       interpret=interpret if interpret else False)
   return _attention(cfg, q, k, v, segment_ids)
+
+
+# The warp-specialised kernels build on this module's helpers (and import it).
+from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,8 +1,9 @@
-"""Warp-specialised Mosaic GPU forward: two consumer warpgroups and a producer (Hopper).
+"""Warp-specialised Mosaic GPU attention (Hopper): a producer warpgroup and consumers.
 
 The structure of jax's own Hopper attention (jax.experimental.pallas.ops.gpu.attention_mgpu,
-FlashAttention-3 style), with mosaic_gpu.py's per-tile score maths (softmax, LSSA, LSSAR):
+FlashAttention-3 style), with mosaic_gpu.py's per-tile maths (softmax, LSSA, LSSAR).
 
+Forward:
   * one CTA per (batch, q head, pair of query blocks); three warpgroups (`wg` 0, 1, 2);
   * wg 2 is the producer: it TMA-loads the key-side tiles (K^T, V, and the key vectors)
     into a ring of `slots` buffers, refilling a slot once both consumers have released it
@@ -13,17 +14,28 @@ FlashAttention-3 style), with mosaic_gpu.py's per-tile score maths (softmax, LSS
     ("ping-pong"): while one runs its wgmma the other does its softmax / softplus, so the
     special-function work overlaps the matrix work. wg 1 starts one phase behind and wg 0
     catches up at the end, as in attention_mgpu.
+  Both consumers run the same number of key steps (the larger of their two causal limits):
+  the producer's ring then needs no epilogue, and the extra block of the lower consumer is
+  fully masked. LSSAR streams the keys twice (pass 1: K^T and vectors only; pass 2: all);
+  the ring's step counter runs on across the passes. Outputs and residuals are
+  mosaic_gpu._fwd_kernel's.
 
-Both consumers run the same number of key steps (the larger of their two causal limits):
-the producer's ring then needs no epilogue, and the extra block of the lower consumer is
-fully masked. LSSAR streams the keys twice (pass 1: K^T and vectors only; pass 2: all);
-the ring's step counter runs on across the passes.
+Backward (dq and dk/dv, mosaic_gpu.py's dq_tile / dkv_tile maths): a producer streams the
+other sequence's tiles (dq: K, K^T, V^T and key vectors; dk/dv: Q, Q^T, dO, dO^T and the
+per-query factors) into a ring, and one or two consumers each own a 64-row block (two
+where a ring of >= 2 slots still fits in shared memory: head_dim 64; one at 128; see
+bwd_plan) and share every streamed tile. A consumer with fewer steps than the ring carries
+(causal limits, a block of padding) observes and releases the rest without work, or (dk/dv
+under a causal mask) computes fully masked tiles that add exact zeros. No ping-pong.
 
-Outputs and residuals are mosaic_gpu._fwd_kernel's, so its backward kernels are used
-unchanged. The probabilities go registers -> SMEM -> wgmma and K^T is a transposed copy, as
-in mosaic_gpu.py, because GPU interpret mode (where this is tested, on CPU) runs wgmma only
-on SMEM operands without transpose_ref; with a Hopper at hand, a register A operand for P
-and `transpose_ref` for K are the next changes to measure. Never run on hardware.
+The probabilities / dS go registers -> SMEM -> wgmma and K^T, V^T, Q^T, dO^T are
+transposed copies, as in mosaic_gpu.py, because GPU interpret mode (where this is tested,
+on CPU) runs wgmma only on SMEM operands without transpose_ref; with a Hopper at hand, a
+register A operand for P and `transpose_ref` are the next changes to measure.
+
+Tested: equal to the single-warpgroup kernels in GPU interpret mode (outputs and all three
+gradients; tests/kernels/test_attention_mgpu_ws.py, which needs PJRT_NPROC raised on small
+hosts), and the CUDA lowering exported from CPU. Never run on hardware.
 """
 
 from __future__ import annotations
@@ -83,6 +95,44 @@ def _scratch(cfg, dtype, d: int):
   return sc
 
 
+def produce(total, slots: int, consumed, load):
+  """The producer warpgroup's loop: step g's tiles go into ring slot g % slots once every
+  consumer has released the slot's previous step (`consumed`, one arrival per consumer);
+  load(g, slot) issues the TMA copies. Then it waits for the last releases too (GPU
+  interpret mode checks that every barrier phase is observed)."""
+  def body(g, carry):
+    slot = lax.rem(g, slots)
+
+    @pl.when(g >= slots)
+    def _():
+      plgpu.barrier_wait(consumed.at[slot])
+    load(g, slot)
+    return carry
+  lax.fori_loop(0, total, body, None)
+
+  def drain(g, carry):
+    plgpu.barrier_wait(consumed.at[lax.rem(g, slots)])
+    return carry
+  lax.fori_loop(jnp.maximum(total - slots, 0), total, drain, None)
+
+
+def consume(bar, consumed, slots: int, fn):
+  """A consumer's loop body over ring steps: wait for step g's tiles (`bar`), fn(g, slot,
+  carry) (which must be done with the slot: SMEM committed, wgmmas awaited), release it."""
+  def body(g, carry):
+    slot = lax.rem(g, slots)
+    plgpu.barrier_wait(bar.at[slot])
+    carry = fn(g, slot, carry)
+    plgpu.barrier_arrive(consumed.at[slot])
+    return carry
+  return body
+
+
+def idle(bar, consumed, slots: int):
+  """A consumer's loop body for ring steps it has no work in: observe and release them."""
+  return consume(bar, consumed, slots, lambda g, slot, carry: carry)
+
+
 def _kernel(cfg, *refs):
   soft = cfg.score != "softmax"
   names = ["q", "kt", "v"] + ["qseg", "kseg"] * cfg.has_segments + ["rows", "ik"] * soft
@@ -104,37 +154,24 @@ def _kernel(cfg, *refs):
   # ------------------------------------------------------------------- producer (wg 2)
   @pl.when(wg == CONSUMERS)
   def _producer():
-    if not cfg.interpret:
-      plgpu.set_max_registers(40, action="decrease")
+    _set_registers(cfg, producer=True)
 
     def load(g, slot, full: bool):
       t = lax.rem(g, num_k) if passes == 2 else g
       mg.load_key_tiles(cfg, ins, sc, b, kvh, t, slot, with_v=full)
 
-    def body(g, carry):
-      slot = lax.rem(g, slots)
-
-      @pl.when(g >= slots)
-      def _():
-        plgpu.barrier_wait(sc["consumed"].at[slot])   # both consumers released it
+    def load_step(g, slot):
       if passes == 2:   # LSSAR: pass 1 (steps [0, num_k)) streams keys only
         pl.when(g >= num_k)(lambda: load(g, slot, True))
         pl.when(g < num_k)(lambda: load(g, slot, False))
       else:
         load(g, slot, True)
-      return carry
-    lax.fori_loop(0, total, body, None)
-
-    def drain(g, carry):  # observe the last releases too (GPU interpret mode checks that
-      plgpu.barrier_wait(sc["consumed"].at[lax.rem(g, slots)])   # every phase is seen)
-      return carry
-    lax.fori_loop(jnp.maximum(total - slots, 0), total, drain, None)
+    produce(total, slots, sc["consumed"], load_step)
 
   # ------------------------------------------------------------------- consumers (wg 0, 1)
   @pl.when(wg < CONSUMERS)
   def _consumer():
-    if not cfg.interpret:
-      plgpu.set_max_registers(232, action="increase")
+    _set_registers(cfg, producer=False)
     i = CONSUMERS * pair + wg                       # this consumer's query block
     q_rows = pl.ds(i * bq, bq)
     q_sm, p_sm = sc["q"].at[wg], sc["p"].at[wg]
@@ -185,17 +222,14 @@ def _kernel(cfg, *refs):
       plgpu.commit_smem()
       sched()
 
-    def step(g, carry, math_fn, masked):
-      slot = lax.rem(g, slots)
-      plgpu.barrier_wait((sc["kvbar"] if math_fn.pv else sc["kbar"]).at[slot])
-      t = lax.rem(g, num_k) if passes == 2 else g
-      carry = math_fn(qk(slot), t, slot, masked, carry)
-      plgpu.barrier_arrive(sc["consumed"].at[slot])
-      return carry
-
     def run_pass(math_fn, start, carry):
+      bar = sc["kvbar"] if math_fn.pv else sc["kbar"]
+
       def seg(masked):
-        return lambda g, cr: step(g, cr, math_fn, masked)
+        def fn(g, slot, cr):
+          t = lax.rem(g, num_k) if passes == 2 else g
+          return math_fn(qk(slot), t, slot, masked, cr)
+        return consume(bar, sc["consumed"], slots, fn)
       lo = start + jnp.minimum(n_full, num_k)
       carry = lax.fori_loop(start, lo, seg(False), carry)
       return lax.fori_loop(lo, start + num_k, seg(True), carry)
@@ -268,3 +302,207 @@ def call(cfg, args, out_type, d: int, dtype, grid_q: int):
       cfg, functools.partial(_kernel, cfg), out_type, [_scratch(cfg, dtype, d)],
       (b, h, grid_q // CONSUMERS), f"mgpu_attention_fwd_ws_{cfg.score}",
       num_threads=CONSUMERS + 1, thread_name="wg")(*args)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward: the dq and dk/dv kernels of mosaic_gpu.py (the same per-tile maths: dq_tile,
+# dkv_tile) with a producer warpgroup streaming the other sequence's tiles into a ring
+# and `nc` consumer warpgroups that each own one block (dq: 64 query rows; dk/dv: 64 key
+# rows) and share every streamed tile, as in jax's attention_mgpu backward. No ping-pong
+# (attention_mgpu's backward has none either): each consumer's wgmmas and maths follow
+# one another.
+
+def bwd_plan(kind: str, score: str, itemsize: int, d: int, bq: int, bk: int,
+             segments: bool):
+  """(consumers, ring slots) of the warp-specialised dq or dk/dv kernel: two consumers with
+  the deepest ring (4, 3 or 2 slots) that fits in shared memory, else one, else None.
+  At head_dim 64 two consumers fit, at 128 one, at 192 neither."""
+  fixed = mg.smem_bytes(kind, score, itemsize, d, bq, bk, 0, segments)   # one consumer's
+  per_slot = mg.smem_bytes(kind, score, itemsize, d, bq, bk, 1, segments) - fixed
+  for consumers in (2, 1):
+    for slots in (4, 3, 2):
+      if consumers * fixed + slots * per_slot + mg._SMEM_SLACK <= mg.SMEM_LIMIT:  # pylint: disable=protected-access
+        return consumers, slots
+  return None
+
+
+def _set_registers(cfg, producer: bool, consumers: int = CONSUMERS):
+  """Moves registers from the producer (40 per thread) to the consumers (hardware only)."""
+  if cfg.interpret:
+    return
+  if producer:
+    plgpu.set_max_registers(40, action="decrease")
+  else:
+    plgpu.set_max_registers(232 if consumers == 2 else 240, action="increase")
+
+
+def _bwd_scratch(cfg, kind: str, dtype, d: int, nc: int):
+  """mosaic_gpu._scratch's backward buffers, the non-streamed ones once per consumer."""
+  tr = mg._tile_transforms()  # pylint: disable=protected-access
+  smem = plgpu.SMEM
+  tile = lambda *shape: smem(shape, dtype, transforms=tr)
+  f32 = lambda *shape: smem(shape, jnp.float32)
+  i32 = lambda *shape: smem(shape, jnp.int32)
+  bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+  soft, seg = cfg.score != "softmax", cfg.has_segments
+  nr = len(mg.ROWS[kind, cfg.score])
+  barrier = mg._barrier  # pylint: disable=protected-access
+  if kind == "dq":
+    slots = cfg.dq_slots
+    sc = dict(q=tile(nc, bq, d), do=tile(nc, bq, d), ds=tile(nc, bq, bk), dq=f32(nc, bq, d),
+              rows=f32(nc, nr, bq), k=tile(slots, bk, d), kt=tile(slots, d, bk),
+              vt=tile(slots, d, bk))
+    if cfg.score == "lssar":
+      sc.update(sig=tile(nc, bq, bk), c=f32(nc, bq))
+    if soft:
+      sc.update(ik=f32(slots, bk))
+    if seg:
+      sc.update(qseg=i32(nc, bq), kseg=i32(slots, bk))
+    sc.update(qbar=barrier(3 + seg, nc), kvbar=barrier(3 + seg + soft, slots),
+              consumed=barrier(nc, slots))
+    return sc
+  slots = cfg.dkv_slots
+  sc = dict(k=tile(nc, bk, d), v=tile(nc, bk, d), pt=tile(nc, bk, bq), dst=tile(nc, bk, bq),
+            out=f32(nc, bk, d), q=tile(slots, bq, d), qt=tile(slots, d, bq),
+            do=tile(slots, bq, d), dot=tile(slots, d, bq), rows=f32(slots, nr, bq))
+  if soft:
+    sc.update(ik=f32(nc, bk))
+  if seg:
+    sc.update(kseg=i32(nc, bk), qseg=i32(slots, bq))
+  sc.update(kbar=barrier(2 + seg + soft, nc), qbar=barrier(5 + seg, slots),
+            consumed=barrier(nc, slots))
+  return sc
+
+
+def _dq_kernel(cfg, nc: int, *refs):
+  soft, lssar, seg = cfg.score != "softmax", cfg.score == "lssar", cfg.has_segments
+  names = ["q", "k", "kt", "vt", "do", "rows"] + ["qseg", "kseg"] * seg + ["ik"] * soft
+  ins = dict(zip(names, refs))
+  dq_ref, *c_ref, sc = refs[len(names):]
+  _, row_l, col_l = mg._layouts()  # pylint: disable=protected-access
+  bq, bk, slots = cfg.bwd_block_q, cfg.bwd_block_k, cfg.dq_slots
+  d = ins["q"].shape[-1]
+  b, h, blk, wg = (lax.axis_index(n) for n in ("b", "h", "blk", "wg"))
+  kvh = lax.div(h, cfg.groups)
+  # Key steps: the most any consumer needs; the others idle through the rest.
+  num_k = functools.reduce(jnp.maximum, [
+      mg._q_block_limits(cfg, nc * blk + c, bq, bk)[0] for c in range(nc)])  # pylint: disable=protected-access
+
+  @pl.when(wg == nc)
+  def _producer():
+    _set_registers(cfg, producer=True)
+    produce(num_k, slots, sc["consumed"],
+            lambda g, slot: mg.load_dq_key_tiles(cfg, ins, sc, b, kvh, g, slot))
+
+  @pl.when(wg < nc)
+  def _consumer():
+    _set_registers(cfg, producer=False, consumers=nc)
+    i = nc * blk + wg                       # this consumer's query block
+    q_rows = pl.ds(i * bq, bq)
+    own = {n: sc[n].at[wg] for n in ("q", "do", "rows", "ds", "dq", "sig", "c", "qseg")
+           if n in sc}
+    qbar = sc["qbar"].at[wg]
+    plgpu.copy_gmem_to_smem(ins["q"].at[b, q_rows, h], own["q"], qbar)
+    plgpu.copy_gmem_to_smem(ins["do"].at[b, q_rows, h], own["do"], qbar)
+    plgpu.copy_gmem_to_smem(ins["rows"].at[b, h, :, q_rows], own["rows"], qbar)
+    if seg:
+      plgpu.copy_gmem_to_smem(ins["qseg"].at[b, q_rows], own["qseg"], qbar)
+    plgpu.barrier_wait(qbar)
+    own_k, n_full = mg._q_block_limits(cfg, i, bq, bk)  # pylint: disable=protected-access
+    qseg = mg._vec(cfg, own["qseg"], row_l) if seg else None  # pylint: disable=protected-access
+    shape = (bq, bk)
+    row = mg._row_reader(cfg, "dq", own["rows"], "row", shape)  # pylint: disable=protected-access
+
+    def tile(masked):
+      def fn(t, slot, carry):
+        s = mg._mma(own["q"], sc["kt"].at[slot], shape)  # pylint: disable=protected-access
+        dp = mg._mma(own["do"], sc["vt"].at[slot], shape)  # pylint: disable=protected-access
+        mask = None
+        if masked:
+          kseg = mg._vec(cfg, sc["kseg"].at[slot], col_l) if seg else None  # pylint: disable=protected-access
+          mask = mg._mask(cfg, shape, i * bq, t * bk, qseg, kseg)  # pylint: disable=protected-access
+        return mg.dq_tile(cfg, carry, s, dp, mask, row, sc["ik"].at[slot] if soft else None,
+                          sc["k"].at[slot], own["ds"], own.get("sig"))
+      return consume(sc["kvbar"], sc["consumed"], slots, fn)
+
+    carry = lax.fori_loop(0, n_full, tile(False), mg.dq_carry0(cfg, bq, d))
+    carry = lax.fori_loop(n_full, own_k, tile(True), carry)
+    lax.fori_loop(own_k, num_k, idle(sc["kvbar"], sc["consumed"], slots), None)
+    dq, c_row = mg.dq_finish(cfg, carry, row, bq, d)
+    if lssar:
+      mg._store_f32(cfg, own["c"], c_row)  # pylint: disable=protected-access
+    mg._store_f32(cfg, own["dq"], dq)  # pylint: disable=protected-access
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(own["dq"], dq_ref.at[b, q_rows, h])
+    if lssar:
+      plgpu.copy_smem_to_gmem(own["c"], c_ref[0].at[b, h, q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(cfg, nc: int, *refs):
+  soft, seg = cfg.score != "softmax", cfg.has_segments
+  names = ["k", "v", "q", "qt", "do", "dot", "rows"] + ["qseg", "kseg"] * seg + ["ik"] * soft
+  ins = dict(zip(names, refs))
+  dk_ref, dv_ref, sc = refs[len(names):]
+  _, row_l, col_l = mg._layouts()  # pylint: disable=protected-access
+  bq, bk, slots = cfg.bwd_block_q, cfg.bwd_block_k, cfg.dkv_slots
+  d = ins["k"].shape[-1]
+  b, kvh, blk, wg = (lax.axis_index(n) for n in ("b", "h", "blk", "wg"))
+  # The steps of the first consumer's key block: under a causal mask it sees every query
+  # block a later key block sees (those earlier ones are fully masked for the others).
+  total, head_and_block = mg.dkv_query_steps(cfg, nc * blk, kvh)
+
+  @pl.when(wg == nc)
+  def _producer():
+    _set_registers(cfg, producer=True)
+    produce(total, slots, sc["consumed"],
+            lambda g, slot: mg.load_dkv_query_tiles(cfg, ins, sc, b, *head_and_block(g), slot))
+
+  @pl.when(wg < nc)
+  def _consumer():
+    _set_registers(cfg, producer=False, consumers=nc)
+    j = nc * blk + wg                       # this consumer's key block
+    k_rows = pl.ds(j * bk, bk)
+    own = {n: sc[n].at[wg] for n in ("k", "v", "pt", "dst", "out", "ik", "kseg") if n in sc}
+    kbar = sc["kbar"].at[wg]
+    plgpu.copy_gmem_to_smem(ins["k"].at[b, k_rows, kvh], own["k"], kbar)
+    plgpu.copy_gmem_to_smem(ins["v"].at[b, k_rows, kvh], own["v"], kbar)
+    if seg:
+      plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_rows], own["kseg"], kbar)
+    if soft:
+      plgpu.copy_gmem_to_smem(ins["ik"].at[b, kvh, k_rows], own["ik"], kbar)
+    plgpu.barrier_wait(kbar)
+    kseg = mg._vec(cfg, own["kseg"], row_l) if seg else None  # pylint: disable=protected-access
+    ik = mg._vec(cfg, own["ik"], row_l) if soft else None  # pylint: disable=protected-access
+    shape = (bk, bq)
+    masked = mg.dkv_masked(cfg)
+
+    def fn(t, slot, carry):
+      _, i = head_and_block(t)
+      col = mg._row_reader(cfg, "dkv", sc["rows"], "col", shape, slot)  # pylint: disable=protected-access
+      st = mg._mma(own["k"], sc["qt"].at[slot], shape)  # pylint: disable=protected-access
+      dpt = mg._mma(own["v"], sc["dot"].at[slot], shape)  # pylint: disable=protected-access
+      mask = None
+      if masked:
+        qseg = mg._vec(cfg, sc["qseg"].at[slot], col_l) if seg else None  # pylint: disable=protected-access
+        mask = mg._mask(cfg, shape, i * bq, j * bk, qseg, kseg, transposed=True)  # pylint: disable=protected-access
+      return mg.dkv_tile(cfg, carry, st, dpt, col, ik, mask, own["pt"], own["dst"],
+                         sc["do"].at[slot], sc["q"].at[slot])
+
+    n_own = jnp.where(j * bk < cfg.kv_len, total, 0)   # a key block of padding: no work
+    carry = lax.fori_loop(0, n_own, consume(sc["qbar"], sc["consumed"], slots, fn),
+                          mg.dkv_carry0(cfg, bk, d))
+    lax.fori_loop(n_own, total, idle(sc["qbar"], sc["consumed"], slots), None)
+    mg.dkv_store(cfg, carry, own["out"], dk_ref, dv_ref, b, k_rows, kvh)
+
+
+def call_backward(cfg, kind: str, args, out_type, d: int, dtype, grid):
+  """Runs the warp-specialised dq or dk/dv kernel on mosaic_gpu._backward's arguments;
+  grid: the single-warpgroup kernel's (b, heads, blocks)."""
+  nc = cfg.dq_consumers if kind == "dq" else cfg.dkv_consumers
+  body = _dq_kernel if kind == "dq" else _dkv_kernel
+  b, heads, blocks = grid
+  return mg._kernel_call(  # pylint: disable=protected-access
+      cfg, functools.partial(body, cfg, nc), out_type, [_bwd_scratch(cfg, kind, dtype, d, nc)],
+      (b, heads, blocks // nc), f"mgpu_attention_bwd_{kind}_ws_{cfg.score}",
+      num_threads=nc + 1, thread_name="wg")(*args)

@@ -83,16 +83,20 @@ def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
                     "test dependency) to lower for CUDA on a machine without a GPU")
 @pytest.mark.parametrize("score, packed, d", [("softmax", True, 128), ("lssa", True, 64),
                                               ("lssar", False, 64)])
-def test_warp_specialized_forward_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypatch):
-  """The warp-specialised forward (mosaic_gpu_ws.py: producer + two consumers, their
-  ping-pong schedule and register reallocation) through the Mosaic GPU lowering, causal."""
-  def fwd(q, k, v, s):
-    return mosaic_gpu.flash_attention(q, k, v, s if packed else None, score=score,
-                                      causal=True, warp_specialized=True)
+def test_warp_specialized_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypatch):
+  """The warp-specialised kernels (mosaic_gpu_ws.py: a producer and consumer warpgroups;
+  the forward's ping-pong schedule, register reallocation; the backward with two consumers
+  at head_dim 64 and one at 128) through the Mosaic GPU lowering, causal, fwd + bwd."""
+  def fwd_bwd(q, k, v, s):
+    out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.flash_attention(
+        q, k, v, s if packed else None, score=score, causal=True, warp_specialized=True),
+        q, k, v)
+    return out, vjp(out)
 
-  text, caught = _export_for_cuda(monkeypatch, fwd, d)
-  assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 1
-  assert "mgpu_attention_fwd_ws" in text   # the warp-specialised kernel, not the plain one
+  text, caught = _export_for_cuda(monkeypatch, fwd_bwd, d)
+  assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 3
+  for name in ("fwd_ws", "bwd_dq_ws", "bwd_dkv_ws"):   # not the single-warpgroup kernels
+    assert f"mgpu_attention_{name}" in text, name
   from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
   ours = {str(w.message) for w in caught
           if os.path.abspath(w.filename) == os.path.abspath(mosaic_gpu_ws.__file__)}
@@ -158,7 +162,7 @@ def test_lowering_tests_with_a_fetched_cuda_plugin():
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                       os.path.abspath(__file__), "-k", "lower_to_mosaic_gpu"], cwd=repo,
                      env=env, capture_output=True, text=True, timeout=900)
-  cases = 3 * len(mosaic_gpu.SCORES) + 3 + 1  # + warp-specialised forward, grouped matmul
+  cases = 3 * len(mosaic_gpu.SCORES) + 3 + 1  # + warp-specialised kernels, grouped matmul
   assert r.returncode == 0 and f"{cases} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 

@@ -1,20 +1,21 @@
-"""The warp-specialised Mosaic GPU forward (pallas_kernels/attention/mosaic_gpu_ws.py: two
-consumer warpgroups and a producer) against the single-warpgroup forward of mosaic_gpu.py:
-the same outputs and residuals (so the same gradients through the shared backward), for every
-score, packed documents, causal and not, GQA, ragged lengths.
+"""The warp-specialised Mosaic GPU kernels (pallas_kernels/attention/mosaic_gpu_ws.py: a
+producer warpgroup and one or two consumers) against the single-warpgroup kernels of
+mosaic_gpu.py: the same outputs and the same gradients (forward: two ping-pong consumers;
+dq and dk/dv: two consumers at head_dim 64, one at 128), for every score, packed
+documents, causal and not, GQA, ragged lengths, a consumer whose block is all padding.
 
 Where it runs:
-  * -m gpu: on a Hopper (test_ws_matches_the_plain_forward_on_hopper), the real check;
-  * -m slow: in GPU interpret mode on CPU, in a subprocess with PJRT_NPROC=32. GPU
+  * -m gpu: on a Hopper (test_ws_matches_the_plain_kernels_on_hopper), the real check;
+  * GPU interpret mode on CPU, in a subprocess with PJRT_NPROC=32: one case (LSSAR,
+    packed, causal, with gradients) in the default suite, all of them with -m slow. GPU
     interpret mode runs each warpgroup as a host thread whose barrier waits block inside
     XLA:CPU host callbacks; XLA sizes its CPU thread pools by the core count, so on a
     2-core host two blocked waits held every worker the third warpgroup needed and the
     kernel hung. PJRT_NPROC (read by XLA's PJRT CPU client) sizes those pools; with 32
-    every case here, the consumers' ping-pong schedule included, runs.
-  * default suite: the choice and refusal rules below, and the CUDA lowering of all three
-    scores exported from CPU (test_attention_mgpu.py,
-    test_warp_specialized_forward_kernels_lower_to_mosaic_gpu, with the consumers'
-    ping-pong schedule).
+    every case here runs, the consumers' ping-pong schedule included.
+  * default suite also: the choice and refusal rules below, and the CUDA lowering of all
+    three scores exported from CPU (test_attention_mgpu.py,
+    test_warp_specialized_kernels_lower_to_mosaic_gpu).
 """
 
 import os
@@ -26,22 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import mosaic_gpu
+from pallas_kernels.attention import mosaic_gpu, mosaic_gpu_ws
 
 INNER = os.environ.get("EFFJAX_WS_INNER") == "1"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (score, packed, causal, T, q heads, kv heads, head_dim, gradients too)
 CASES = [
-    ("softmax", True, True, 200, 4, 2, 64, True),     # GQA, packed, causal, ragged
-    ("lssa", True, False, 200, 2, 1, 64, False),
-    ("lssar", True, True, 200, 2, 2, 64, True),      # two passes over the ring
-    ("lssar", False, False, 330, 2, 1, 64, False),   # more steps than ring slots
+    ("lssar", True, True, 200, 2, 2, 64, True),       # two passes over the ring
 ]
 SLOW_CASES = [
+    ("softmax", True, True, 200, 4, 2, 64, True),     # GQA, packed, causal, ragged
+    ("lssa", True, False, 200, 2, 1, 64, False),
+    ("lssar", False, False, 330, 2, 1, 64, True),     # more steps than ring slots
     ("softmax", False, True, 520, 2, 1, 128, False),  # head_dim 128 (a two-slot ring)
+    ("lssa", True, True, 200, 2, 1, 128, True),       # one-consumer backward
     ("lssa", False, True, 300, 2, 2, 64, True),
-    ("softmax", False, False, 130, 2, 1, 64, True),  # the last consumer's block is padding
+    ("softmax", False, False, 130, 2, 1, 64, True),   # the last consumer's block is padding
 ]
 
 
@@ -69,14 +71,27 @@ def _run_case(case):
     out, vjp = jax.vjp(f, q, k, v)
     return (out, *vjp(cot.astype(out.dtype)))
 
-  got, want = attend(True), attend(False)
+  used = []
+  real = mosaic_gpu_ws.call_backward
+
+  def counted(cfg, kind, *args):
+    used.append(kind)
+    return real(cfg, kind, *args)
+  mosaic_gpu_ws.call_backward = counted
+  try:
+    got = attend(True)
+  finally:
+    mosaic_gpu_ws.call_backward = real
+  want = attend(False)
+  assert sorted(set(used)) == (["dkv", "dq"] if grads else []), used
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.all(np.isfinite(a)), name
     # The same maths in the same order per query row: equal up to the last bf16 rounding.
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * max(1.0, np.abs(b).max()),
                                err_msg=name)
-  return float(np.abs(np.asarray(got[0], np.float32) - np.asarray(want[0], np.float32)).max())
+  return max(float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+             for a, b in zip(got, want))
 
 
 @pytest.mark.skipif(not INNER, reason="runs inside test_ws_matches_the_plain_forward's "
@@ -86,7 +101,7 @@ def test_inner_ws_case(case):
   import faulthandler  # pylint: disable=g-import-not-at-top
   faulthandler.dump_traceback_later(240, exit=True)   # a hang fails this case, not CI
   try:
-    print(f"\n{_case_id(case)}: max |ws - plain| on outputs {_run_case(case):.2e}")
+    print(f"\n{_case_id(case)}: max |ws - plain| over outputs and gradients {_run_case(case):.2e}")
   finally:
     faulthandler.cancel_dump_traceback_later()
     mosaic_gpu.reset_interpret_state()
@@ -102,10 +117,15 @@ def _run_inner(cases):
       r.stdout[-4000:] + r.stderr[-2000:])
 
 
+@pytest.mark.skipif(INNER, reason="the outer test")
+def test_ws_matches_the_plain_kernels_in_interpret_mode():
+  _run_inner(CASES)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(INNER, reason="the outer test")
-def test_ws_matches_the_plain_forward_in_interpret_mode():
-  _run_inner(CASES + SLOW_CASES)
+def test_ws_matches_the_plain_kernels_in_interpret_mode_all_cases():
+  _run_inner(SLOW_CASES)
 
 
 def _on_hopper():
@@ -119,7 +139,7 @@ def _on_hopper():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("case", CASES + SLOW_CASES, ids=_case_id)
-def test_ws_matches_the_plain_forward_on_hopper(case, monkeypatch):
+def test_ws_matches_the_plain_kernels_on_hopper(case, monkeypatch):
   real = mosaic_gpu.flash_attention
   monkeypatch.setattr(mosaic_gpu, "flash_attention",
                       lambda *a, interpret=True, **kw: real(*a, interpret=False, **kw))
@@ -129,17 +149,25 @@ def test_ws_matches_the_plain_forward_on_hopper(case, monkeypatch):
 def test_ws_is_chosen_only_where_it_runs(monkeypatch):
   """Refused where it cannot run; opt-in (not chosen by default); ring sizes from the
   shared-memory budget."""
-  from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
   q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="more than one query block"):
     mosaic_gpu.flash_attention(q, q, q, interpret=True, warp_specialized=True)
 
   def fail(*args, **kwargs):
-    raise AssertionError("the warp-specialised forward ran without being asked for")
+    raise AssertionError("a warp-specialised kernel ran without being asked for")
   monkeypatch.setattr(mosaic_gpu_ws, "call", fail)
+  monkeypatch.setattr(mosaic_gpu_ws, "call_backward", fail)
   q = jax.random.normal(jax.random.PRNGKey(0), (1, 130, 2, 64), jnp.bfloat16)
   assert mosaic_gpu.flash_attention(q, q, q, interpret=True).shape == q.shape
+  loss = lambda q: mosaic_gpu.flash_attention(q, q, q, interpret=True).astype(jnp.float32).sum()
+  jax.jit(jax.grad(loss)).trace(q)   # tracing the gradient traces the backward kernels
   # Two consumers' q and P tiles plus a ring of >= 2 K^T / V slots: 4 slots at d 64, 2 at
   # d 128; d 192 and 256 do not fit (the single-warpgroup forward takes those).
   assert [mosaic_gpu_ws.slots_for("lssar", 2, d, 64, 128, True) for d in (64, 128, 192, 256)
           ] == [4, 2, None, None]
+  # The backward: two consumers (their q, dO, dS and fp32 dq tiles; k, v, P^T, dS^T and fp32
+  # staging for dk/dv) and a ring of >= 2 slots at d 64, one consumer at 128, none at 192.
+  assert [mosaic_gpu_ws.bwd_plan("dq", "lssar", 2, d, 64, 64, True) for d in (64, 128, 192)
+          ] == [(2, 4), (1, 2), None]
+  assert [mosaic_gpu_ws.bwd_plan("dkv", "softmax", 2, d, 64, 64, False) for d in (64, 128, 192)
+          ] == [(2, 3), (1, 2), None]
