@@ -50,10 +50,11 @@ neither `layout_cast`, `plgpu.load` nor `run_state`. So
   * accumulators are fresh `run_scoped(ACC)` per product, combined in registers;
   * layout casts and layout-carrying loads are emitted only when compiling for the
     GPU (`Config.interpret` False); they are value-preserving hints.
-With a Hopper GPU at hand, `transpose_ref` views would save the transposed copies and
-their SMEM. Warp-specialised versions of all three kernels (a producer and consumer
-warpgroups, FA3 style; the forward's two consumers ping-pong) are in mosaic_gpu_ws.py,
-opt-in (`warp_specialized=True`); neither these nor those have run on hardware.
+Warp-specialised versions of all three kernels (a producer and consumer warpgroups, FA3
+style; the forward's two consumers ping-pong) are in mosaic_gpu_ws.py, opt-in
+(`warp_specialized=True`); on a Hopper they read transpose_ref views and keep P / dS in
+registers (interpret mode cannot check that variant: its lowering is checked). Neither
+these nor those have run on hardware.
 
 Requirements (see `supports`): 16-bit q/k/v of one dtype (bf16 or f16), head_dim a
 multiple of 64 whose tiles fit the 227 KiB of shared memory (64 and 128 double-buffered,
@@ -188,6 +189,15 @@ ROWS = {
     ("dkv", "softmax"): ("lse2", "delta"),
     ("dkv", "lssa"): ("qc", "delta", "rz", "w"),
     ("dkv", "lssar"): ("qc", "delta", "n", "off", "rz", "inv_m", "fb", "iden", "w", "cc"),
+}
+# The 16-bit tile inputs of each kernel in argument order, with transposed copies (True)
+# or without (False). A name ending in "t" is the [B, N, D, T] transposed copy of the one
+# without (kt = K^T): B operands for GPU interpret mode, which has no transpose_ref; the
+# warp-specialised kernels on a Hopper read the untransposed tiles through transpose_ref.
+TILE_INPUTS = {
+    ("fwd", True): ("q", "kt", "v"), ("fwd", False): ("q", "k", "v"),
+    ("dq", True): ("q", "k", "kt", "vt", "do"), ("dq", False): ("q", "k", "v", "do"),
+    ("dkv", True): ("k", "v", "q", "qt", "do", "dot"), ("dkv", False): ("k", "v", "q", "do"),
 }
 # Forward residuals per query row (besides the output): [B, H, len(stats), Tq_p].
 STATS = {"softmax": ("lse2",), "lssa": ("z",), "lssar": ("z", "inv_m", "den", "fb")}
@@ -360,11 +370,31 @@ def _cols(x, shape):
 
 
 def _mma(a_ref, b_ref, shape):
-  """a @ b for SMEM operands a [M, K] and b [K, N], in fp32 (waits for completion)."""
+  """a @ b for an SMEM (or register) operand a [M, K] and an SMEM operand b [K, N], in
+  fp32 (waits for completion)."""
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a_ref, b_ref)
     return acc_ref[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def transposed(sc: dict, name: str, slot):
+  """The wgmma B operand name^T from ring slot `slot`: the transposed copy `name + "t"`
+  where the scratch holds one (GPU interpret mode has no transpose_ref), else a
+  transpose_ref view of the tile (the warp-specialised kernels on a Hopper)."""
+  if name + "t" in sc:
+    return sc[name + "t"].at[slot]
+  return plgpu.transpose_ref(sc[name].at[slot], (1, 0))
+
+
+def a_operand(val, ref, dtype):
+  """A 16-bit wgmma A operand from the fp32 register tile `val`: staged through the SMEM
+  tile `ref` (GPU interpret mode runs wgmma only on SMEM operands; the caller commits
+  SMEM before the product), or kept in registers when ref is None (Hopper)."""
+  if ref is None:
+    return val.astype(dtype)
+  ref[...] = val.astype(ref.dtype)
+  return ref
 
 
 def _softplus(x):
@@ -503,11 +533,15 @@ def _lssar_db(cfg: Config, a, mask, dp, row):
 
 
 def load_key_tiles(cfg: Config, ins: dict, sc: dict, b, kvh, t, slot, *, with_v: bool):
-  """TMA copies of key block t (K^T, and V, key segment ids, 1/|k| where used) into ring
-  slot `slot` of the forward's scratch, arriving on kvbar (with V) or kbar (keys only)."""
+  """TMA copies of key block t (K^T (or K, where the scratch has no K^T), and V, key
+  segment ids, 1/|k| where used) into ring slot `slot` of the forward's scratch, arriving
+  on kvbar (with V) or kbar (keys only)."""
   k_cols = pl.ds(t * cfg.block_k, cfg.block_k)
   bar = (sc["kvbar"] if with_v else sc["kbar"]).at[slot]
-  plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_cols], sc["kt"].at[slot], bar)
+  if "kt" in sc:
+    plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_cols], sc["kt"].at[slot], bar)
+  else:   # K itself, read through transpose_ref (see `transposed`)
+    plgpu.copy_gmem_to_smem(ins["k"].at[b, k_cols, kvh], sc["k"].at[slot], bar)
   if with_v:
     plgpu.copy_gmem_to_smem(ins["v"].at[b, k_cols, kvh], sc["v"].at[slot], bar)
   if cfg.has_segments:
@@ -562,7 +596,8 @@ def lssar_finish(acc, den, lc: dict, out_shape):
 
 def _fwd_kernel(cfg: Config, *refs):
   soft = cfg.score != "softmax"
-  names = ["q", "kt", "v"] + ["qseg", "kseg"] * cfg.has_segments + ["rows", "ik"] * soft
+  names = [*TILE_INPUTS["fwd", True]] + ["qseg", "kseg"] * cfg.has_segments + [
+      "rows", "ik"] * soft
   ins = dict(zip(names, refs))
   o_ref, stat_ref, sc = refs[len(names):]
   _, row_l, col_l = _layouts()
@@ -684,13 +719,17 @@ def _fwd_kernel(cfg: Config, *refs):
 # Backward: dq kernel, grid (batch, q head, query block), loop over key blocks.
 
 def load_dq_key_tiles(cfg: Config, ins: dict, sc: dict, b, kvh, t, slot):
-  """TMA copies of key block t for the dq kernels (K, K^T, V^T, and the key segment ids
-  and 1/|k| where used) into ring slot `slot`, arriving on kvbar."""
+  """TMA copies of key block t for the dq kernels (K, and K^T and V^T or, where the
+  scratch has no transposed copies, V; the key segment ids and 1/|k| where used) into
+  ring slot `slot`, arriving on kvbar."""
   k_rows = pl.ds(t * cfg.bwd_block_k, cfg.bwd_block_k)
   bar = sc["kvbar"].at[slot]
   plgpu.copy_gmem_to_smem(ins["k"].at[b, k_rows, kvh], sc["k"].at[slot], bar)
-  plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_rows], sc["kt"].at[slot], bar)
-  plgpu.copy_gmem_to_smem(ins["vt"].at[b, kvh, :, k_rows], sc["vt"].at[slot], bar)
+  if "kt" in sc:
+    plgpu.copy_gmem_to_smem(ins["kt"].at[b, kvh, :, k_rows], sc["kt"].at[slot], bar)
+    plgpu.copy_gmem_to_smem(ins["vt"].at[b, kvh, :, k_rows], sc["vt"].at[slot], bar)
+  else:   # V itself, read through transpose_ref
+    plgpu.copy_gmem_to_smem(ins["v"].at[b, k_rows, kvh], sc["v"].at[slot], bar)
   if cfg.has_segments:
     plgpu.copy_gmem_to_smem(ins["kseg"].at[b, k_rows], sc["kseg"].at[slot], bar)
   if cfg.score != "softmax":
@@ -707,10 +746,11 @@ def dq_carry0(cfg: Config, bq: int, d: int):
 
 def dq_tile(cfg: Config, carry, s, dp, mask, row, ik_ref, k_ref, ds_ref, sig_ref=None):
   """One key tile's contribution to dq (kernel.py's backward maths): dS from S = Q K^T and
-  dP = dO V^T (mask: None for a tile without masked entries), staged in SMEM (`ds_ref`,
-  LSSAR also `sig_ref`) and multiplied by the slot's K (`k_ref`) on the tensor core.
-  ik_ref: the slot's 1/|k| (LSSA / LSSAR). Commits SMEM after the slot's last plain read
-  and waits for its wgmmas, so the slot may be refilled when this returns."""
+  dP = dO V^T (mask: None for a tile without masked entries), multiplied by the slot's K
+  (`k_ref`) on the tensor core, as an A operand staged in SMEM (`ds_ref`, LSSAR also
+  `sig_ref`) or, where those are None, in registers (a_operand). ik_ref: the slot's 1/|k|
+  (LSSA / LSSAR). Commits SMEM after the slot's last plain read and waits for its wgmmas,
+  so the slot may be refilled when this returns."""
   bq, bk = shape = s.shape
   d = k_ref.shape[-1]
   if cfg.score == "softmax":
@@ -729,16 +769,16 @@ def dq_tile(cfg: Config, carry, s, dp, mask, row, ik_ref, k_ref, ds_ref, sig_ref
         a = jnp.where(mask, a, 0.0)
       bb, db = _lssar_db(cfg, a, mask, dp, row)
       acc_db, acc_1, c_row = carry
-      ds_ref[...] = (db * sig_ik).astype(ds_ref.dtype)
-      sig_ref[...] = sig_ik.astype(sig_ref.dtype)
+      a_db = a_operand(db * sig_ik, ds_ref, k_ref.dtype)
+      a_sig = a_operand(sig_ik, sig_ref, k_ref.dtype)
       plgpu.commit_smem()
-      return (acc_db + _mma(ds_ref, k_ref, (bq, d)), acc_1 + _mma(sig_ref, k_ref, (bq, d)),
+      return (acc_db + _mma(a_db, k_ref, (bq, d)), acc_1 + _mma(a_sig, k_ref, (bq, d)),
               c_row + jnp.sum(db * bb, axis=1))
   if mask is not None:
     ds = jnp.where(mask, ds, 0.0)
-  ds_ref[...] = ds.astype(ds_ref.dtype)
+  a_ds = a_operand(ds, ds_ref, k_ref.dtype)
   plgpu.commit_smem()
-  return carry + _mma(ds_ref, k_ref, (bq, d))
+  return carry + _mma(a_ds, k_ref, (bq, d))
 
 
 def dq_finish(cfg: Config, carry, row, bq: int, d: int):
@@ -755,7 +795,7 @@ def dq_finish(cfg: Config, carry, row, bq: int, d: int):
 def _dq_kernel(cfg: Config, *refs):
   soft = cfg.score != "softmax"
   lssar = cfg.score == "lssar"
-  names = ["q", "k", "kt", "vt", "do", "rows"] + ["qseg", "kseg"] * cfg.has_segments + [
+  names = [*TILE_INPUTS["dq", True], "rows"] + ["qseg", "kseg"] * cfg.has_segments + [
       "ik"] * soft
   ins = dict(zip(names, refs))
   dq_ref, *c_ref, sc = refs[len(names):]
@@ -813,15 +853,17 @@ def _dq_kernel(cfg: Config, *refs):
 # every q head in the GQA group. Tiles are transposed: rows are keys, columns queries.
 
 def load_dkv_query_tiles(cfg: Config, ins: dict, sc: dict, b, h, i, slot):
-  """TMA copies of query block i of q head h for the dk/dv kernels (Q, Q^T, dO, dO^T, the
-  per-query factors, the query segment ids where used) into ring slot `slot`, on qbar."""
+  """TMA copies of query block i of q head h for the dk/dv kernels (Q, dO, their
+  transposed copies where the scratch has them, the per-query factors, the query segment
+  ids where used) into ring slot `slot`, on qbar."""
   bq = cfg.bwd_block_q
   q_rows = pl.ds(i * bq, bq)
   bar = sc["qbar"].at[slot]
   plgpu.copy_gmem_to_smem(ins["q"].at[b, q_rows, h], sc["q"].at[slot], bar)
-  plgpu.copy_gmem_to_smem(ins["qt"].at[b, h, :, q_rows], sc["qt"].at[slot], bar)
   plgpu.copy_gmem_to_smem(ins["do"].at[b, q_rows, h], sc["do"].at[slot], bar)
-  plgpu.copy_gmem_to_smem(ins["dot"].at[b, h, :, q_rows], sc["dot"].at[slot], bar)
+  if "qt" in sc:   # else Q and dO are read through transpose_ref
+    plgpu.copy_gmem_to_smem(ins["qt"].at[b, h, :, q_rows], sc["qt"].at[slot], bar)
+    plgpu.copy_gmem_to_smem(ins["dot"].at[b, h, :, q_rows], sc["dot"].at[slot], bar)
   plgpu.copy_gmem_to_smem(ins["rows"].at[b, h, :, q_rows], sc["rows"].at[slot], bar)
   if cfg.has_segments:
     plgpu.copy_gmem_to_smem(ins["qseg"].at[b, q_rows], sc["qseg"].at[slot], bar)
@@ -857,8 +899,9 @@ def dkv_carry0(cfg: Config, bk: int, d: int):
 
 def dkv_tile(cfg: Config, carry, st, dpt, col, ik, mask, pt_ref, dst_ref, do_ref, q_ref):
   """One query tile's contribution to (dk, dv) (kernel.py's backward maths, transposed:
-  rows are keys): P^T and dS^T from S^T = K Q^T and dP^T = V dO^T, staged in SMEM and
-  multiplied by the slot's dO and Q on the tensor core. col: the slot's per-query factor
+  rows are keys): P^T and dS^T from S^T = K Q^T and dP^T = V dO^T, multiplied by the
+  slot's dO and Q on the tensor core as A operands staged in SMEM (`pt_ref`, `dst_ref`) or,
+  where those are None, in registers. col: the slot's per-query factor
   reader; ik: this key block's 1/|k| (LSSA / LSSAR); mask: None when no tile is masked.
   Commits SMEM after the slot's last plain read and waits for its wgmmas."""
   dk, dv = carry
@@ -885,11 +928,11 @@ def dkv_tile(cfg: Config, carry, st, dpt, col, ik, mask, pt_ref, dst_ref, do_ref
   if mask is not None:
     pt = jnp.where(mask, pt, 0.0)
     dst = jnp.where(mask, dst, 0.0)
-  pt_ref[...] = pt.astype(pt_ref.dtype)
-  dst_ref[...] = dst.astype(dst_ref.dtype)
+  a_pt = a_operand(pt, pt_ref, q_ref.dtype)
+  a_dst = a_operand(dst, dst_ref, q_ref.dtype)
   plgpu.commit_smem()
-  dv = dv + _mma(pt_ref, do_ref, (bk, d))
-  dk = dk + _mma(dst_ref, q_ref, (bk, d))
+  dv = dv + _mma(a_pt, do_ref, (bk, d))
+  dk = dk + _mma(a_dst, q_ref, (bk, d))
   return dk, dv
 
 
@@ -907,7 +950,7 @@ def dkv_store(cfg: Config, carry, out_sm, dk_ref, dv_ref, b, k_rows, kvh):
 
 def _dkv_kernel(cfg: Config, *refs):
   soft = cfg.score != "softmax"
-  names = ["k", "v", "q", "qt", "do", "dot", "rows"] + ["qseg", "kseg"] * cfg.has_segments + [
+  names = [*TILE_INPUTS["dkv", True], "rows"] + ["qseg", "kseg"] * cfg.has_segments + [
       "ik"] * soft
   ins = dict(zip(names, refs))
   dk_ref, dv_ref, sc = refs[len(names):]
@@ -995,6 +1038,12 @@ def _softplus_factors(cfg: Config, q_p, segment_ids) -> dict:
               off=jnp.where(n <= cfg.offset_rows, 0.0, 1.0))
 
 
+def _tile_args(kind: str, copies: bool, **arrays) -> list:
+  """The kernel's TILE_INPUTS from the padded [B, T, N, D] arrays (q, k, v, do)."""
+  return [arrays[n] if n in arrays else arrays[n[:-1]].transpose(0, 2, 3, 1)
+          for n in TILE_INPUTS[kind, copies]]
+
+
 def _stack_rows(kind: str, score: str, f: dict):
   return jnp.stack([f[name] for name in ROWS[kind, score]], axis=2)   # [B, H, R, Tq_p]
 
@@ -1058,7 +1107,7 @@ def _forward(cfg: Config, q, k, v, segment_ids):
   b, _, h, d = q.shape
   tq_p, tk_p = cfg.padded_lengths()
   q_p, k_p, v_p = _pad_t(q, tq_p), _pad_t(k, tk_p), _pad_t(v, tk_p)
-  args = [q_p, k_p.transpose(0, 2, 3, 1), v_p]                  # K^T: [B, K, D, Tk_p]
+  args = _tile_args("fwd", not cfg.fwd_ws or mosaic_gpu_ws.copies(cfg), q=q_p, k=k_p, v=v_p)
   if cfg.has_segments:
     args += list(_segments(cfg, segment_ids, tq_p, tk_p))
   if cfg.score != "softmax":
@@ -1091,12 +1140,13 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_p, stats, g):
     f["iden"] = 1.0 / jnp.where(f["den"] > 0, f["den"], 1.0)
   segs = list(_segments(cfg, segment_ids, tq_p, tk_p)) if cfg.has_segments else []
   ik = [_inv_norm(k_p).transpose(0, 2, 1)] if cfg.score != "softmax" else []
-  t_ = lambda x: x.transpose(0, 2, 3, 1)                         # [B, T, N, D] -> [B, N, D, T]
+  tiles = dict(q=q_p, k=k_p, v=v_p, do=do_p)
 
   dq_out = jax.ShapeDtypeStruct((b, tq_p, h, d), jnp.float32)
   if cfg.score == "lssar":
     dq_out = (dq_out, jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32))
-  dq_args = (q_p, k_p, t_(k_p), t_(v_p), do_p, _stack_rows("dq", cfg.score, f), *segs, *ik)
+  copies = not cfg.dq_consumers or mosaic_gpu_ws.copies(cfg)
+  dq_args = (*_tile_args("dq", copies, **tiles), _stack_rows("dq", cfg.score, f), *segs, *ik)
   dq_grid = (b, h, tq_p // cfg.bwd_block_q)
   if cfg.dq_consumers:
     dq = mosaic_gpu_ws.call_backward(cfg, "dq", dq_args, dq_out, d, q.dtype, dq_grid)
@@ -1108,7 +1158,8 @@ def _backward(cfg: Config, q, k, v, segment_ids, out_p, stats, g):
     dq, f["cc"] = dq
 
   dkv_out = (jax.ShapeDtypeStruct((b, tk_p, kvh, d), jnp.float32),) * 2
-  dkv_args = (k_p, v_p, q_p, t_(q_p), do_p, t_(do_p), _stack_rows("dkv", cfg.score, f), *segs,
+  copies = not cfg.dkv_consumers or mosaic_gpu_ws.copies(cfg)
+  dkv_args = (*_tile_args("dkv", copies, **tiles), _stack_rows("dkv", cfg.score, f), *segs,
               *ik)
   dkv_grid = (b, kvh, tk_p // cfg.bwd_block_k)
   if cfg.dkv_consumers:
@@ -1165,14 +1216,16 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=
       (block_q, block_k, bwd_block_q, bwd_block_k), default_blocks(q.shape[1], k.shape[1])))
   isz = jnp.dtype(q.dtype).itemsize
   score, seg = opts.score, opts.has_segments
-  ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg)
+  copies = bool(interpret)   # the warp-specialised kernels' operands (mosaic_gpu_ws.copies)
+  ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg, copies)
   # Opt-in until a Hopper has run it (mosaic_gpu_ws.py says what is verified and what not).
   ws = bool(warp_specialized)
   if ws and not (ws_slots and opts.q_len > bq and bq == 64):
     raise ValueError(
         "warp_specialized=True: the warp-specialised forward needs block_q 64, more than "
         f"one query block (q_len {opts.q_len}) and a ring of >= 2 slots in shared memory")
-  plans = {kind: (mosaic_gpu_ws.bwd_plan(kind, score, isz, d, bbq, bbk, seg) if ws else None)
+  plans = {kind: (mosaic_gpu_ws.bwd_plan(kind, score, isz, d, bbq, bbk, seg, copies) if ws
+                  else None)
            or (0, _slots(kind, score, isz, d, bbq, bbk, seg)) for kind in ("dq", "dkv")}
   cfg = Config.with_tiling(
       opts, groups=q.shape[2] // k.shape[2], block_q=bq, block_k=bk, bwd_block_q=bbq,

@@ -28,14 +28,18 @@ bwd_plan) and share every streamed tile. A consumer with fewer steps than the ri
 (causal limits, a block of padding) observes and releases the rest without work, or (dk/dv
 under a causal mask) computes fully masked tiles that add exact zeros. No ping-pong.
 
-The probabilities / dS go registers -> SMEM -> wgmma and K^T, V^T, Q^T, dO^T are
-transposed copies, as in mosaic_gpu.py, because GPU interpret mode (where this is tested,
-on CPU) runs wgmma only on SMEM operands without transpose_ref; with a Hopper at hand, a
-register A operand for P and `transpose_ref` are the next changes to measure.
+Operands (`copies`): on a Hopper, K, V, Q and dO tiles are read as wgmma B operands through
+`transpose_ref` views (no XLA transposes, no transposed copies in SMEM) and P / dS^T are
+register A operands (no SMEM round trip), as in attention_mgpu; the freed shared memory
+gives the backward two consumers at head_dim 128. GPU interpret mode runs wgmma only on
+untransposed SMEM operands, so there (`interpret=True`) the kernels take transposed copies
+and stage A operands in SMEM, as mosaic_gpu.py does everywhere: the same maths, other
+operand plumbing.
 
 Tested: equal to the single-warpgroup kernels in GPU interpret mode (outputs and all three
 gradients; tests/kernels/test_attention_mgpu_ws.py, which needs PJRT_NPROC raised on small
-hosts), and the CUDA lowering exported from CPU. Never run on hardware.
+hosts), and the CUDA lowering of the Hopper variant exported from CPU. The Hopper operand
+variant is checked by that lowering only, and nothing here has run on hardware.
 """
 
 from __future__ import annotations
@@ -53,20 +57,30 @@ plgpu = mg.plgpu
 CONSUMERS = 2
 
 
+def copies(cfg) -> bool:
+  """Whether these kernels take transposed copies and stage A operands in SMEM (GPU
+  interpret mode, which runs wgmma only on untransposed SMEM operands) rather than read
+  transpose_ref views and keep P / dS in registers (a Hopper)."""
+  return bool(cfg.interpret)
+
+
 def smem_bytes(score: str, itemsize: int, d: int, bq: int, bk: int, slots: int,
-               segments: bool) -> int:
-  """Shared memory of the warp-specialised forward (tiles and vectors)."""
+               segments: bool, copies: bool = False) -> int:
+  """Shared memory of the warp-specialised forward (tiles and vectors); `copies`: with the
+  consumers' SMEM P tiles (GPU interpret mode)."""
   soft = score != "softmax"
   nr = len(mg.ROWS["fwd", score])
-  return (itemsize * (CONSUMERS * (bq * d + bq * bk) + slots * 2 * bk * d)
+  return (itemsize * (CONSUMERS * (bq * d + copies * bq * bk) + slots * 2 * bk * d)
           + 4 * CONSUMERS * (len(mg.STATS[score]) * bq + nr * bq + segments * bq)
           + 4 * slots * bk * (segments + soft))
 
 
-def slots_for(score: str, itemsize: int, d: int, bq: int, bk: int, segments: bool):
+def slots_for(score: str, itemsize: int, d: int, bq: int, bk: int, segments: bool,
+              copies: bool = False):
   """The deepest ring (up to 4 slots, at least 2) that fits in shared memory, or None."""
   for slots in (4, 3, 2):
-    if smem_bytes(score, itemsize, d, bq, bk, slots, segments) + mg._SMEM_SLACK <= mg.SMEM_LIMIT:  # pylint: disable=protected-access
+    need = smem_bytes(score, itemsize, d, bq, bk, slots, segments, copies)
+    if need + mg._SMEM_SLACK <= mg.SMEM_LIMIT:  # pylint: disable=protected-access
       return slots
   return None
 
@@ -80,8 +94,11 @@ def _scratch(cfg, dtype, d: int):
   bq, bk, slots = cfg.block_q, cfg.block_k, cfg.fwd_slots
   soft, seg = cfg.score != "softmax", cfg.has_segments
   c = CONSUMERS
-  sc = dict(q=tile(c, bq, d), kt=tile(slots, d, bk), v=tile(slots, bk, d), p=tile(c, bq, bk),
-            stat=f32(c, len(mg.STATS[cfg.score]), bq))
+  sc = dict(q=tile(c, bq, d), v=tile(slots, bk, d), stat=f32(c, len(mg.STATS[cfg.score]), bq))
+  if copies(cfg):   # K^T copies and SMEM P tiles; on a Hopper K (transpose_ref), P in registers
+    sc.update(kt=tile(slots, d, bk), p=tile(c, bq, bk))
+  else:
+    sc.update(k=tile(slots, bk, d))
   if soft:
     sc.update(rows=f32(c, len(mg.ROWS["fwd", cfg.score]), bq), ik=f32(slots, bk))
   if seg:
@@ -135,7 +152,8 @@ def idle(bar, consumed, slots: int):
 
 def _kernel(cfg, *refs):
   soft = cfg.score != "softmax"
-  names = ["q", "kt", "v"] + ["qseg", "kseg"] * cfg.has_segments + ["rows", "ik"] * soft
+  names = [*mg.TILE_INPUTS["fwd", copies(cfg)]] + ["qseg", "kseg"] * cfg.has_segments + [
+      "rows", "ik"] * soft
   ins = dict(zip(names, refs))
   o_ref, stat_ref, sc = refs[len(names):]
   _, row_l, col_l = mg._layouts()  # pylint: disable=protected-access
@@ -174,7 +192,8 @@ def _kernel(cfg, *refs):
     _set_registers(cfg, producer=False)
     i = CONSUMERS * pair + wg                       # this consumer's query block
     q_rows = pl.ds(i * bq, bq)
-    q_sm, p_sm = sc["q"].at[wg], sc["p"].at[wg]
+    q_sm = sc["q"].at[wg]
+    p_sm = sc["p"].at[wg] if "p" in sc else None   # None: P stays in registers
     qbar = sc["qbar"].at[wg]
     plgpu.copy_gmem_to_smem(ins["q"].at[b, q_rows, h], q_sm, qbar)
     if cfg.has_segments:
@@ -197,7 +216,7 @@ def _kernel(cfg, *refs):
     def qk(slot):
       """S = Q K^T; the tensor core is handed to the other consumer while it runs."""
       def body(acc_ref):
-        plgpu.wgmma(acc_ref, q_sm, sc["kt"].at[slot])
+        plgpu.wgmma(acc_ref, q_sm, mg.transposed(sc, "k", slot))
         sched()
         return acc_ref[...]
       return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
@@ -213,10 +232,10 @@ def _kernel(cfg, *refs):
 
     def pv(w, slot):
       """P V after the score maths: wait for the tensor core's turn, then the product."""
-      p_sm[...] = w.astype(p_sm.dtype)
+      p = mg.a_operand(w, p_sm, q_sm.dtype)
       plgpu.commit_smem()
       sched()           # done with the score maths; wait until the tensor core is ours
-      return mg._mma(p_sm, sc["v"].at[slot], (bq, d))  # pylint: disable=protected-access
+      return mg._mma(p, sc["v"].at[slot], (bq, d))  # pylint: disable=protected-access
 
     def end_without_pv():
       plgpu.commit_smem()
@@ -313,12 +332,16 @@ def call(cfg, args, out_type, d: int, dtype, grid_q: int):
 # one another.
 
 def bwd_plan(kind: str, score: str, itemsize: int, d: int, bq: int, bk: int,
-             segments: bool):
+             segments: bool, copies: bool = False):
   """(consumers, ring slots) of the warp-specialised dq or dk/dv kernel: two consumers with
   the deepest ring (4, 3 or 2 slots) that fits in shared memory, else one, else None.
-  At head_dim 64 two consumers fit, at 128 one, at 192 neither."""
+  `copies` (GPU interpret mode): with transposed copies in the ring and SMEM dS / P^T
+  tiles (see `copies`); those fit two consumers at head_dim 64, one at 128."""
   fixed = mg.smem_bytes(kind, score, itemsize, d, bq, bk, 0, segments)   # one consumer's
   per_slot = mg.smem_bytes(kind, score, itemsize, d, bq, bk, 1, segments) - fixed
+  if not copies:   # mosaic_gpu.smem_bytes counts both; a Hopper needs neither
+    fixed -= itemsize * bq * bk * (2 if kind == "dkv" or score == "lssar" else 1)
+    per_slot -= itemsize * d * (bk if kind == "dq" else 2 * bq)   # K^T, V^T -> V; Q^T, dO^T
   for consumers in (2, 1):
     for slots in (4, 3, 2):
       if consumers * fixed + slots * per_slot + mg._SMEM_SLACK <= mg.SMEM_LIMIT:  # pylint: disable=protected-access
@@ -337,7 +360,8 @@ def _set_registers(cfg, producer: bool, consumers: int = CONSUMERS):
 
 
 def _bwd_scratch(cfg, kind: str, dtype, d: int, nc: int):
-  """mosaic_gpu._scratch's backward buffers, the non-streamed ones once per consumer."""
+  """mosaic_gpu._scratch's backward buffers, the non-streamed ones once per consumer; on a
+  Hopper without the transposed copies and the A-operand tiles (see `copies`)."""
   tr = mg._tile_transforms()  # pylint: disable=protected-access
   smem = plgpu.SMEM
   tile = lambda *shape: smem(shape, dtype, transforms=tr)
@@ -347,36 +371,45 @@ def _bwd_scratch(cfg, kind: str, dtype, d: int, nc: int):
   soft, seg = cfg.score != "softmax", cfg.has_segments
   nr = len(mg.ROWS[kind, cfg.score])
   barrier = mg._barrier  # pylint: disable=protected-access
+  cp = copies(cfg)
   if kind == "dq":
     slots = cfg.dq_slots
-    sc = dict(q=tile(nc, bq, d), do=tile(nc, bq, d), ds=tile(nc, bq, bk), dq=f32(nc, bq, d),
-              rows=f32(nc, nr, bq), k=tile(slots, bk, d), kt=tile(slots, d, bk),
-              vt=tile(slots, d, bk))
+    sc = dict(q=tile(nc, bq, d), do=tile(nc, bq, d), dq=f32(nc, bq, d), rows=f32(nc, nr, bq),
+              k=tile(slots, bk, d))
+    if cp:
+      sc.update(ds=tile(nc, bq, bk), kt=tile(slots, d, bk), vt=tile(slots, d, bk))
+      if cfg.score == "lssar":
+        sc.update(sig=tile(nc, bq, bk))
+    else:
+      sc.update(v=tile(slots, bk, d))
     if cfg.score == "lssar":
-      sc.update(sig=tile(nc, bq, bk), c=f32(nc, bq))
+      sc.update(c=f32(nc, bq))
     if soft:
       sc.update(ik=f32(slots, bk))
     if seg:
       sc.update(qseg=i32(nc, bq), kseg=i32(slots, bk))
-    sc.update(qbar=barrier(3 + seg, nc), kvbar=barrier(3 + seg + soft, slots),
+    sc.update(qbar=barrier(3 + seg, nc), kvbar=barrier(2 + cp + seg + soft, slots),
               consumed=barrier(nc, slots))
     return sc
   slots = cfg.dkv_slots
-  sc = dict(k=tile(nc, bk, d), v=tile(nc, bk, d), pt=tile(nc, bk, bq), dst=tile(nc, bk, bq),
-            out=f32(nc, bk, d), q=tile(slots, bq, d), qt=tile(slots, d, bq),
-            do=tile(slots, bq, d), dot=tile(slots, d, bq), rows=f32(slots, nr, bq))
+  sc = dict(k=tile(nc, bk, d), v=tile(nc, bk, d), out=f32(nc, bk, d), q=tile(slots, bq, d),
+            do=tile(slots, bq, d), rows=f32(slots, nr, bq))
+  if cp:
+    sc.update(pt=tile(nc, bk, bq), dst=tile(nc, bk, bq), qt=tile(slots, d, bq),
+              dot=tile(slots, d, bq))
   if soft:
     sc.update(ik=f32(nc, bk))
   if seg:
     sc.update(kseg=i32(nc, bk), qseg=i32(slots, bq))
-  sc.update(kbar=barrier(2 + seg + soft, nc), qbar=barrier(5 + seg, slots),
+  sc.update(kbar=barrier(2 + seg + soft, nc), qbar=barrier(3 + 2 * cp + seg, slots),
             consumed=barrier(nc, slots))
   return sc
 
 
 def _dq_kernel(cfg, nc: int, *refs):
   soft, lssar, seg = cfg.score != "softmax", cfg.score == "lssar", cfg.has_segments
-  names = ["q", "k", "kt", "vt", "do", "rows"] + ["qseg", "kseg"] * seg + ["ik"] * soft
+  names = [*mg.TILE_INPUTS["dq", copies(cfg)], "rows"] + ["qseg", "kseg"] * seg + [
+      "ik"] * soft
   ins = dict(zip(names, refs))
   dq_ref, *c_ref, sc = refs[len(names):]
   _, row_l, col_l = mg._layouts()  # pylint: disable=protected-access
@@ -415,14 +448,14 @@ def _dq_kernel(cfg, nc: int, *refs):
 
     def tile(masked):
       def fn(t, slot, carry):
-        s = mg._mma(own["q"], sc["kt"].at[slot], shape)  # pylint: disable=protected-access
-        dp = mg._mma(own["do"], sc["vt"].at[slot], shape)  # pylint: disable=protected-access
+        s = mg._mma(own["q"], mg.transposed(sc, "k", slot), shape)  # pylint: disable=protected-access
+        dp = mg._mma(own["do"], mg.transposed(sc, "v", slot), shape)  # pylint: disable=protected-access
         mask = None
         if masked:
           kseg = mg._vec(cfg, sc["kseg"].at[slot], col_l) if seg else None  # pylint: disable=protected-access
           mask = mg._mask(cfg, shape, i * bq, t * bk, qseg, kseg)  # pylint: disable=protected-access
         return mg.dq_tile(cfg, carry, s, dp, mask, row, sc["ik"].at[slot] if soft else None,
-                          sc["k"].at[slot], own["ds"], own.get("sig"))
+                          sc["k"].at[slot], own.get("ds"), own.get("sig"))
       return consume(sc["kvbar"], sc["consumed"], slots, fn)
 
     carry = lax.fori_loop(0, n_full, tile(False), mg.dq_carry0(cfg, bq, d))
@@ -441,7 +474,8 @@ def _dq_kernel(cfg, nc: int, *refs):
 
 def _dkv_kernel(cfg, nc: int, *refs):
   soft, seg = cfg.score != "softmax", cfg.has_segments
-  names = ["k", "v", "q", "qt", "do", "dot", "rows"] + ["qseg", "kseg"] * seg + ["ik"] * soft
+  names = [*mg.TILE_INPUTS["dkv", copies(cfg)], "rows"] + ["qseg", "kseg"] * seg + [
+      "ik"] * soft
   ins = dict(zip(names, refs))
   dk_ref, dv_ref, sc = refs[len(names):]
   _, row_l, col_l = mg._layouts()  # pylint: disable=protected-access
@@ -480,13 +514,13 @@ def _dkv_kernel(cfg, nc: int, *refs):
     def fn(t, slot, carry):
       _, i = head_and_block(t)
       col = mg._row_reader(cfg, "dkv", sc["rows"], "col", shape, slot)  # pylint: disable=protected-access
-      st = mg._mma(own["k"], sc["qt"].at[slot], shape)  # pylint: disable=protected-access
-      dpt = mg._mma(own["v"], sc["dot"].at[slot], shape)  # pylint: disable=protected-access
+      st = mg._mma(own["k"], mg.transposed(sc, "q", slot), shape)  # pylint: disable=protected-access
+      dpt = mg._mma(own["v"], mg.transposed(sc, "do", slot), shape)  # pylint: disable=protected-access
       mask = None
       if masked:
         qseg = mg._vec(cfg, sc["qseg"].at[slot], col_l) if seg else None  # pylint: disable=protected-access
         mask = mg._mask(cfg, shape, i * bq, j * bk, qseg, kseg, transposed=True)  # pylint: disable=protected-access
-      return mg.dkv_tile(cfg, carry, st, dpt, col, ik, mask, own["pt"], own["dst"],
+      return mg.dkv_tile(cfg, carry, st, dpt, col, ik, mask, own.get("pt"), own.get("dst"),
                          sc["do"].at[slot], sc["q"].at[slot])
 
     n_own = jnp.where(j * bk < cfg.kv_len, total, 0)   # a key block of padding: no work

@@ -85,8 +85,19 @@ def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
                                               ("lssar", False, 64)])
 def test_warp_specialized_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypatch):
   """The warp-specialised kernels (mosaic_gpu_ws.py: a producer and consumer warpgroups;
-  the forward's ping-pong schedule, register reallocation; the backward with two consumers
-  at head_dim 64 and one at 128) through the Mosaic GPU lowering, causal, fwd + bwd."""
+  the forward's ping-pong schedule, register reallocation; K, V, Q and dO read through
+  transpose_ref and P / dS as register A operands; the backward with two consumers)
+  through the Mosaic GPU lowering, causal, fwd + bwd. Only the lowering checks these
+  Hopper operands: GPU interpret mode runs the transposed-copy / SMEM variant."""
+  from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
+  seen = []
+  real_call = mosaic_gpu_ws.call_backward
+
+  def spy(cfg, kind, *args):
+    seen.append((kind, mosaic_gpu_ws.copies(cfg), cfg.dq_consumers, cfg.dkv_consumers))
+    return real_call(cfg, kind, *args)
+  monkeypatch.setattr(mosaic_gpu_ws, "call_backward", spy)
+
   def fwd_bwd(q, k, v, s):
     out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.flash_attention(
         q, k, v, s if packed else None, score=score, causal=True, warp_specialized=True),
@@ -97,7 +108,7 @@ def test_warp_specialized_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypa
   assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 3
   for name in ("fwd_ws", "bwd_dq_ws", "bwd_dkv_ws"):   # not the single-warpgroup kernels
     assert f"mgpu_attention_{name}" in text, name
-  from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
+  assert seen == [("dq", False, 2, 2), ("dkv", False, 2, 2)], seen
   ours = {str(w.message) for w in caught
           if os.path.abspath(w.filename) == os.path.abspath(mosaic_gpu_ws.__file__)}
   assert not ours, f"deprecated jax APIs used by mosaic_gpu_ws.py: {sorted(ours)}"

@@ -161,13 +161,20 @@ def test_ws_is_chosen_only_where_it_runs(monkeypatch):
   assert mosaic_gpu.flash_attention(q, q, q, interpret=True).shape == q.shape
   loss = lambda q: mosaic_gpu.flash_attention(q, q, q, interpret=True).astype(jnp.float32).sum()
   jax.jit(jax.grad(loss)).trace(q)   # tracing the gradient traces the backward kernels
-  # Two consumers' q and P tiles plus a ring of >= 2 K^T / V slots: 4 slots at d 64, 2 at
-  # d 128; d 192 and 256 do not fit (the single-warpgroup forward takes those).
-  assert [mosaic_gpu_ws.slots_for("lssar", 2, d, 64, 128, True) for d in (64, 128, 192, 256)
-          ] == [4, 2, None, None]
-  # The backward: two consumers (their q, dO, dS and fp32 dq tiles; k, v, P^T, dS^T and fp32
-  # staging for dk/dv) and a ring of >= 2 slots at d 64, one consumer at 128, none at 192.
-  assert [mosaic_gpu_ws.bwd_plan("dq", "lssar", 2, d, 64, 64, True) for d in (64, 128, 192)
-          ] == [(2, 4), (1, 2), None]
-  assert [mosaic_gpu_ws.bwd_plan("dkv", "softmax", 2, d, 64, 64, False) for d in (64, 128, 192)
-          ] == [(2, 3), (1, 2), None]
+  # Two consumers' q tiles (and, in interpret mode, P tiles) plus a ring of >= 2 K / V
+  # slots: 4 slots at d 64, 2 at d 128; d 192 and 256 do not fit (the single-warpgroup
+  # forward takes those).
+  for copies in (True, False):
+    assert [mosaic_gpu_ws.slots_for("lssar", 2, d, 64, 128, True, copies)
+            for d in (64, 128, 192, 256)] == [4, 2, None, None]
+  # The backward in interpret mode, with transposed copies and SMEM dS / P^T tiles: two
+  # consumers (their q, dO, dS and fp32 dq tiles; k, v, P^T, dS^T and fp32 staging for
+  # dk/dv) and a ring of >= 2 slots at d 64, one consumer at 128, none at 192. On a Hopper
+  # (transpose_ref, A operands in registers) two consumers fit at 128, one at 192.
+  assert [mosaic_gpu_ws.bwd_plan("dq", "lssar", 2, d, 64, 64, True, copies=True)
+          for d in (64, 128, 192)] == [(2, 4), (1, 2), None]
+  assert [mosaic_gpu_ws.bwd_plan("dkv", "softmax", 2, d, 64, 64, False, copies=True)
+          for d in (64, 128, 192)] == [(2, 3), (1, 2), None]
+  for kind in ("dq", "dkv"):
+    assert [mosaic_gpu_ws.bwd_plan(kind, "lssar", 2, d, 64, 64, True)
+            for d in (64, 128, 192)] == [(2, 4), (2, 2), (1, 2)], kind
