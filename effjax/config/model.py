@@ -18,7 +18,8 @@ class AttentionConfig:
   score: str = _field("softmax", ("softmax", "lssa", "lssar"),
                       "attention score function (docs/attention.md)")
   impl: str = _field("auto", ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
-                              "interpret", "interpret_mgpu", "interpret_tpu", "cudnn", "splash",
+                              "pallas_mgpu_ws", "interpret", "interpret_mgpu",
+                              "interpret_mgpu_ws", "interpret_tpu", "cudnn", "splash",
                               "interpret_splash"),
                      "attention kernel implementation (pallas_kernels/attention/api.py); "
                      "cudnn / splash: the vendors' softmax kernels (GPU / TPU); "

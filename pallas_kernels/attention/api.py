@@ -20,6 +20,10 @@
               hardware: auto does not pick it unless AUTO_GPU_KERNEL is flipped.
   interpret_mgpu  the pallas_mgpu kernels in Pallas' GPU interpret mode (simulated SMEM,
               barriers, TMA and wgmma) on any backend: how they are tested on CPU.
+  pallas_mgpu_ws / interpret_mgpu_ws  the same with the warp-specialised kernels
+              (mosaic_gpu_ws.py: a producer warpgroup and consumers, FA3 style), for
+              more than one query block of 64 at head_dim <= 128. Opt-in: never run on
+              hardware (slow in interpret mode: each warpgroup is a host thread).
   cudnn       softmax only: cuDNN flash attention (vendor.py: jax.nn.dot_product_attention,
               packed documents through cuDNN's packed layout on Hopper); bf16/f16,
               head_dim a multiple of 8 <= 128, an NVIDIA GPU.
@@ -180,13 +184,16 @@ def _tpu(interpret: bool) -> tuple:
   return supports, run
 
 
-def _mgpu(interpret: bool) -> tuple:
-  """(supports, run) of the Mosaic GPU kernels, on a Hopper or in GPU interpret mode."""
+def _mgpu(interpret: bool, warp_specialized: bool = False) -> tuple:
+  """(supports, run) of the Mosaic GPU kernels (or their warp-specialised versions), on a
+  Hopper or in GPU interpret mode."""
   supports = lambda pb: mosaic_gpu.supports(pb.q, pb.k, pb.score, v=pb.v,
                                             segments=pb.segment_ids is not None,
-                                            interpret=interpret, **_blocks(pb))
+                                            interpret=interpret,
+                                            warp_specialized=warp_specialized, **_blocks(pb))
   run = lambda pb: mosaic_gpu.run(pb.opts, pb.q, pb.k, pb.v, pb.segment_ids,
-                                  interpret=interpret, **_blocks(pb))
+                                  interpret=interpret, warp_specialized=warp_specialized,
+                                  **_blocks(pb))
   return supports, run
 
 
@@ -213,8 +220,10 @@ BACKENDS = {
     "pallas_tpu": Backend("tpu", *_tpu(False), auto_max_len=AUTO_MAX_LEN),
     "pallas_gpu": Backend("gpu", lambda pb: kernel.gpu_supports(pb.q, pb.k), _kernel("gpu")),
     "pallas_mgpu": Backend("gpu", *_mgpu(False)),
+    "pallas_mgpu_ws": Backend("gpu", *_mgpu(False, warp_specialized=True)),
     "interpret": Backend(None, _always, _kernel("interpret")),
     "interpret_mgpu": Backend(None, *_mgpu(True)),
+    "interpret_mgpu_ws": Backend(None, *_mgpu(True, warp_specialized=True)),
     "interpret_tpu": Backend(None, *_tpu(True)),
     "cudnn": Backend("gpu", *_cudnn(), **SOFTMAX_ONLY),
     "splash": Backend("tpu", *_splash(False), **SOFTMAX_ONLY),

@@ -250,9 +250,26 @@ def _on_hopper() -> str | None:
 
 def supports(q, k, score: str = "softmax", *, v=None, block_q=None, block_k=None,
              bwd_block_q=None, bwd_block_k=None, segments: bool = False,
-             interpret: bool = False) -> str | None:
+             interpret: bool = False, warp_specialized: bool = False) -> str | None:
   """Why these operands cannot run on the Mosaic GPU kernels, or None when they can.
-  interpret: for GPU interpret mode (any backend) rather than a Hopper GPU."""
+  interpret: for GPU interpret mode (any backend) rather than a Hopper GPU;
+  warp_specialized: on the warp-specialised kernels (mosaic_gpu_ws.py)."""
+  why = _supports(q, k, score, v, (block_q, block_k, bwd_block_q, bwd_block_k), segments,
+                  interpret)
+  if why or not warp_specialized:
+    return why
+  bq, bk = (b or dflt for b, dflt in zip((block_q, block_k), default_blocks(q.shape[1],
+                                                                          k.shape[1])))
+  slots = mosaic_gpu_ws.slots_for(score, jnp.dtype(q.dtype).itemsize, q.shape[-1], bq, bk,
+                                  segments, copies=bool(interpret))
+  if bq != 64 or q.shape[1] <= bq or not slots:
+    return ("the warp-specialised forward needs block_q 64, more than one query block "
+            f"(q_len {q.shape[1]}) and a ring of >= 2 K/V slots in shared memory (head_dim "
+            f"{q.shape[-1]} with block_k {bk}: head_dim <= 128)")
+  return None
+
+
+def _supports(q, k, score, v, blocks, segments, interpret) -> str | None:
   if plgpu is None:
     return "jax.experimental.pallas.mosaic_gpu is not importable in this jax build"
   if score not in SCORES:
@@ -266,8 +283,7 @@ def supports(q, k, score: str = "softmax", *, v=None, block_q=None, block_k=None
   if d % 64 or d > 256:
     return f"head_dim {d} is not a multiple of 64 up to 256 (wgmma tiles)"
   defaults = default_blocks(q.shape[1], k.shape[1])
-  blocks = [b or dflt for b, dflt in zip((block_q, block_k, bwd_block_q, bwd_block_k),
-                                          defaults)]
+  blocks = [b or dflt for b, dflt in zip(blocks, defaults)]
   for name, b in zip(("block_q", "block_k", "bwd_block_q", "bwd_block_k"), blocks):
     if b not in BLOCKS:
       return f"{name}={b}: the Mosaic GPU kernels take blocks of {BLOCKS}"
@@ -1196,7 +1212,7 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
   """
   why = supports(q, k, score, v=v, block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q,
                  bwd_block_k=bwd_block_k, segments=segment_ids is not None,
-                 interpret=bool(interpret))
+                 interpret=bool(interpret), warp_specialized=warp_specialized)
   if why:
     raise ValueError(f"Mosaic GPU attention cannot run this call: {why}")
   opts = ScoreOptions.make(q, k, segment_ids=segment_ids, causal=causal, score=score,
@@ -1216,14 +1232,9 @@ def run(opts: ScoreOptions, q, k, v, segment_ids=None, *, block_q=None, block_k=
       (block_q, block_k, bwd_block_q, bwd_block_k), default_blocks(q.shape[1], k.shape[1])))
   isz = jnp.dtype(q.dtype).itemsize
   score, seg = opts.score, opts.has_segments
+  ws = bool(warp_specialized)   # opt-in until a Hopper has run it (see mosaic_gpu_ws.py)
   copies = bool(interpret)   # the warp-specialised kernels' operands (mosaic_gpu_ws.copies)
-  ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg, copies)
-  # Opt-in until a Hopper has run it (mosaic_gpu_ws.py says what is verified and what not).
-  ws = bool(warp_specialized)
-  if ws and not (ws_slots and opts.q_len > bq and bq == 64):
-    raise ValueError(
-        "warp_specialized=True: the warp-specialised forward needs block_q 64, more than "
-        f"one query block (q_len {opts.q_len}) and a ring of >= 2 slots in shared memory")
+  ws_slots = mosaic_gpu_ws.slots_for(score, isz, d, bq, bk, seg, copies) if ws else None
   plans = {kind: (mosaic_gpu_ws.bwd_plan(kind, score, isz, d, bbq, bbk, seg, copies) if ws
                   else None)
            or (0, _slots(kind, score, isz, d, bbq, bbk, seg)) for kind in ("dq", "dkv")}

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import mosaic_gpu, mosaic_gpu_ws
+from pallas_kernels.attention import attention, mosaic_gpu, mosaic_gpu_ws
 
 INNER = os.environ.get("EFFJAX_WS_INNER") == "1"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,6 +152,14 @@ def test_ws_is_chosen_only_where_it_runs(monkeypatch):
   q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="more than one query block"):
     mosaic_gpu.flash_attention(q, q, q, interpret=True, warp_specialized=True)
+  # The same through the dispatcher (implementation=interpret_mgpu_ws, a model's
+  # model.attention.impl), naming the backend; head_dim 192 has no ring that fits.
+  with pytest.raises(ValueError, match="interpret_mgpu_ws.*more than one query block"):
+    attention(q, q, q, implementation="interpret_mgpu_ws")
+  q192 = jnp.zeros((1, 256, 2, 192), jnp.bfloat16)
+  assert "head_dim <= 128" in mosaic_gpu.supports(q192, q192, interpret=True,
+                                                  warp_specialized=True)
+  assert mosaic_gpu.supports(q192, q192, interpret=True) is None
 
   def fail(*args, **kwargs):
     raise AssertionError("a warp-specialised kernel ran without being asked for")

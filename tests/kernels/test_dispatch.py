@@ -52,11 +52,12 @@ def test_dispatch_errors_name_the_argument():
 
 def test_the_table_lists_every_implementation_with_its_platform():
   assert api.IMPLEMENTATIONS == ("auto", "xla", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
-                                 "interpret", "interpret_mgpu", "interpret_tpu", "cudnn",
-                                 "splash", "interpret_splash")
+                                 "pallas_mgpu_ws", "interpret", "interpret_mgpu",
+                                 "interpret_mgpu_ws", "interpret_tpu", "cudnn", "splash",
+                                 "interpret_splash")
   assert {n: b.platform for n, b in api.BACKENDS.items() if b.platform} == {
-      "pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu", "cudnn": "gpu",
-      "splash": "tpu"}
+      "pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu", "pallas_mgpu_ws": "gpu",
+      "cudnn": "gpu", "splash": "tpu"}
   for platform in ("cpu", "gpu", "tpu"):
     assert api.auto_order(platform)[-1] == "xla"
 
@@ -65,7 +66,7 @@ def test_unavailable_reason_is_the_platform_check():
   """The text config validation reports: which backend a name needs and what is valid."""
   assert api.unavailable_reason("pallas_tpu", "cpu") == (
       "needs a TPU backend; this is 'cpu'. Valid here: auto, xla, interpret, "
-      "interpret_mgpu, interpret_tpu, interpret_splash.")
+      "interpret_mgpu, interpret_mgpu_ws, interpret_tpu, interpret_splash.")
   assert "needs a GPU backend; this is 'tpu'. Valid here: auto, xla, pallas_tpu," in (
       api.unavailable_reason("pallas_mgpu", "tpu"))
   for name in ("auto", "xla", "interpret", "interpret_mgpu", "interpret_tpu"):
