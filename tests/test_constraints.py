@@ -204,20 +204,32 @@ def test_hammer_moves_only_sigma_1_and_experts_are_projected_one_by_one():
   np.testing.assert_allclose(_svals(decayed[0])[:5], [4.5, 2.0, 1.5, 1.0, 0.5], atol=1e-4)
 
 
-def test_power_iteration_buffer_is_in_the_state_and_resume_is_exact(tmp_path):
-  import os
-  from effjax.train import trainer
-  from effjax.train.metrics import read_metrics
-  overrides = ("--config.train.steps=4", "--config.train.warmup_steps=1",
-               "--config.train.log_every=1",
-               "--config.train.checkpoint_every=100", "--config.train.eval_every=2",
-               "--config.constraints.method=spectral_normalize", "--config.constraints.w_max=0.5",
-               "--config.train.lr=0.005", "--config.optim.name=muon")  # + Muon's masked state
-  cfg = _cfg(*overrides)
-  m = models.build(cfg, 257)
+def _power_iteration_config():
+  return _cfg("--config.train.steps=4", "--config.train.warmup_steps=1",
+              "--config.train.log_every=1", "--config.train.checkpoint_every=100",
+              "--config.train.eval_every=2", "--config.constraints.method=spectral_normalize",
+              "--config.constraints.w_max=0.5", "--config.train.lr=0.005",
+              "--config.optim.name=muon")  # + Muon's masked state
+
+
+def test_power_iteration_buffer_is_in_the_state():
+  """The power iteration's vector is a model buffer (so TrainState checkpoints it, as the
+  default suite checks for the ALF bias buffer in test_moe.py), one per constrained kernel."""
+  m = models.build(_power_iteration_config(), 257)
   q = m.initial_buffers["blocks"]["layers"][0]["attn"]["q"]
   kernel = m.initial_params["blocks"]["layers"][0]["attn"]["q"]["kernel"]
   assert q["kernel_sv"].shape == (kernel.shape[-1],)  # the top right-singular vector
+
+
+# slow (~60 s on 2 cores: three training runs): exact resume with constraint buffers and
+# Muon; the default suite has the buffer check above and exact resume with a buffer (the
+# ALF bias, test_moe.py) and without (test_train.py).
+@pytest.mark.slow
+def test_power_iteration_resume_is_exact(tmp_path):
+  import os
+  from effjax.train import trainer
+  from effjax.train.metrics import read_metrics
+  cfg = _power_iteration_config()
   data = trainer.load_data(cfg)
   straight, chunked = str(tmp_path / "straight"), str(tmp_path / "chunked")
   assert trainer.train(cfg, straight, data=data, quiet=True).exit_code == 0
@@ -447,6 +459,10 @@ def test_lipschitz_run_logs_its_certificate(tmp_path):
   assert last["constraints/max_rms_norm"] <= 1.0 + 1e-4
 
 
+# slow (~50 s on 2 cores: two subprocesses, one on 8 devices): the default suite checks
+# 8-device runs against one device for the dense model (test_train.py) and expert
+# parallelism (test_moe.py); this adds Muon's masked state and sharded power iteration.
+@pytest.mark.slow
 def test_eight_device_constrained_muon_run_matches_one_device(tmp_path):
   """Muon (masked optimizer state) + spectral normalisation (power-iteration buffers sharded
   along each kernel's output axis) on an fsdp x tensor mesh of 8 CPU devices equals 1 device."""

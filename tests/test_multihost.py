@@ -124,6 +124,10 @@ def test_distributed_flags_are_checked():
                              "--process_id=0"])
 
 
+# slow (~60 s on 2 cores, three 8-device subprocesses): the default suite resumes across
+# processes (test_two_processes_match_one_process_and_resume) and checks sharded runs
+# against one device (test_train.py's 8-device test); this adds resharding on restore.
+@pytest.mark.slow
 def test_checkpoint_restores_under_another_mesh(tmp_path):
   """Saved under fsdp=8 on 8 devices, resumed under fsdp=4 x tensor=2 and on 1 device: the
   continued losses equal resuming the same checkpoint under fsdp=8 (orbax reshards to the

@@ -155,6 +155,10 @@ def test_optimizer_flops_count_muon_newton_schulz():
   assert count(snorm) == 2 * per_layer
 
 
+# slow (~55 s on 2 cores: three training runs): the default suite checks the per-interval
+# sum against the per-step definition (test_phase_intervals_cover_the_steps_with_one_phase_
+# each) and exact resume in general (test_train.py); this is the end-to-end count.
+@pytest.mark.slow
 def test_flops_seen_follows_the_topk_schedule_and_survives_resume(tmp_path):
   """perf/flops_seen = sum over steps of (FLOPs/token of that step's phase x tokens + the
   optimizer's matrix FLOPs), and a run stopped and resumed ends with the same count."""

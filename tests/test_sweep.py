@@ -3,6 +3,8 @@
 import csv
 import os
 
+import pytest
+
 from effjax import config as C
 from effjax import sweep
 from effjax.train import trainer
@@ -42,6 +44,9 @@ def test_sweep_skips_finished_and_resumes_interrupted(tmp_path):
   assert again.returncode == 0 and "2 already finished, 0 to run" in again.stderr
 
 
+# slow (~40 s on 2 cores: three sweep subprocesses): the default suite keeps the skip /
+# resume test above, which exercises the same finished-run check.
+@pytest.mark.slow
 def test_sweep_reruns_a_finished_run_whose_config_differs(tmp_path):
   out, grid = str(tmp_path), ["--grid", "train.lr=3e-3"]
   common = ["--config=" + TINY, "--config.train.steps=4", "--config.train.eval_every=4",

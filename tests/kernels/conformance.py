@@ -261,8 +261,10 @@ SPECS = (
                          ("separate_bwd_blocks", "softmax")})),
     Spec("interpret_mgpu", jnp.bfloat16, dict(block_q=64, block_k=64), flash=_mgpu_flash,
          bwd_blocks=dict(block_q=64, block_k=128),  # the backward keeps 64 x 64
+         # by default separate backward blocks with LSSAR only, ragged causal without LSSA
          slow=frozenset({("mqa_d128", s) for s in SCORES} | {
-             ("gqa2_packed", "softmax"), ("gqa2_packed", "lssa"), ("q_offset", "lssa")}),
+             ("gqa2_packed", "softmax"), ("gqa2_packed", "lssa"), ("q_offset", "lssa"),
+             ("separate_bwd_blocks", "softmax"), ("gqa1_causal_ragged", "lssa")}),
          skip={"bfloat16": "every interpret_mgpu case runs in bf16"}),
     # The reference through the table: one row per argument it must pass on.
     Spec("xla", jnp.float32, {}, fast=False, exact=True,
