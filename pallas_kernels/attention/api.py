@@ -22,8 +22,9 @@
               barriers, TMA and wgmma) on any backend: how they are tested on CPU.
   pallas_mgpu_ws / interpret_mgpu_ws  the same with the warp-specialised kernels
               (mosaic_gpu_ws.py: a producer warpgroup and consumers, FA3 style), for
-              more than one query block of 64 at head_dim <= 128. Opt-in: never run on
-              hardware (slow in interpret mode: each warpgroup is a host thread).
+              more than one query block of 64 (head_dim <= 128 at default blocks).
+              Opt-in: never run on hardware (slow in interpret mode: each warpgroup
+              is a host thread).
   cudnn       softmax only: cuDNN flash attention (vendor.py: jax.nn.dot_product_attention,
               packed documents through cuDNN's packed layout on Hopper); bf16/f16,
               head_dim a multiple of 8 <= 128, an NVIDIA GPU.

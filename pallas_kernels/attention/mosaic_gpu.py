@@ -46,7 +46,8 @@ neither `layout_cast`, `plgpu.load` nor `run_state`. So
     dO^T are transposed copies made by XLA in the wrapper (O(T D) bytes each), loaded
     by TMA next to the untransposed tiles;
   * the probabilities / dS go registers -> SMEM (16-bit) -> wgmma A operand (the
-    documented safe path; register A operands are not used);
+    documented safe path; these kernels use no register A operands: `a_operand`'s
+    register path serves only the warp-specialised kernels on a Hopper);
   * accumulators are fresh `run_scoped(ACC)` per product, combined in registers;
   * layout casts and layout-carrying loads are emitted only when compiling for the
     GPU (`Config.interpret` False); they are value-preserving hints.
@@ -265,7 +266,7 @@ def supports(q, k, score: str = "softmax", *, v=None, block_q=None, block_k=None
   if bq != 64 or q.shape[1] <= bq or not slots:
     return ("the warp-specialised forward needs block_q 64, more than one query block "
             f"(q_len {q.shape[1]}) and a ring of >= 2 K/V slots in shared memory (head_dim "
-            f"{q.shape[-1]} with block_k {bk}: head_dim <= 128)")
+            f"{q.shape[-1]} with block_k {bk}; at the default block_k: head_dim <= 128)")
   return None
 
 
@@ -1206,9 +1207,9 @@ def flash_attention(q, k, v, segment_ids=None, *, causal=True, score="softmax", 
   interpret=True runs GPU interpret mode (any backend); an interpret-params instance
   (e.g. InterpretGPUParams(detect_races=True)) is passed on. warp_specialized: the
   kernels with a producer and consumer warpgroups (mosaic_gpu_ws.py): the forward needs
-  more than one query block of 64 and a ring that fits in shared memory (head_dim <= 128);
-  opt-in until it has run on a Hopper. Raises
-  ValueError with the reason when `supports` rejects the call.
+  more than one query block of 64 and a ring that fits in shared memory (head_dim <= 128
+  at the default blocks); opt-in until it has run on a Hopper. Raises ValueError with the
+  reason when `supports` rejects the call.
   """
   why = supports(q, k, score, v=v, block_q=block_q, block_k=block_k, bwd_block_q=bwd_block_q,
                  bwd_block_k=bwd_block_k, segments=segment_ids is not None,

@@ -5,7 +5,7 @@ FlashAttention-3 style), with mosaic_gpu.py's per-tile maths (softmax, LSSA, LSS
 
 Forward:
   * one CTA per (batch, q head, pair of query blocks); three warpgroups (`wg` 0, 1, 2);
-  * wg 2 is the producer: it TMA-loads the key-side tiles (K^T, V, and the key vectors)
+  * wg 2 is the producer: it TMA-loads the key-side tiles (K, V, and the key vectors)
     into a ring of `slots` buffers, refilling a slot once both consumers have released it
     (a `consumed` barrier per slot with two arrivals);
   * wg 0 and wg 1 are consumers, each owning 64 query rows: wait for a slot, S = Q K^T on
@@ -16,15 +16,16 @@ Forward:
     catches up at the end, as in attention_mgpu.
   Both consumers run the same number of key steps (the larger of their two causal limits):
   the producer's ring then needs no epilogue, and the extra block of the lower consumer is
-  fully masked. LSSAR streams the keys twice (pass 1: K^T and vectors only; pass 2: all);
+  fully masked. LSSAR streams the keys twice (pass 1: K and vectors only; pass 2: all);
   the ring's step counter runs on across the passes. Outputs and residuals are
   mosaic_gpu._fwd_kernel's.
 
 Backward (dq and dk/dv, mosaic_gpu.py's dq_tile / dkv_tile maths): a producer streams the
-other sequence's tiles (dq: K, K^T, V^T and key vectors; dk/dv: Q, Q^T, dO, dO^T and the
+other sequence's tiles (dq: K, V and key vectors; dk/dv: Q, dO and the
 per-query factors) into a ring, and one or two consumers each own a 64-row block (two
-where a ring of >= 2 slots still fits in shared memory: head_dim 64; one at 128; see
-bwd_plan) and share every streamed tile. A consumer with fewer steps than the ring carries
+where a ring of >= 2 slots still fits in shared memory, else one: see bwd_plan; at the
+default 64 x 64 blocks two up to head_dim 128 on a Hopper, up to 64 in interpret mode)
+and share every streamed tile. A consumer with fewer steps than the ring carries
 (causal limits, a block of padding) observes and releases the rest without work, or (dk/dv
 under a causal mask) computes fully masked tiles that add exact zeros. No ping-pong.
 
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -107,7 +107,7 @@ def _scratch(cfg, dtype, d: int):
             kvbar=mg._barrier(2 + seg + soft, slots),  # pylint: disable=protected-access
             consumed=mg._barrier(c, slots),  # pylint: disable=protected-access
             sched=mg._barrier(c))  # pylint: disable=protected-access
-  if cfg.score == "lssar":   # pass 1 loads K^T (and vectors) only
+  if cfg.score == "lssar":   # pass 1 loads K (or K^T) and the vectors only
     sc.update(kbar=mg._barrier(1 + seg + soft, slots))  # pylint: disable=protected-access
   return sc
 
@@ -210,8 +210,8 @@ def _kernel(cfg, *refs):
 
     def sched():
       """The consumers' ping-pong: orders their turns on the tensor core, changes no value."""
-      plgpu.barrier_arrive(sc["sched"])
-      plgpu.barrier_wait(sc["sched"])
+      plgpu.barrier_arrive(sc["sched"].at[0])
+      plgpu.barrier_wait(sc["sched"].at[0])
 
     def qk(slot):
       """S = Q K^T; the tensor core is handed to the other consumer while it runs."""

@@ -36,7 +36,7 @@ def _cuda_plugin():
   return True
 
 
-def _export_for_cuda(monkeypatch, fn, d):
+def _export_for_cuda(monkeypatch, fn, d, t=200):
   """fn(q, k, v, segment_ids) jitted and exported for CUDA from CPU (bf16, GQA 2, ragged
   length 200): (MLIR text, the warnings raised while lowering). The device check in
   supports() (a Hopper GPU) cannot pass on CPU; everything else in it (dtype, head_dim,
@@ -44,9 +44,9 @@ def _export_for_cuda(monkeypatch, fn, d):
   real = mosaic_gpu.supports
   monkeypatch.setattr(mosaic_gpu, "supports",
                       lambda *a, **kw: real(*a, **{**kw, "interpret": True}))
-  q = jax.ShapeDtypeStruct((2, 200, 4, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
-  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+  q = jax.ShapeDtypeStruct((2, t, 4, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, t, 2, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, t), jnp.int32)
   check = jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -81,14 +81,18 @@ def test_kernels_lower_to_mosaic_gpu(score, packed, causal, d, monkeypatch):
 
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs the jax-cuda12-plugin wheel (not a "
                     "test dependency) to lower for CUDA on a machine without a GPU")
-@pytest.mark.parametrize("score, packed, d", [("softmax", True, 128), ("lssa", True, 64),
-                                              ("lssar", False, 64)])
-def test_warp_specialized_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypatch):
+@pytest.mark.parametrize("score, packed, d, causal, t, blocks, consumers", [
+    ("softmax", True, 128, True, 200, {}, 2), ("lssa", True, 64, True, 200, {}, 2),
+    ("lssar", False, 64, True, 200, {}, 2),
+    # one consumer (head_dim 192, forward key blocks of 64); no mask in any tile
+    ("lssar", False, 192, False, 256, dict(block_k=64), 1)])
+def test_warp_specialized_kernels_lower_to_mosaic_gpu(score, packed, d, causal, t, blocks,
+                                                      consumers, monkeypatch):
   """The warp-specialised kernels (mosaic_gpu_ws.py: a producer and consumer warpgroups;
   the forward's ping-pong schedule, register reallocation; K, V, Q and dO read through
-  transpose_ref and P / dS as register A operands; the backward with two consumers)
-  through the Mosaic GPU lowering, causal, fwd + bwd. Only the lowering checks these
-  Hopper operands: GPU interpret mode runs the transposed-copy / SMEM variant."""
+  transpose_ref and P / dS as register A operands; the backward with two consumers, or
+  one) through the Mosaic GPU lowering, fwd + bwd. Only the lowering checks these Hopper
+  operands: GPU interpret mode runs the transposed-copy / SMEM variant."""
   from pallas_kernels.attention import mosaic_gpu_ws  # pylint: disable=g-import-not-at-top
   seen = []
   real_call = mosaic_gpu_ws.call_backward
@@ -100,15 +104,16 @@ def test_warp_specialized_kernels_lower_to_mosaic_gpu(score, packed, d, monkeypa
 
   def fwd_bwd(q, k, v, s):
     out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.flash_attention(
-        q, k, v, s if packed else None, score=score, causal=True, warp_specialized=True),
-        q, k, v)
+        q, k, v, s if packed else None, score=score, causal=causal, warp_specialized=True,
+        **blocks), q, k, v)
     return out, vjp(out)
 
-  text, caught = _export_for_cuda(monkeypatch, fwd_bwd, d)
+  text, caught = _export_for_cuda(monkeypatch, fwd_bwd, d, t)
   assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 3
   for name in ("fwd_ws", "bwd_dq_ws", "bwd_dkv_ws"):   # not the single-warpgroup kernels
     assert f"mgpu_attention_{name}" in text, name
-  assert seen == [("dq", False, 2, 2), ("dkv", False, 2, 2)], seen
+  n = consumers
+  assert seen == [("dq", False, n, n), ("dkv", False, n, n)], seen
   ours = {str(w.message) for w in caught
           if os.path.abspath(w.filename) == os.path.abspath(mosaic_gpu_ws.__file__)}
   assert not ours, f"deprecated jax APIs used by mosaic_gpu_ws.py: {sorted(ours)}"
@@ -173,7 +178,7 @@ def test_lowering_tests_with_a_fetched_cuda_plugin():
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                       os.path.abspath(__file__), "-k", "lower_to_mosaic_gpu"], cwd=repo,
                      env=env, capture_output=True, text=True, timeout=900)
-  cases = 3 * len(mosaic_gpu.SCORES) + 3 + 1  # + warp-specialised kernels, grouped matmul
+  cases = 3 * len(mosaic_gpu.SCORES) + 4 + 1  # + warp-specialised kernels, grouped matmul
   assert r.returncode == 0 and f"{cases} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 

@@ -1,7 +1,7 @@
 """The warp-specialised Mosaic GPU kernels (pallas_kernels/attention/mosaic_gpu_ws.py: a
 producer warpgroup and one or two consumers) against the single-warpgroup kernels of
 mosaic_gpu.py: the same outputs and the same gradients (forward: two ping-pong consumers;
-dq and dk/dv: two consumers at head_dim 64, one at 128), for every score, packed
+dq and dk/dv: in interpret mode two consumers at head_dim 64, one at 128), for every score, packed
 documents, causal and not, GQA, ragged lengths, a consumer whose block is all padding.
 
 Where it runs:
@@ -42,7 +42,7 @@ SLOW_CASES = [
     ("lssa", True, False, 200, 2, 1, 64, False),
     ("lssar", False, False, 330, 2, 1, 64, True),     # more steps than ring slots
     ("softmax", False, True, 520, 2, 1, 128, False),  # head_dim 128 (a two-slot ring)
-    ("lssa", True, True, 200, 2, 1, 128, True),       # one-consumer backward
+    ("lssa", True, True, 200, 2, 1, 128, True),       # one-consumer backward (interpret)
     ("lssa", False, True, 300, 2, 2, 64, True),
     ("softmax", False, False, 130, 2, 1, 64, True),   # the last consumer's block is padding
 ]

@@ -80,4 +80,7 @@ def test_every_cpu_backend_is_under_test():
   # softmax-only vendor kernels in the Pallas interpreter: checked against the reference
   # (values, gradients, GQA, packed documents) in tests/kernels/test_vendor.py
   vendor_tested = {"interpret_splash"}
-  assert cpu == {s.name for s in C.SPECS} | vendor_tested
+  # the warp-specialised Mosaic GPU kernels: outputs and gradients equal to interpret_mgpu's
+  # (a row of this suite) in tests/kernels/test_attention_mgpu_ws.py
+  ws_tested = {"interpret_mgpu_ws"}
+  assert cpu == {s.name for s in C.SPECS} | vendor_tested | ws_tested
