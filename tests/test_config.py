@@ -105,7 +105,14 @@ def test_cli_config_error_writes_nothing(tmp_path):
 
 
 def test_attention_impl_and_log_n_combinations_are_checked():
-  """The log-n baseline needs softmax on the XLA path; GPU/TPU kernels need their backend."""
+  """The log-n baseline needs softmax on the XLA path; GPU/TPU kernels need their backend;
+  LSSAR's power is positive (masked weights rely on 0**p = 0), in the config and kernels."""
+  with pytest.raises(C.ConfigError, match="lssar_p must be > 0"):
+    C.load(["--config=" + TINY, "--config.model.attention.lssar_p=0"])
+  from pallas_kernels.attention import attention  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="must be > 0"):
+    attention(*(jnp.zeros((1, 8, 2, 16)),) * 3, score="lssar", p=0.0)
   with pytest.raises(C.ConfigError, match="score=softmax"):
     C.load(["--config=" + TINY, "--config.model.attention.log_n_scale=true",
             "--config.model.attention.score=lssa"])

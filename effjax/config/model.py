@@ -43,6 +43,8 @@ class AttentionConfig:
     if self.query_chunk < 0:
       raise ConfigError(f"model.attention.query_chunk must be >= 0 (0: off); got "
                         f"{self.query_chunk}.")
+    if self.lssar_p <= 0:   # p = 0 would give masked keys weight 0**0 = 1
+      raise ConfigError(f"model.attention.lssar_p must be > 0; got {self.lssar_p}.")
     if self.log_n_scale and (self.score != "softmax" or self.impl not in ("auto", "xla")):
       raise ConfigError(f"model.attention.log_n_scale=true is the softmax + log-n baseline: it "
                         f"needs model.attention.score=softmax (got {self.score}) and impl auto or "

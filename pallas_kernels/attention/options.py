@@ -33,6 +33,8 @@ class ScoreOptions:
     """From q [B, Tq, H, D], k [B, Tk, K, D] and attention()'s arguments (validated there).
     segment_ids: only whether it is None matters."""
     d = q.shape[-1]
+    if not p > 0:   # the kernels' masks rely on 0**p = 0 for masked weights
+      raise ValueError(f"LSSAR's power p must be > 0; got {p}")
     return ScoreOptions(
         score=score, causal=bool(causal), has_segments=segment_ids is not None,
         q_len=q.shape[1], kv_len=k.shape[1], q_offset=int(q_offset),
